@@ -1,0 +1,1 @@
+"""Analyses of extracted features: linear probes, the CKA family, UMAP, figures, reports."""

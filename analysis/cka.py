@@ -1,0 +1,506 @@
+"""The CKA family: how similar are two sets of features computed on the same inputs?
+
+Estimators (X is [n, d], Y is [n, e], rows are the same inputs):
+
+- ``linear_cka``           biased linear CKA (Kornblith et al. 2019).
+- ``debiased_linear_cka``  linear CKA from the unbiased HSIC estimator (Song et al. 2012); the default,
+                           because the biased form is inflated at small n (independent random features
+                           score ~0.9 at n=64, d=512). Computed in feature space, without n x n Grams.
+- ``minibatch_cka``        unbiased HSIC averaged over aligned minibatches (Nguyen et al. 2021), streams.
+- ``rbf_cka``              Gaussian-kernel CKA, bandwidth = median pairwise distance x factor.
+- ``cknna``                centred kernel nearest-neighbour alignment (Huh et al. 2024): CKA restricted
+                           to pairs that are k-nearest neighbours in both spaces.
+- ``permutation_null``     the same estimator with the rows of Y shuffled: what "no relation" scores.
+- ``cka_table``            tidy DataFrame over (layer, sigma) pairs of one or two feature stores.
+
+Numerics: features are centred in float64 before any product, so a large common offset cannot eat
+the float32 mantissa. Float32/float16 inputs then do their matrix products in float32 over blocks of
+rows, summed in float64 (half the time of float64 BLAS; the centred float32 values carry all the
+information the stored float32 features had). Float64 inputs stay float64 throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from probe.errors import UserError
+from probe.progress import progress_bar
+from probe.store import FeatureStore, check_aligned
+
+_BLOCK_ROWS = 16384  # rows per matmul block: float32 partial sums stay short, float64 sums across blocks
+
+ESTIMATORS = ("debiased", "linear", "minibatch", "rbf", "cknna")
+MODES = ("pair", "layers", "sigmas")
+ESTIMATOR_TITLES = {
+    "debiased": "debiased linear CKA (unbiased HSIC)",
+    "linear": "linear CKA (biased)",
+    "minibatch": "minibatch linear CKA (unbiased HSIC)",
+    "rbf": "RBF CKA",
+    "cknna": "CKNNA",
+}
+
+
+class RbfCka(NamedTuple):
+    cka: float
+    bandwidth_x: float
+    bandwidth_y: float
+
+
+class NullDistribution(NamedTuple):
+    mean: float
+    p95: float
+    values: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------ basics
+
+def _check_pair(X, Y, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    X, Y = np.asarray(X), np.asarray(Y)
+    if X.ndim != 2 or Y.ndim != 2:
+        raise UserError(f"features must be 2-D [samples, dims], got shapes {X.shape} and {Y.shape}")
+    if X.shape[0] != Y.shape[0]:
+        raise UserError(f"X and Y must hold the same samples (rows): {X.shape[0]} vs {Y.shape[0]}")
+    if X.shape[0] < min_rows:
+        raise UserError(f"CKA needs at least {min_rows} samples (the unbiased HSIC divides by n-3), got n={X.shape[0]}")
+    return X, Y
+
+
+def _matmul_dtype(X: np.ndarray):
+    return np.float32 if X.dtype in (np.float16, np.float32) else np.float64
+
+
+def _centre(X: np.ndarray) -> np.ndarray:
+    """Column-centred copy in the matmul dtype; the mean is accumulated in float64.
+
+    For float32 the float64 mean is split into a float32 head and tail and subtracted in two steps:
+    each step rounds at the scale of the centred value, so the result matches float64 centring
+    followed by a cast (within an ulp) at a quarter of the memory traffic.
+    """
+    mean = np.mean(X, axis=0, dtype=np.float64)
+    if _matmul_dtype(X) == np.float64:
+        return np.subtract(X, mean, dtype=np.float64)
+    head = mean.astype(np.float32)
+    tail = (mean - head).astype(np.float32)
+    out = np.subtract(X, head, dtype=np.float32)
+    out -= tail
+    return out
+
+
+def _row_sq_norms(Xc: np.ndarray) -> np.ndarray:
+    out = np.empty(Xc.shape[0], dtype=np.float64)
+    for start in range(0, Xc.shape[0], _BLOCK_ROWS):
+        block = Xc[start:start + _BLOCK_ROWS].astype(np.float64)
+        out[start:start + _BLOCK_ROWS] = np.einsum("ij,ij->i", block, block)
+    return out
+
+
+def _cross_fro2(Xc: np.ndarray, Yc: np.ndarray, form: str = "auto") -> float:
+    """||Xc^T Yc||_F^2 = tr(K L) for linear kernels, in feature space or via n x n Grams."""
+    n, d = Xc.shape
+    e = Yc.shape[1]
+    if form == "auto":
+        form = "feature" if d * e <= n * (d + e) else "gram"
+    if form == "gram":
+        x64, y64 = Xc.astype(np.float64), Yc.astype(np.float64)  # n is small here: float64 is cheap
+        return float(np.vdot(x64 @ x64.T, y64 @ y64.T))
+    if form != "feature":
+        raise UserError(f"unknown CKA form {form!r} (use auto, feature or gram)")
+    G = np.zeros((d, e), dtype=np.float64)
+    same = Xc is Yc  # lets numpy use the symmetric rank-k update (half the flops)
+    for start in range(0, n, _BLOCK_ROWS):
+        xb = Xc[start:start + _BLOCK_ROWS]
+        yb = xb if same else Yc[start:start + _BLOCK_ROWS]
+        G += xb.T @ yb
+    return float(np.vdot(G, G))
+
+
+@dataclass
+class _LinearState:
+    """Everything linear CKA needs from one side; row permutations only touch ``xc`` and ``a``."""
+    xc: np.ndarray   # centred features [n, d] (float32 or float64)
+    a: np.ndarray    # squared row norms = diagonal of the centred linear kernel, float64 [n]
+    fro2: float      # ||Xc^T Xc||_F^2 = tr(K K)
+
+
+def _linear_state(X: np.ndarray, form: str = "auto") -> _LinearState:
+    xc = _centre(np.asarray(X))
+    return _LinearState(xc, _row_sq_norms(xc), _cross_fro2(xc, xc, form))
+
+
+def _hsic_u_from_terms(fro2: float, ab: float, sum_a: float, sum_b: float, n: int) -> float:
+    """Unbiased HSIC (Song et al. 2012, eq. 5) for column-centred linear kernels.
+
+    With K = Xc Xc^T and K~ = K with zero diagonal: tr(K~ L~) = ||Xc^T Yc||^2 - a.b, and centring
+    gives K 1 = 0, so K~ 1 = -a and 1^T K~ 1 = -sum(a). Nothing n x n is ever formed.
+    """
+    return (fro2 - ab + sum_a * sum_b / ((n - 1) * (n - 2)) - 2.0 * ab / (n - 2)) / (n * (n - 3))
+
+
+def _ratio(num: float, den_x: float, den_y: float) -> float:
+    den = den_x * den_y
+    return float(num / np.sqrt(den)) if den > 0 else float("nan")
+
+
+def hsic_unbiased(K, L) -> float:
+    """Unbiased HSIC of two n x n kernel matrices, straight from Song et al. (2012) eq. 5 (O(n^2))."""
+    K = np.array(K, dtype=np.float64)
+    L = np.array(L, dtype=np.float64)
+    n = K.shape[0]
+    if n < 4:
+        raise UserError(f"the unbiased HSIC needs at least 4 samples, got n={n}")
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    k1, l1 = K.sum(axis=1), L.sum(axis=1)
+    value = np.vdot(K, L) + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
+    return float(value / (n * (n - 3)))
+
+
+# ------------------------------------------------------------------------------------ estimators
+# Each estimator is prepare(X) -> state and score(state_x, state_y, perm=None) -> float, so that a
+# permutation null and a layer x layer table reuse the per-side work (the d x d self products).
+
+class _LinearEstimator:
+    def __init__(self, debiased: bool, form: str = "auto"):
+        self.debiased, self.form = debiased, form
+
+    def prepare(self, X) -> _LinearState:
+        return _linear_state(X, self.form)
+
+    def score(self, sx: _LinearState, sy: _LinearState, perm=None) -> float:
+        yc, b = (sy.xc, sy.a) if perm is None else (sy.xc[perm], sy.a[perm])
+        cross = _cross_fro2(sx.xc, yc, self.form)
+        if not self.debiased:
+            return _ratio(cross, sx.fro2, sy.fro2)  # the 1/(n-1)^2 of HSIC cancels
+        n = sx.xc.shape[0]
+        hxy = _hsic_u_from_terms(cross, float(sx.a @ b), sx.a.sum(), b.sum(), n)
+        hxx = _hsic_u_from_terms(sx.fro2, float(sx.a @ sx.a), sx.a.sum(), sx.a.sum(), n)
+        hyy = _hsic_u_from_terms(sy.fro2, float(b @ b), b.sum(), b.sum(), n)
+        return _ratio(hxy, hxx, hyy)
+
+
+@dataclass
+class _RbfState:
+    kernel: np.ndarray  # centred Gaussian kernel (biased) or the raw kernel (debiased), float64 [n, n]
+    bandwidth: float
+
+
+def _sq_dists(X: np.ndarray) -> np.ndarray:
+    xc = _centre(X).astype(np.float64)
+    a = np.einsum("ij,ij->i", xc, xc)
+    d2 = a[:, None] + a[None, :] - 2.0 * (xc @ xc.T)
+    np.maximum(d2, 0.0, out=d2)
+    np.fill_diagonal(d2, 0.0)
+    return d2
+
+
+class _RbfEstimator:
+    def __init__(self, sigma_factor: float = 1.0, debiased: bool = False):
+        self.sigma_factor, self.debiased = float(sigma_factor), debiased
+
+    def prepare(self, X) -> _RbfState:
+        d2 = _sq_dists(np.asarray(X))
+        n = d2.shape[0]
+        median = float(np.sqrt(np.median(d2[np.triu_indices(n, 1)])))
+        bandwidth = self.sigma_factor * median
+        if bandwidth <= 0:
+            return _RbfState(np.zeros_like(d2), bandwidth)  # all points identical: no signal
+        K = np.exp(d2 / (-2.0 * bandwidth**2))
+        if not self.debiased:
+            K -= K.mean(axis=0, keepdims=True)
+            K -= K.mean(axis=1, keepdims=True)  # H K H
+        return _RbfState(K, bandwidth)
+
+    def _hsic(self, K, L) -> float:
+        return hsic_unbiased(K, L) if self.debiased else float(np.vdot(K, L))
+
+    def score(self, sx: _RbfState, sy: _RbfState, perm=None) -> float:
+        L = sy.kernel if perm is None else sy.kernel[np.ix_(perm, perm)]
+        return _ratio(self._hsic(sx.kernel, L), self._hsic(sx.kernel, sx.kernel), self._hsic(L, L))
+
+
+@dataclass
+class _KnnState:
+    idx: np.ndarray   # [n, k] the k rows with the largest centred linear kernel value (self excluded)
+    val: np.ndarray   # [n, k] those kernel values, float64
+
+
+class _CknnaEstimator:
+    """Align(K, L) = sum_i sum_j alpha_ij K_ij L_ij over j that are among the k nearest neighbours of i
+    in both spaces (alpha_ij = 1), with K, L the linear kernels of centred features; CKNNA =
+    Align(K, L) / sqrt(Align(K, K) Align(L, L)) (Huh et al. 2024, Appendix). Neighbours are the largest
+    kernel values of each row, as in the paper. Hand-written: no maintained library provides it.
+    """
+
+    def __init__(self, k: int = 10):
+        self.k = int(k)
+
+    def prepare(self, X) -> _KnnState:
+        xc = _centre(np.asarray(X)).astype(np.float64)
+        n, k = xc.shape[0], self.k
+        if not 1 <= k < n:
+            raise UserError(f"CKNNA needs 1 <= k < n, got k={k}, n={n}")
+        idx = np.empty((n, k), dtype=np.int64)
+        val = np.empty((n, k), dtype=np.float64)
+        for start in range(0, n, 1024):  # blocks of kernel rows: never the whole n x n at once
+            rows = np.arange(start, min(start + 1024, n))
+            K = xc[rows] @ xc.T
+            K[np.arange(rows.size), rows] = -np.inf
+            top = np.argpartition(-K, k - 1, axis=1)[:, :k]
+            idx[rows], val[rows] = top, np.take_along_axis(K, top, axis=1)
+        return _KnnState(idx, val)
+
+    def score(self, sx: _KnnState, sy: _KnnState, perm=None) -> float:
+        if perm is None:
+            idx_y, val_y = sy.idx, sy.val
+        else:  # row i of Y[perm] is old row perm[i]; old neighbour j is new row inverse[j]
+            inverse = np.empty_like(perm)
+            inverse[perm] = np.arange(perm.size)
+            idx_y, val_y = inverse[sy.idx[perm]], sy.val[perm]
+        both = sx.idx[:, :, None] == idx_y[:, None, :]  # [n, k, k]: same neighbour in both spaces
+        align = float(np.einsum("ia,ib,iab->", sx.val, val_y, both))
+        return _ratio(align, float(np.vdot(sx.val, sx.val)), float(np.vdot(val_y, val_y)))
+
+
+def _make_estimator(name: str, **options):
+    if name == "debiased":
+        return _LinearEstimator(True, options.get("form", "auto"))
+    if name == "linear":
+        return _LinearEstimator(False, options.get("form", "auto"))
+    if name == "rbf":
+        return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False))
+    if name == "cknna":
+        return _CknnaEstimator(options.get("k", 10))
+    raise UserError(f"unknown CKA estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
+
+
+# ---------------------------------------------------------------------------------- public API
+
+def linear_cka(X, Y, *, form: str = "auto") -> float:
+    """Biased linear CKA. ``form``: "feature" (d x e products), "gram" (n x n), "auto" = cheaper."""
+    X, Y = _check_pair(X, Y)
+    est = _LinearEstimator(False, form)
+    return est.score(est.prepare(X), est.prepare(Y))
+
+
+def debiased_linear_cka(X, Y, *, form: str = "auto") -> float:
+    """Linear CKA from the unbiased HSIC estimator (default estimator of the toolkit); needs n >= 4."""
+    X, Y = _check_pair(X, Y, min_rows=4)
+    est = _LinearEstimator(True, form)
+    return est.score(est.prepare(X), est.prepare(Y))
+
+
+def _minibatch_sums(batches_x: Iterable, batches_y: Iterable, n_perm: int = 0, seed: int = 0):
+    """Sum unbiased HSIC terms over aligned batches; also the cross term with rows shuffled inside
+    each batch ``n_perm`` times (self terms do not change under a permutation)."""
+    rng = np.random.default_rng(seed)
+    est = _LinearEstimator(True)
+    hxy = hxx = hyy = 0.0
+    null = np.zeros(n_perm)
+    used = 0
+    for xb, yb in zip(batches_x, batches_y, strict=True):
+        xb, yb = _check_pair(xb, yb, min_rows=1)
+        if xb.shape[0] < 4:
+            continue  # unbiased HSIC is undefined below 4 rows (a short last batch)
+        sx, sy = est.prepare(xb), est.prepare(yb)
+        n = xb.shape[0]
+        hxy += _hsic_u_from_terms(_cross_fro2(sx.xc, sy.xc), float(sx.a @ sy.a), sx.a.sum(), sy.a.sum(), n)
+        hxx += _hsic_u_from_terms(sx.fro2, float(sx.a @ sx.a), sx.a.sum(), sx.a.sum(), n)
+        hyy += _hsic_u_from_terms(sy.fro2, float(sy.a @ sy.a), sy.a.sum(), sy.a.sum(), n)
+        for j in range(n_perm):
+            p = rng.permutation(n)
+            b = sy.a[p]
+            null[j] += _hsic_u_from_terms(_cross_fro2(sx.xc, sy.xc[p]), float(sx.a @ b), sx.a.sum(), b.sum(), n)
+        used += 1
+    if used == 0:
+        raise UserError("minibatch CKA got no batch with at least 4 rows")
+    return hxy, hxx, hyy, null
+
+
+def minibatch_cka(batches_x: Iterable, batches_y: Iterable) -> float:
+    """Minibatch CKA (Nguyen et al. 2021): mean unbiased HSIC over aligned batches, ratio at the end.
+
+    ``batches_x`` / ``batches_y`` are iterables of aligned [b, d] / [b, e] blocks, e.g.
+    ``store.iter_rows(layer, s, 1024, seed=0)`` for both stores. Batches under 4 rows are skipped.
+    """
+    hxy, hxx, hyy, _ = _minibatch_sums(batches_x, batches_y)
+    return _ratio(hxy, hxx, hyy)
+
+
+def rbf_cka(X, Y, *, sigma_factor: float = 1.0, debiased: bool = False) -> RbfCka:
+    """Gaussian-kernel CKA; bandwidth = median off-diagonal pairwise distance x ``sigma_factor``.
+
+    Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as in Kornblith et al. unless ``debiased``.
+    Builds n x n kernels: keep n to a few thousand.
+    """
+    X, Y = _check_pair(X, Y, min_rows=4 if debiased else 2)
+    est = _RbfEstimator(sigma_factor, debiased)
+    sx, sy = est.prepare(X), est.prepare(Y)
+    return RbfCka(est.score(sx, sy), sx.bandwidth, sy.bandwidth)
+
+
+def cknna(X, Y, *, k: int = 10) -> float:
+    """Centred kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024)."""
+    X, Y = _check_pair(X, Y)
+    est = _CknnaEstimator(k)
+    return est.score(est.prepare(X), est.prepare(Y))
+
+
+_BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: "rbf", cknna: "cknna"}
+
+
+def permutation_null(estimator: str | Callable, X, Y, *, n_perm: int = 100, seed: int = 0,
+                     **options) -> NullDistribution:
+    """Scores of ``estimator`` with the rows of Y shuffled ``n_perm`` times: the no-relation baseline.
+
+    ``estimator`` is a name from ESTIMATORS (minus "minibatch"), one of this module's functions, or
+    any ``f(X, Y) -> float``. Returns (mean, 95th percentile, all values). The per-side work of the
+    built-in estimators is done once and reused for every permutation.
+    """
+    X, Y = _check_pair(X, Y)
+    name = _BY_FUNCTION.get(estimator, estimator)
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(X.shape[0]) for _ in range(n_perm)]
+    if isinstance(name, str):
+        est = _make_estimator(name, **options)
+        sx, sy = est.prepare(X), est.prepare(Y)
+        values = np.array([est.score(sx, sy, p) for p in perms])
+    else:
+        values = np.array([float(np.asarray(estimator(X, Y[p], **options)).ravel()[0]) for p in perms])
+    return _null_summary(values)
+
+
+def _null_summary(values: np.ndarray) -> NullDistribution:
+    if values.size == 0:
+        return NullDistribution(float("nan"), float("nan"), values)
+    return NullDistribution(float(np.mean(values)), float(np.percentile(values, 95)), values)
+
+
+# ------------------------------------------------------------------------------------ the table
+
+class _StateCache:
+    """Prepared per-side states, least recently used dropped beyond a memory budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.items = budget_bytes, {}
+
+    def get(self, key, make):
+        if key in self.items:
+            self.items[key] = self.items.pop(key)  # mark as recently used
+            return self.items[key][0]
+        state = make()
+        size = sum(v.nbytes for v in vars(state).values() if isinstance(v, np.ndarray))
+        self.items[key] = (state, size)
+        while len(self.items) > 1 and sum(s for _, s in self.items.values()) > self.budget:
+            self.items.pop(next(iter(self.items)))
+        return state
+
+
+def _comparisons(mode: str, layers_a, layers_b, sigma_idx, symmetric: bool):
+    """(layer_a, s_a, layer_b, s_b) tuples to compute; with one store, each unordered pair once."""
+    out = []
+    if mode == "pair":
+        return [(la, s, la, s) for la in layers_a for s in sigma_idx]
+    if mode == "layers":
+        for s in sigma_idx:
+            for i, la in enumerate(layers_a):
+                for j, lb in enumerate(layers_b):
+                    if not symmetric or j >= i:
+                        out.append((la, s, lb, s))
+        return out
+    for la in layers_a:
+        for i, sa in enumerate(sigma_idx):
+            for j, sb in enumerate(sigma_idx):
+                if not symmetric or j >= i:
+                    out.append((la, sa, la, sb))
+    return out
+
+
+def _resolve_layers(store: FeatureStore, layers) -> list[str]:
+    return list(store.layers) if layers is None else [store.check_layer(name) for name in layers]
+
+
+def cka_table(store_a: FeatureStore, store_b: FeatureStore | None = None, mode: str = "pair",
+              estimator: str = "debiased", layers=None, sigmas=None, n_perm: int = 10, seed: int = 0,
+              progress: bool = False, *,
+              batch_rows: int = 1024,        # rows per minibatch (estimator="minibatch")
+              max_rows: int = 5000,          # rbf / cknna use a seeded subset of at most this many rows (n x n work)
+              k: int = 10,                   # neighbours for cknna
+              sigma_factor: float = 1.0,     # rbf bandwidth = median distance x this
+              cache_bytes: int = 2 << 30,    # memory for prepared per-(layer, sigma) states, bytes
+              ) -> pd.DataFrame:
+    """Tidy table of CKA values between (layer, sigma) feature sets.
+
+    mode "pair":   same layer and sigma in two row-aligned stores (models A and B).
+    mode "layers": every layer against every layer at each sigma (within A, or A against B).
+    mode "sigmas": every sigma against every sigma within each layer (within A, or A against B).
+    ``layers`` / ``sigmas`` restrict to names / sigma values. Columns: mode, estimator, model_a,
+    layer_a, sigma_a, model_b, layer_b, sigma_b, cka, null_mean, null_p95, n_perm, n, bandwidth_a,
+    bandwidth_b (rbf only), k (cknna only), seed.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown CKA mode {mode!r} (choose from {', '.join(MODES)})")
+    if estimator not in ESTIMATORS:
+        raise UserError(f"unknown CKA estimator {estimator!r} (choose from {', '.join(ESTIMATORS)})")
+    if mode == "pair" and store_b is None:
+        raise UserError("CKA mode 'pair' compares two models: give a second feature file")
+    symmetric = store_b is None
+    store_b = store_a if store_b is None else store_b
+    if not symmetric:
+        check_aligned(store_a, store_b)
+    layers_a = _resolve_layers(store_a, layers)
+    if mode == "pair" and layers is None:
+        layers_a = [name for name in layers_a if name in store_b.layers]
+        if not layers_a:
+            raise UserError(f"{store_a.path} and {store_b.path} share no layer names")
+    layers_b = layers_a if mode != "layers" else _resolve_layers(store_b, layers)
+    for name in layers_a if mode != "layers" else []:
+        store_b.check_layer(name)
+    sigma_idx = list(range(len(store_a.sigmas))) if sigmas is None else [store_a.sigma_index(s) for s in sigmas]
+
+    n = store_a.n_samples
+    rows = None
+    if estimator in ("rbf", "cknna") and n > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+    n_used = n if rows is None else rows.size
+    if n_used < 4:
+        raise UserError(f"CKA needs at least 4 samples, {store_a.path} has {n_used}")
+
+    est = None if estimator == "minibatch" else _make_estimator(estimator, k=k, sigma_factor=sigma_factor)
+    cache = _StateCache(cache_bytes)
+
+    def state(store, which, layer, s):
+        return cache.get((which, layer, s), lambda: est.prepare(store.load(layer, s, rows)))
+
+    todo = _comparisons(mode, layers_a, layers_b, sigma_idx, symmetric)
+    records = []
+    with progress_bar(len(todo), f"CKA ({estimator}, {mode})", enabled=progress) as advance:
+        for index, (la, sa, lb, sb) in enumerate(todo):
+            perm_seed = [seed, index]
+            if est is None:
+                batches_a = store_a.iter_rows(la, sa, batch_rows, seed=seed)
+                batches_b = store_b.iter_rows(lb, sb, batch_rows, seed=seed)
+                hxy, hxx, hyy, null_num = _minibatch_sums(batches_a, batches_b, n_perm, seed=perm_seed)
+                scale = np.sqrt(hxx * hyy) if hxx * hyy > 0 else np.nan
+                value, null = _ratio(hxy, hxx, hyy), _null_summary(null_num / scale)
+                bw = (np.nan, np.nan)
+            else:
+                sx, sy = state(store_a, "a", la, sa), state(store_b, "b" if not symmetric else "a", lb, sb)
+                rng = np.random.default_rng(perm_seed)
+                value = est.score(sx, sy)
+                null = _null_summary(np.array([est.score(sx, sy, rng.permutation(n_used)) for _ in range(n_perm)]))
+                bw = (sx.bandwidth, sy.bandwidth) if estimator == "rbf" else (np.nan, np.nan)
+            row = dict(mode=mode, estimator=estimator, model_a=store_a.name, layer_a=la,
+                       sigma_a=float(store_a.sigmas[sa]), model_b=store_b.name, layer_b=lb,
+                       sigma_b=float(store_b.sigmas[sb]), cka=value, null_mean=null.mean,
+                       null_p95=null.p95, n_perm=n_perm, n=n_used, bandwidth_a=bw[0], bandwidth_b=bw[1],
+                       k=k if estimator == "cknna" else np.nan, seed=seed)
+            records.append(row)
+            if symmetric and (la, sa) != (lb, sb):  # mirror the unordered pair
+                records.append({**row, "layer_a": lb, "sigma_a": row["sigma_b"], "layer_b": la,
+                                "sigma_b": row["sigma_a"], "bandwidth_a": bw[1], "bandwidth_b": bw[0]})
+            advance(1, info=f"{la} σ={store_a.sigmas[sa]:g}")
+    return pd.DataFrame.from_records(records)

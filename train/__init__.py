@@ -1,0 +1,1 @@
+"""Training: data, EDM teacher, one-step students, initialisation specs, ablations, metrics."""

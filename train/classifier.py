@@ -1,0 +1,234 @@
+"""A small CNN classifier per data set: the feature space of the sample-quality metrics.
+
+Standard FID uses an ImageNet Inception network, which means nothing on 8x8 digits or 16x16
+shapes and needs weights this toolkit cannot download. Instead each data set gets its own small
+convolutional classifier, trained once on the data set's train split, scored on its test split,
+and cached on disk. Its penultimate layer (``feature_dim`` values after a ReLU, the analogue of
+Inception's pool3) is where Fréchet distance and precision/recall are measured, and its class
+predictions give the class coverage of generated samples.
+
+Cache: ``<cache_dir>/<dataset>-<hash>.safetensors`` (weights) plus ``.json`` (config, test
+accuracy). The hash covers the config, the architecture version and a fingerprint of the training
+data, so a changed data set or config trains a new classifier instead of reusing a stale one.
+``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or
+``~/.cache/onestep-probe/classifiers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.errors import UserError
+
+ARCH_VERSION = 1                # bump when FeatureClassifier changes: old cache entries are then ignored
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How the feature classifier is built and trained; every field enters the cache key."""
+
+    width: int = 16             # channels of the first conv stage; the next two have 2x and 4x
+    feature_dim: int = 128      # width of the penultimate layer = dimension of the metric feature space
+    steps: int = 1000           # optimiser steps (AdamW, cosine decay to 0)
+    batch_size: int = 64        # images per step
+    lr: float = 2e-3            # peak learning rate
+    weight_decay: float = 1e-4  # decoupled weight decay (AdamW)
+    max_shift: int = 1          # random translation augmentation, pixels in each direction (0 = none)
+    seed: int = 0               # initialisation, batch order and augmentation
+
+
+class FeatureClassifier(nn.Module):
+    """Three conv stages, adaptive pooling to 4x4, a ``feature_dim`` layer, then the class logits.
+
+    Adaptive pooling makes one architecture serve any channel count and resolution (8x8 digits
+    to 32x32 CIFAR-10); stages halve the spatial size only while it is above 4 pixels.
+    """
+
+    def __init__(self, channels: int, resolution: int, num_classes: int, width: int = 16,
+                 feature_dim: int = 128):
+        super().__init__()
+        layers, c_in, size = [], channels, resolution
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            if i > 0 and size > 4:  # downsample between stages, never below 4x4
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.AdaptiveAvgPool2d(4))
+        self.trunk = nn.Sequential(*layers)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, feature_dim), nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer features, [N, feature_dim]."""
+        return self.embed(self.trunk(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def features_and_predictions(self, images: torch.Tensor, batch_size: int = 500
+                                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Features (float64) and predicted classes of images in [-1, 1], in eval mode, batched."""
+        self.eval()
+        device = next(self.parameters()).device
+        feats, preds = [], []
+        for start in range(0, len(images), batch_size):
+            f = self.features(images[start:start + batch_size].to(device, torch.float32))
+            feats.append(f.double().cpu())
+            preds.append(self.head(f).argmax(1).cpu())
+        return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge pixels replicated)."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # [n, 1, h, 1]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # [n, 1, 1, w]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def labelled(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only images whose label is known (folder data sets may mix in -1)."""
+    keep = labels >= 0
+    return images[keep], labels[keep]
+
+
+def accuracy(model: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    _, preds = model.features_and_predictions(images)
+    return float((preds == labels.numpy()).mean())
+
+
+def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                     config: ClassifierConfig = ClassifierConfig(), progress: bool = False,
+                     ) -> FeatureClassifier:
+    """Train a FeatureClassifier from scratch; same config and data give the same weights on CPU."""
+    images, labels = labelled(train_images, train_labels)
+    if num_classes < 2 or len(images) < config.batch_size:
+        raise UserError(f"the quality classifier needs labelled training images of at least 2 classes "
+                        f"(got {len(images)} labelled images, {num_classes} classes)")
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(config.seed)
+        model = FeatureClassifier(images.shape[1], images.shape[-1], num_classes,
+                                  config.width, config.feature_dim)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps)))
+    model.train()
+    with progress_bar(progress, "training quality classifier", config.steps) as advance:
+        for _ in range(config.steps):
+            idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
+            x = random_shift(images[idx], config.max_shift, gen)
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            advance()
+    return model.eval()
+
+
+class progress_bar:
+    """A rich progress bar when asked for, else a no-op; used as ``with ... as advance``."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+        self._bar = Progress(transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()
+        return False
+
+
+# ------------------------------------------------------------------------------------ cache
+def default_cache_dir() -> Path:
+    base = os.environ.get("ONESTEP_PROBE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "onestep-probe") / "classifiers"
+
+
+def cache_key(dataset_name: str, config: ClassifierConfig, data_fingerprint: str) -> str:
+    payload = json.dumps({"dataset": dataset_name, "config": asdict(config), "data": data_fingerprint,
+                          "arch": ARCH_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def cache_paths(cache_dir: Path, dataset_name: str, key: str) -> tuple[Path, Path]:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name).strip("_")[-40:] or "data"
+    stem = cache_dir / f"{safe}-{key}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _write_atomic(path: Path, write) -> None:
+    # Write beside the target and rename, so a killed run never leaves a half-written cache entry.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None = None,
+                             cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                             train=None, test=None) -> tuple[FeatureClassifier, dict]:
+    """The cached classifier for a data set, training (and caching) it first if needed.
+
+    Returns ``(model, info)``; ``info`` holds ``test_accuracy`` (held-out, on the test split),
+    ``train_seconds``, ``path``, ``cached`` (True when loaded from disk) and the config.
+    ``train``/``test`` may pass already loaded splits (ImageDataset) to avoid loading them twice.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from train.data import dataset_fingerprint, load_dataset
+
+    config = config or ClassifierConfig()
+    train = train if train is not None else load_dataset(dataset_name, "train")
+    key = cache_key(dataset_name, config, dataset_fingerprint(train))
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    weights_path, info_path = cache_paths(cache_dir, dataset_name, key)
+    if weights_path.exists() and info_path.exists():
+        info = json.loads(info_path.read_text())
+        model = FeatureClassifier(info["channels"], info["resolution"], info["num_classes"],
+                                  config.width, config.feature_dim)
+        model.load_state_dict(load_file(str(weights_path)))
+        return model.eval(), {**info, "path": str(weights_path), "cached": True}
+
+    test = test if test is not None else load_dataset(dataset_name, "test")
+    start = time.perf_counter()
+    model = train_classifier(train.images, train.labels, train.num_classes, config, progress)
+    seconds = time.perf_counter() - start
+    test_images, test_labels = labelled(test.images, test.labels)
+    info = {"dataset": dataset_name, "key": key, "config": asdict(config), "arch": ARCH_VERSION,
+            "channels": train.channels, "resolution": train.resolution, "num_classes": train.num_classes,
+            "n_train": int((train.labels >= 0).sum()), "n_test": len(test_labels),
+            "test_accuracy": accuracy(model, test_images, test_labels) if len(test_labels) else None,
+            "train_seconds": round(seconds, 2)}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(weights_path, lambda p: save_file(state, str(p)))
+    _write_atomic(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))
+    return model, {**info, "path": str(weights_path), "cached": False}

@@ -1,0 +1,265 @@
+"""Image data sets, all returned as float32 tensors in [-1, 1] with labels and a fixed split.
+
+Names accepted by ``load_dataset``:
+
+- ``digits``   scikit-learn's handwritten digits (8x8 grey, 10 classes); ships inside the
+               scikit-learn wheel, so it is the embedded default that needs no download.
+- ``shapes``   procedural 16x16 RGB circles, squares and triangles; every generative factor
+               (shape, colour, size, position) is stored so probes can ask which one a layer encodes.
+- ``mnist``, ``cifar10``  through torchvision when it is installed (and online for the first
+               download); otherwise read directly from torchvision's on-disk layout under ``root``.
+- ``folder:PATH``  an image folder, one sub-folder per class (or flat, labels unknown).
+
+Splits are deterministic: they depend on nothing but the data set, never on a run's seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from probe.errors import UserError
+
+SPLIT_SEED = 20250211           # fixed seed of every train/test split (not a run's seed)
+SPLITS = ("train", "test")
+DATASETS = ("digits", "shapes", "mnist", "cifar10", "folder:PATH")
+
+
+@dataclass
+class ImageDataset:
+    """Images in [-1, 1] with labels; ``sample_ids`` index the samples within their split."""
+
+    name: str
+    split: str
+    images: torch.Tensor                       # float32 [N, C, H, W] in [-1, 1]
+    labels: torch.Tensor                       # int64 [N], -1 where unknown
+    num_classes: int                           # 0 when labels are unknown
+    factors: dict = field(default_factory=dict)  # name -> np.ndarray [N] (int or float)
+    class_names: list = field(default_factory=list)
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return np.arange(len(self.images), dtype=np.int64)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ONESTEP_PROBE_DATA", Path.home() / ".cache" / "onestep-probe" / "data"))
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+                 resolution: int | None = None) -> ImageDataset:
+    """Load a data set by name (see the module docstring); ``resolution`` resizes folder images."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    root = Path(root) if root is not None else default_root()
+    if name == "digits":
+        return _digits(split)
+    if name == "shapes":
+        return _shapes(split)
+    if name == "mnist":
+        return _mnist(split, root)
+    if name == "cifar10":
+        return _cifar10(split, root)
+    if name.startswith("folder:"):
+        return _folder(Path(name[len("folder:"):]), split, resolution)
+    raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _split_indices(n: int, split: str, test_fraction: float) -> np.ndarray:
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(order[:n_test] if split == "test" else order[n_test:])
+
+
+def _to_unit_range(x: np.ndarray, max_value: float) -> torch.Tensor:
+    return torch.from_numpy((x.astype(np.float32) / max_value) * 2.0 - 1.0)
+
+
+def _digits(split: str) -> ImageDataset:
+    from sklearn.datasets import load_digits  # ships with the wheel: no download
+
+    d = load_digits()
+    idx = _split_indices(len(d.images), split, test_fraction=0.2)
+    images = _to_unit_range(d.images[idx][:, None], 16.0)
+    labels = torch.from_numpy(d.target[idx].astype(np.int64))
+    return ImageDataset("digits", split, images, labels, 10, class_names=[str(i) for i in range(10)])
+
+
+# ---------------------------------------------------------------------------------- shapes
+SHAPE_NAMES = ["circle", "square", "triangle"]
+COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.4, 0.95],
+                    [0.95, 0.85, 0.2], [0.8, 0.3, 0.9], [0.2, 0.85, 0.9]], dtype=np.float32)
+SHAPES_SIZE = 16                # pixels per side
+SHAPES_COUNT = {"train": 4096, "test": 1024}
+
+
+def render_shape(shape: int, colour: np.ndarray, radius: float, cx: float, cy: float,
+                 size: int = SHAPES_SIZE) -> np.ndarray:
+    """One anti-aliased-free shape on a black background, [3, size, size] in [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == 0:
+        mask = dx ** 2 + dy ** 2 <= radius ** 2
+    elif shape == 1:
+        mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+    else:  # upward triangle: below the two slanted edges and above the base
+        mask = (dy <= radius * 0.8) & (dy >= -radius + 2.0 * np.abs(dx))
+    return mask[None].astype(np.float32) * colour[:, None, None]
+
+
+def _shapes(split: str) -> ImageDataset:
+    # Each split has its own seed so train and test never share an image by construction.
+    rng = np.random.default_rng(SPLIT_SEED + (0 if split == "train" else 1))
+    n = SHAPES_COUNT[split]
+    shape = rng.integers(0, 3, n)
+    colour = rng.integers(0, len(COLOURS), n)
+    radius = rng.uniform(2.5, 5.0, n).astype(np.float32)
+    cx = rng.uniform(5.5, SHAPES_SIZE - 5.5, n).astype(np.float32)
+    cy = rng.uniform(5.5, SHAPES_SIZE - 5.5, n).astype(np.float32)
+    images = np.stack([render_shape(shape[i], COLOURS[colour[i]], radius[i], cx[i], cy[i])
+                       for i in range(n)])
+    factors = {"shape": shape.astype(np.int64), "colour": colour.astype(np.int64),
+               "size": radius, "x": cx, "y": cy}
+    return ImageDataset("shapes", split, _to_unit_range(images, 1.0),
+                        torch.from_numpy(shape.astype(np.int64)), 3, factors, SHAPE_NAMES)
+
+
+# --------------------------------------------------------------------- torchvision data sets
+def _torchvision_or_none():
+    try:
+        import torchvision  # noqa: F401  (optional; its PyPI wheel needs a matching torch)
+        return torchvision
+    except Exception:  # ImportError, or a wheel built against another torch
+        return None
+
+
+def _offline_message(name: str, root: Path, expected: str, err: Exception | None) -> str:
+    why = f" ({type(err).__name__}: {err})" if err else ""
+    return (f"{name} not found under {root} (expected {expected}) and could not be downloaded{why}; "
+            f"download it once while online (pip install torchvision, then rerun) or copy it there")
+
+
+def _mnist(split: str, root: Path) -> ImageDataset:
+    tv, err = _torchvision_or_none(), None
+    if tv is not None:
+        try:
+            ds = tv.datasets.MNIST(str(root), train=split == "train", download=True)
+            images, labels = ds.data.numpy(), ds.targets.numpy()
+            return _mnist_like(images, labels, split)
+        except Exception as e:  # offline or corrupt: fall back to reading the files ourselves
+            err = e
+    raw = root / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    try:
+        images = read_idx(raw / f"{prefix}-images-idx3-ubyte")
+        labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+    except FileNotFoundError:
+        raise UserError(_offline_message("MNIST", root, "MNIST/raw/*-idx?-ubyte", err)) from None
+    return _mnist_like(images, labels, split)
+
+
+def _mnist_like(images: np.ndarray, labels: np.ndarray, split: str) -> ImageDataset:
+    return ImageDataset("mnist", split, _to_unit_range(images[:, None], 255.0),
+                        torch.from_numpy(labels.astype(np.int64)), 10,
+                        class_names=[str(i) for i in range(10)])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), plain or .gz, as torchvision stores it."""
+    if not path.exists() and Path(str(path) + ".gz").exists():
+        path = Path(str(path) + ".gz")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar10(split: str, root: Path) -> ImageDataset:
+    tv, err = _torchvision_or_none(), None
+    if tv is not None:
+        try:
+            ds = tv.datasets.CIFAR10(str(root), train=split == "train", download=True)
+            return _cifar_like(ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets), split)
+        except Exception as e:
+            err = e
+    base = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    try:
+        batches = [_unpickle(base / n) for n in names]
+    except FileNotFoundError:
+        raise UserError(_offline_message("CIFAR-10", root, "cifar-10-batches-py/", err)) from None
+    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(b[b"labels"]) for b in batches])
+    return _cifar_like(images, labels, split)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_like(images: np.ndarray, labels: np.ndarray, split: str) -> ImageDataset:
+    return ImageDataset("cifar10", split, _to_unit_range(images, 255.0),
+                        torch.from_numpy(labels.astype(np.int64)), 10, class_names=CIFAR_CLASSES)
+
+
+# ---------------------------------------------------------------------------------- folders
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _folder(path: Path, split: str, resolution: int | None) -> ImageDataset:
+    from PIL import Image
+
+    if not path.is_dir():
+        raise UserError(f"image folder {path} does not exist")
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    files = ([(f, c) for c, name in enumerate(classes) for f in sorted((path / name).rglob("*"))]
+             if classes else [(f, -1) for f in sorted(path.iterdir())])
+    files = [(f, c) for f, c in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if len(files) < 2:
+        raise UserError(f"image folder {path} holds fewer than 2 images")
+    arrays, modes = [], set()
+    for f, _ in files:
+        im = Image.open(f)
+        modes.add("L" if im.mode in ("L", "1", "I;16") else "RGB")
+        arrays.append(im)
+    mode = "L" if modes == {"L"} else "RGB"
+    size = resolution or arrays[0].size[0]
+    data = np.stack([np.asarray(im.convert(mode).resize((size, size), Image.BICUBIC)) for im in arrays])
+    data = data[:, None] if mode == "L" else data.transpose(0, 3, 1, 2)
+    labels = np.array([c for _, c in files], dtype=np.int64)
+    idx = _split_indices(len(files), split, test_fraction=0.1)
+    name = f"folder:{path}"
+    return ImageDataset(name, split, _to_unit_range(data[idx], 255.0), torch.from_numpy(labels[idx]),
+                        len(classes), class_names=classes)
+
+
+def dataset_fingerprint(ds: ImageDataset) -> str:
+    """Short hash of a data set's pixels and labels, for caches keyed on the data."""
+    h = hashlib.sha256()
+    h.update(ds.images.numpy().tobytes())
+    h.update(ds.labels.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""Train an EDM teacher (Karras et al. 2022) around a diffusers UNet2DModel.
+
+``train_teacher(TeacherConfig(...))`` is what ``probe train teacher`` calls. Every random draw
+(batch indices, sigmas, noise) comes from one ``torch.Generator`` whose state is checkpointed
+with the weights, optimiser and EMA, so a killed run resumed with ``resume=True`` ends with
+exactly the weights of an uninterrupted one.
+
+``sigma_range`` truncates the training noise levels to a band; a teacher trained only around
+``sigma_init`` is the "I/O mapping without multi-level features" control of METHOD.md section 4.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from probe.progress import progress_bar
+from train.data import load_dataset
+from train.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
+from train.ema import EMA
+from train.images import save_grid
+from train.models import build_unet, save_model
+from train.runs import MetricsLog, load_state, pick_device, prepare_run_dir, save_state, write_json
+
+
+@dataclass
+class TeacherConfig:
+    out: str                                   # run directory
+    data: str = "digits"                       # data set name (train/data.py)
+    preset: str = "tiny"                       # UNet preset (train/models.py)
+    steps: int = 3000                          # optimiser steps in total
+    batch: int = 128                           # images per step
+    lr: float = 2e-3                           # Adam learning rate
+    lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
+    betas: tuple = (0.9, 0.99)                 # Adam betas
+    ema_halflife_images: float = 25_000        # EMA half-life, in training images
+    p_mean: float = -1.2                       # mean of ln sigma during training
+    p_std: float = 1.2                         # std of ln sigma during training
+    sigma_range: tuple | None = None           # (lo, hi): train only on sigmas in this band
+    grad_clip: float = 0.0                     # max gradient norm, 0 = off
+    checkpoint_every: int = 500                # steps between checkpoints
+    sample_steps: int = 18                     # Heun steps for the sample grid and evaluation
+    eval_samples: int = 500                    # one-off sample-quality evaluation at the end, 0 = skip
+    seed: int = 0                              # seed of every random draw
+    device: str = "auto"                       # "auto" | "cpu" | "cuda"
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the run
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = True,
+                  stop_after: int | None = None) -> Path:
+    """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill."""
+    device = pick_device(cfg.device)
+    data = load_dataset(cfg.data, "train")
+    out = prepare_run_dir(Path(cfg.out), cfg, resume)
+    torch.manual_seed(cfg.seed)  # weight init
+    unet = build_unet(data.resolution, data.channels, cfg.preset)
+    net = EDMDenoiser(unet).to(device).train()
+    ema = EMA(net, cfg.ema_halflife_images)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    rng = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    state = load_state(out) if resume else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        rng.set_state(state["rng"])
+        step = state["step"]
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    images = data.images.to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.time()
+    with progress_bar(cfg.steps, f"teacher {cfg.data}", progress, completed=step) as advance:
+        while step < cfg.steps:
+            idx = torch.randint(len(images), (cfg.batch,), generator=rng)
+            sigma = sample_edm_sigmas(cfg.batch, rng, cfg.p_mean, cfg.p_std, cfg.sigma_range)
+            noise = torch.randn(images[idx].shape, generator=rng)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
+            with autocast:
+                loss = edm_loss(net, images[idx], sigma.to(device), noise.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            for p in net.parameters():  # a NaN/inf gradient would poison Adam's moments for good
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            ema.update(net, cfg.batch)
+            step += 1
+            if step % 50 == 0 or step == cfg.steps:
+                log.log(step=step, loss=float(loss), lr=opt.param_groups[0]["lr"], seconds=time.time() - t0)
+            advance(info=f"loss {float(loss):.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(out, net, ema, opt, rng, step, cfg)
+            if stop_after is not None and step >= stop_after:
+                return out
+    _finish(out, ema.net, cfg, device, log, progress)
+    return out
+
+
+def _checkpoint(out: Path, net, ema: EMA, opt, rng, step: int, cfg: TeacherConfig) -> None:
+    save_model(out, ema.net, "teacher", cfg.data, extra={"steps": step, "sigma_range": cfg.sigma_range})
+    save_state(out, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "rng": rng.get_state(), "step": step})
+
+
+@torch.no_grad()
+def _finish(out: Path, denoiser, cfg: TeacherConfig, device, log: MetricsLog, progress: bool) -> None:
+    """Sample grid from the EMA weights and, when asked, the sample-quality figure."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n = max(cfg.eval_samples, 64)
+    latents = torch.randn(n, denoiser.unet.config.in_channels, denoiser.unet.config.sample_size,
+                          denoiser.unet.config.sample_size, generator=gen)
+    samples = torch.cat([heun_sample(denoiser, lat.to(device), cfg.sample_steps).cpu()
+                         for lat in latents.split(500)])
+    save_grid(samples[:64], out / "samples.png")
+    if cfg.eval_samples > 0:
+        from train.metrics import QualityEvaluator
+
+        evaluator = QualityEvaluator(cfg.data, seed=cfg.seed, progress=progress)
+        result = {**evaluator.evaluate(samples[: cfg.eval_samples]), "floor": evaluator.floor(),
+                  "sampler": f"heun-{cfg.sample_steps}", "nfe": 2 * cfg.sample_steps - 1}
+        write_json(out / "eval.json", result)
+        log.log(step=cfg.steps, **{f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
