@@ -70,19 +70,39 @@ def train_teacher_cmd(
 def _print_eval(run: Path) -> None:
     import json
 
+    from train.evaluate import format_quality
+
     p = Path(run) / "eval.json"
     if p.exists():
-        typer.echo(_format_quality(json.loads(p.read_text())))
+        typer.echo(format_quality(json.loads(p.read_text())))
 
 
-def _format_quality(r: dict) -> str:
-    floor = r.get("floor") or {}
-    line = f"Frechet distance {r['fd']:.2f}"
-    if floor:
-        line += f"   real-vs-real floor {floor['mean']:.2f} +- {floor['std']:.2f} (n={r.get('n')}, over resamplings)"
-    line += f"\nprecision {r.get('precision', float('nan')):.3f}  recall {r.get('recall', float('nan')):.3f}"
-    line += f"  class coverage {r.get('coverage', float('nan')):.2f}"
-    return line
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    data: Optional[str] = typer.Option(None, help="Data set to compare with (default: the model's own)."),
+    n_samples: int = typer.Option(500, help="Generated images per score; the floor uses as many."),
+    steps: int = typer.Option(18, help="Heun steps for multi-step models."),
+    seed: int = typer.Option(0, help="Seed of the latents and the reference choice."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    inception_weights: Optional[Path] = typer.Option(None, help="Local Inception-v3 file for Inception FID."),
+    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
+    grid: Optional[Path] = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
+):
+    """Sample quality of a teacher (multi-step Heun) or a one-step generator, next to the real-vs-real floor."""
+    from train.evaluate import EvalConfig, evaluate_model, format_quality
+    from train.images import save_grid
+    from train.runs import write_json
+
+    cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, steps=steps, seed=seed, device=device,
+                     inception_weights=str(inception_weights) if inception_weights else None)
+    result, samples = evaluate_model(cfg, progress=True)
+    typer.echo(f"classifier held-out accuracy {result['evaluator']['classifier_test_accuracy']:.4f}")
+    typer.echo(format_quality(result))
+    if out:
+        write_json(out, {"config": cfg.__dict__, **result})
+    if grid:
+        save_grid(samples[:64], grid)
 
 
 def main() -> None:

@@ -54,9 +54,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = Tru
     """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill."""
     device = pick_device(cfg.device)
     data = load_dataset(cfg.data, "train")
-    out = prepare_run_dir(Path(cfg.out), cfg, resume)
     torch.manual_seed(cfg.seed)  # weight init
-    unet = build_unet(data.resolution, data.channels, cfg.preset)
+    unet = build_unet(data.resolution, data.channels, cfg.preset)  # refuses a resolution it cannot take
+    out = prepare_run_dir(Path(cfg.out), cfg, resume)
     net = EDMDenoiser(unet).to(device).train()
     ema = EMA(net, cfg.ema_halflife_images)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -90,11 +90,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = Tru
                 if p.grad is not None:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
+            loss_value = float(loss.detach())
             ema.update(net, cfg.batch)
             step += 1
             if step % 50 == 0 or step == cfg.steps:
-                log.log(step=step, loss=float(loss), lr=opt.param_groups[0]["lr"], seconds=time.time() - t0)
-            advance(info=f"loss {float(loss):.4f}")
+                log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0)
+            advance(info=f"loss {loss_value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _checkpoint(out, net, ema, opt, rng, step, cfg)
             if stop_after is not None and step >= stop_after:
