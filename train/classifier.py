@@ -85,11 +85,29 @@ class FeatureClassifier(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         feats, preds = [], []
-        for start in range(0, len(images), batch_size):
-            f = self.features(images[start:start + batch_size].to(device, torch.float32))
-            feats.append(f.double().cpu())
-            preds.append(self.head(f).argmax(1).cpu())
+        with single_thread():
+            for start in range(0, len(images), batch_size):
+                f = self.features(images[start:start + batch_size].to(device, torch.float32))
+                feats.append(f.double().cpu())
+                preds.append(self.head(f).argmax(1).cpu())
         return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+class single_thread:
+    """Run torch on one CPU thread inside the block, restoring the caller's setting afterwards.
+
+    The classifier's ops are tiny: thread start-up costs more than it saves, and on a busy
+    2-core machine two threads ran 7x slower than one (measured). One thread also makes the
+    float reductions, and so the trained weights, independent of the machine's core count.
+    """
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+        return False
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,7 +151,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps)))
     model.train()
-    with progress_bar(progress, "training quality classifier", config.steps) as advance:
+    with single_thread(), progress_bar(progress, "training quality classifier", config.steps) as advance:
         for _ in range(config.steps):
             idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
             x = random_shift(images[idx], config.max_shift, gen)
