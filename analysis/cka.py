@@ -65,7 +65,8 @@ def _check_pair(X, Y, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
     if X.shape[0] != Y.shape[0]:
         raise UserError(f"X and Y must hold the same samples (rows): {X.shape[0]} vs {Y.shape[0]}")
     if X.shape[0] < min_rows:
-        raise UserError(f"CKA needs at least {min_rows} samples (the unbiased HSIC divides by n-3), got n={X.shape[0]}")
+        why = " (the unbiased HSIC divides by n-3)" if min_rows >= 4 else ""
+        raise UserError(f"CKA needs at least {min_rows} samples{why}, got n={X.shape[0]}")
     return X, Y
 
 
@@ -279,14 +280,18 @@ def _make_estimator(name: str, **options):
 
 # ---------------------------------------------------------------------------------- public API
 
-def linear_cka(X, Y, *, form: str = "auto") -> float:
-    """Biased linear CKA. ``form``: "feature" (d x e products), "gram" (n x n), "auto" = cheaper."""
+def linear_cka(X, Y, *,
+               form: str = "auto",   # "feature" (d x e products) | "gram" (n x n) | "auto" (the cheaper)
+               ) -> float:
+    """Biased linear CKA (Kornblith et al. 2019) of X [n, d] and Y [n, e]."""
     X, Y = _check_pair(X, Y)
     est = _LinearEstimator(False, form)
     return est.score(est.prepare(X), est.prepare(Y))
 
 
-def debiased_linear_cka(X, Y, *, form: str = "auto") -> float:
+def debiased_linear_cka(X, Y, *,
+                        form: str = "auto",   # "feature" | "gram" | "auto" (the cheaper); same value
+                        ) -> float:
     """Linear CKA from the unbiased HSIC estimator (default estimator of the toolkit); needs n >= 4."""
     X, Y = _check_pair(X, Y, min_rows=4)
     est = _LinearEstimator(True, form)
@@ -330,7 +335,10 @@ def minibatch_cka(batches_x: Iterable, batches_y: Iterable) -> float:
     return _ratio(hxy, hxx, hyy)
 
 
-def rbf_cka(X, Y, *, sigma_factor: float = 1.0, debiased: bool = False) -> RbfCka:
+def rbf_cka(X, Y, *,
+            sigma_factor: float = 1.0,   # bandwidth = median pairwise distance x this
+            debiased: bool = False,      # unbiased HSIC instead of Kornblith's biased one
+            ) -> RbfCka:
     """Gaussian-kernel CKA; bandwidth = median off-diagonal pairwise distance x ``sigma_factor``.
 
     Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as in Kornblith et al. unless ``debiased``.
@@ -342,7 +350,9 @@ def rbf_cka(X, Y, *, sigma_factor: float = 1.0, debiased: bool = False) -> RbfCk
     return RbfCka(est.score(sx, sy), sx.bandwidth, sy.bandwidth)
 
 
-def cknna(X, Y, *, k: int = 10) -> float:
+def cknna(X, Y, *,
+          k: int = 10,   # neighbours per sample, 1 <= k < n
+          ) -> float:
     """Centred kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024)."""
     X, Y = _check_pair(X, Y)
     est = _CknnaEstimator(k)
@@ -352,8 +362,11 @@ def cknna(X, Y, *, k: int = 10) -> float:
 _BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: "rbf", cknna: "cknna"}
 
 
-def permutation_null(estimator: str | Callable, X, Y, *, n_perm: int = 100, seed: int = 0,
-                     **options) -> NullDistribution:
+def permutation_null(estimator: str | Callable, X, Y,
+                     n_perm: int = 100,   # number of row shuffles of Y
+                     seed: int = 0,       # seed of the shuffles
+                     **options,           # passed on to the estimator (form, k, sigma_factor, debiased)
+                     ) -> NullDistribution:
     """Scores of ``estimator`` with the rows of Y shuffled ``n_perm`` times: the no-relation baseline.
 
     ``estimator`` is a name from ESTIMATORS (minus "minibatch"), one of this module's functions, or
@@ -423,14 +436,21 @@ def _resolve_layers(store: FeatureStore, layers) -> list[str]:
     return list(store.layers) if layers is None else [store.check_layer(name) for name in layers]
 
 
-def cka_table(store_a: FeatureStore, store_b: FeatureStore | None = None, mode: str = "pair",
-              estimator: str = "debiased", layers=None, sigmas=None, n_perm: int = 10, seed: int = 0,
-              progress: bool = False, *,
-              batch_rows: int = 1024,        # rows per minibatch (estimator="minibatch")
-              max_rows: int = 5000,          # rbf / cknna use a seeded subset of at most this many rows (n x n work)
-              k: int = 10,                   # neighbours for cknna
-              sigma_factor: float = 1.0,     # rbf bandwidth = median distance x this
-              cache_bytes: int = 2 << 30,    # memory for prepared per-(layer, sigma) states, bytes
+def cka_table(store_a: FeatureStore,
+              store_b: FeatureStore | None = None,  # second, row-aligned store (model B); needed for "pair"
+              mode: str = "pair",                   # "pair" | "layers" | "sigmas", see below
+              estimator: str = "debiased",          # one of ESTIMATORS
+              layers=None,                          # layer names to use; default all (shared ones for "pair")
+              sigmas=None,                          # sigma values to use; default all stored
+              n_perm: int = 10,                     # row shuffles for the permutation null per cell; 0 = none
+              seed: int = 0,                        # shuffles, row subsets and minibatch order
+              progress: bool = False,               # show a rich progress bar
+              *,
+              batch_rows: int = 1024,               # rows per minibatch (estimator="minibatch")
+              max_rows: int = 5000,                 # rbf / cknna: seeded subset of at most this many rows (n x n)
+              k: int = 10,                          # neighbours for cknna
+              sigma_factor: float = 1.0,            # rbf bandwidth = median distance x this
+              cache_bytes: int = 2 << 30,           # memory for prepared per-(layer, sigma) states, bytes
               ) -> pd.DataFrame:
     """Tidy table of CKA values between (layer, sigma) feature sets.
 

@@ -29,6 +29,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from probe.errors import UserError
 from probe.progress import progress_bar
@@ -90,7 +91,9 @@ def _select_targets(available: dict, targets, path: str) -> dict:
 
 
 def split_rows(sample_ids: np.ndarray, y: np.ndarray, valid: np.ndarray, stratify: bool, seed: int,
-               val_fraction: float = 0.2, test_fraction: float = 0.2):
+               val_fraction: float = 0.2,    # share of valid rows for validation
+               test_fraction: float = 0.2,   # share of valid rows for test
+               ):
     """(train, val, test) row indices. Decided on rows sorted by sample id, so the split depends on
     which samples a file holds, not on their order; stratified when every class has >= 3 rows."""
     rows = np.flatnonzero(valid)
@@ -149,14 +152,20 @@ def _chance(y, split, kind) -> float:
     return float(counts.max() / counts.sum())
 
 
-def probe_table(stores, layers=None, sigmas=None, targets=None, seed: int = 0, progress: bool = False, *,
-                val_fraction: float = 0.2,                    # share of rows for choosing C / alpha
-                test_fraction: float = 0.2,                   # share of rows held out for the reported metric
-                C_grid=(0.01, 0.1, 1.0),                      # inverse L2 strengths tried for logistic regression
-                alpha_grid=(0.1, 1.0, 10.0, 100.0, 1000.0),   # L2 strengths tried for ridge regression
-                max_iter: int = 200,                          # lbfgs iterations per C (warm-started)
-                max_dim: int = 512,                           # wider features are PCA-projected to this many dims
-                max_classes: int = 50,                        # integer factors with more values count as continuous
+def probe_table(stores,                                      # FeatureStore or list of them (same data)
+                layers=None,                                 # layer names; default all
+                sigmas=None,                                 # sigma values; default all stored
+                targets=None,                                # "label" and/or factor names; default all usable
+                seed: int = 0,                               # splits and PCA
+                progress: bool = False,                      # show a rich progress bar
+                *,
+                val_fraction: float = 0.2,                   # share of rows for choosing C / alpha
+                test_fraction: float = 0.2,                  # share of rows held out for the reported metric
+                C_grid=(0.01, 0.1, 1.0),                     # inverse L2 strengths tried for logistic regression
+                alpha_grid=(0.1, 1.0, 10.0, 100.0, 1000.0),  # L2 strengths tried for ridge regression
+                max_iter: int = 200,                         # lbfgs iterations per C (warm-started)
+                max_dim: int = 512,                          # wider features are PCA-projected to this many dims
+                max_classes: int = 50,                       # integer factors with more values count as continuous
                 ) -> pd.DataFrame:
     """Tidy table of linear-probe results, one row per (layer, sigma, target).
 
@@ -184,7 +193,9 @@ def probe_table(stores, layers=None, sigmas=None, targets=None, seed: int = 0, p
     results = defaultdict(list)
     dims = {}
     total = len(stores) * len(layers) * len(sigma_idx)
-    with progress_bar(total, "linear probes", enabled=progress) as advance:
+    # One BLAS thread: the products here are small (n x d by d x classes), and on a busy two-core
+    # machine OpenBLAS threads spinning on them made each lbfgs fit ~40x slower than one thread.
+    with progress_bar(total, "linear probes", enabled=progress) as advance, threadpool_limits(1, user_api="blas"):
         for store in stores:
             for layer in layers:
                 for s in sigma_idx:

@@ -127,7 +127,8 @@ class FeatureStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self._path!r}, layers={len(self._layers)}, sigmas={len(self._sigmas)}, n={self.n_samples})"
+        return (f"FeatureStore({self._path!r}, layers={len(self._layers)}, sigmas={len(self._sigmas)}, "
+                f"n={self.n_samples})")
 
     # ----------------------------------------------------------------------------------- properties
 

@@ -210,3 +210,17 @@ def test_cka_table_user_errors(tmp_path, rng):
         cka_table(a, mode="layers", estimator="cca")
     with pytest.raises(UserError, match="did you mean"):
         cka_table(a, mode="layers", layers=["down_block.0"])
+
+
+@pytest.mark.parametrize("mode", ["pair", "layers", "sigmas"])
+def test_cka_heatmap_every_mode_is_reproducible(tmp_path, rng, mode):
+    from analysis.heatmaps import plot_cka_heatmap
+
+    a, b, _ = _two_stores(tmp_path, rng)
+    df = cka_table(a, b if mode == "pair" else None, mode=mode, n_perm=3, sigmas=[0.0, 1.0])
+    first = plot_cka_heatmap(df, tmp_path / "out" / f"{mode}.png")
+    second = plot_cka_heatmap(df, tmp_path / f"{mode}_again.png")
+    data = open(first, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data == open(second, "rb").read()
+    with pytest.raises(UserError, match="empty"):
+        plot_cka_heatmap(df.iloc[:0], tmp_path / "x.png")

@@ -115,3 +115,15 @@ def test_mismatched_stores_and_unknown_names(tmp_path):
         probe_table(a, layers=["informativ"])
     with pytest.raises(UserError, match="sigma 5 is not in"):
         probe_table(a, sigmas=[5.0])
+
+
+def test_probe_heatmap_png_is_reproducible(tmp_path):
+    from analysis.heatmaps import plot_probe_heatmap
+
+    df = probe_table([_make(tmp_path, "a.h5", seed=0), _make(tmp_path, "b.h5", seed=1)], targets=["label", "size"])
+    a = plot_probe_heatmap(df, "label", tmp_path / "figs" / "label.png")
+    b = plot_probe_heatmap(df, "label", tmp_path / "label_again.png")
+    assert open(a, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n" and open(a, "rb").read() == open(b, "rb").read()
+    plot_probe_heatmap(df, "size", tmp_path / "size.png")  # r2 target: colour range may go below 0
+    with pytest.raises(UserError, match="no probe results for target 'colour'"):
+        plot_probe_heatmap(df, "colour", tmp_path / "x.png")
