@@ -154,7 +154,7 @@ def _unet_from(path: Path):
     from diffusers import UNet2DModel
 
     try:
-        return UNet2DModel.from_pretrained(path)
+        return UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False)  # no accelerate needed
     except Exception as e:  # diffusers raises several types for a broken directory
         raise UserError(f"cannot load a UNet2DModel from {path}: {type(e).__name__}: {str(e)[:200]}") from None
 
