@@ -105,6 +105,165 @@ def eval_cmd(
         save_grid(samples[:64], grid)
 
 
+# ----------------------------------------------------------------------------- extraction
+@app.command("layers")
+def layers_cmd(
+    model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    layers: Optional[str] = typer.Option(None, help="Only modules matching these comma-separated paths / globs."),
+    depth: Optional[int] = typer.Option(None, help="Only module paths with at most this many dots + 1."),
+):
+    """Every hookable module path with its output shape for one input; '*' marks the default selection."""
+    from probe.hooks import list_layers
+    from train.models import load_model
+
+    rows = [info.as_row() for info in list_layers(load_model(model), _list(layers), depth)]
+    width = max(len(r["layer"]) for r in rows) + 2
+    typer.echo(f"{'layer':<{width}}{'type':<26}{'output (C x H x W)':<20}default  extractable")
+    for r in rows:  # plain text, not a table widget: full module paths must stay copyable
+        typer.echo(f"{r['layer']:<{width}}{r['type']:<26}{r['shape']:<20}{'*' if r['default'] else '':<9}"
+                   f"{'yes' if r['extractable'] else 'no'}")
+
+
+@app.command("extract")
+def extract_cmd(
+    model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    out: Path = typer.Option(..., help="Feature file (.h5); an interrupted one is resumed."),
+    data: str = typer.Option("digits", help="digits | shapes | mnist | cifar10 | folder:PATH"),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated module paths or globs (default: down blocks, "
+                                                    "mid block, up blocks)."),
+    sigmas: Optional[str] = typer.Option(None, help="Comma-separated EDM sigmas, 0 = clean input "
+                                                    "(default 0,0.1,0.5,2,10)."),
+    pooling: str = typer.Option("mean", help="mean | flatten | avgK (K x K average pool)"),
+    dtype: str = typer.Option("float32", help="float32 | float16 on disk"),
+    batch: int = typer.Option(256, help="Samples per forward pass."),
+    split: str = typer.Option("test", help="train | test"),
+    n_samples: Optional[int] = typer.Option(None, help="First N samples of the split (default: all)."),
+    noise_seed: int = typer.Option(0, "--noise-seed", "--seed", help="Seed of the per-sample noise."),
+    source: str = typer.Option("denoiser", help="denoiser (noised real images) | generation (G's own input)."),
+    compression: str = typer.Option("lzf", help="lzf | gzip | none"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, help="Replace an existing file made with other arguments."),
+):
+    """Features of named modules at several noise levels, streamed into the HDF5 feature store."""
+    from probe.extract import ExtractConfig, extract
+
+    if sigmas is not None and not _floats(sigmas):
+        raise UserError("--sigmas is empty; give at least one noise level")
+    cfg = ExtractConfig(model=str(model), out=str(out), data=data, layers=tuple(_list(layers) or ()),
+                        sigmas=tuple(_floats(sigmas)) if sigmas is not None else None, pooling=pooling, dtype=dtype,
+                        batch=batch, split=split, n_samples=n_samples, noise_seed=noise_seed, source=source,
+                        device=device, compression=compression)
+    path = extract(cfg, progress=True, overwrite=overwrite)
+    typer.echo(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------- analyses
+def _list(text: Optional[str]) -> Optional[list]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command("linear")
+def linear_cmd(
+    files: List[Path] = typer.Argument(..., help="Feature files; several = several noise seeds (mean and std)."),
+    out: Path = typer.Option(..., help="Tidy CSV: layer, sigma, target, accuracy, ..."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
+    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated targets: label and/or factor names."),
+    fig: Optional[Path] = typer.Option(None, help="Heatmap PNG (one per target: the target's name is appended)."),
+    seed: int = typer.Option(0, help="Seed of the train/validation/test split."),
+):
+    """Linear probes (logistic regression, C chosen on a validation split) per layer and sigma."""
+    from analysis.heatmaps import plot_probe_heatmap
+    from analysis.linear import probe_table
+    from probe.store import FeatureStore
+
+    stores = [FeatureStore.open(f) for f in files]
+    try:
+        df = probe_table(stores, layers=_list(layers), sigmas=_floats(sigmas) if sigmas else None,
+                         targets=_list(targets), seed=seed, progress=True)
+    finally:
+        for s in stores:
+            s.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    for target in df["target"].unique() if fig else []:
+        plot_probe_heatmap(df, target, fig.with_name(f"{fig.stem}-{target}{fig.suffix}"))
+    best = df.loc[df.groupby("target")["accuracy"].idxmax()]
+    for _, r in best.iterrows():
+        typer.echo(f"{r['target']}: best {r['metric']} {r['accuracy']:.3f} at layer {r['layer']}, sigma {r['sigma']:g}")
+    typer.echo(f"wrote {out} ({len(df)} rows)")
+
+
+@app.command("cka")
+def cka_cmd(
+    file_a: Path = typer.Argument(..., help="Feature file A."),
+    file_b: Optional[Path] = typer.Argument(None, help="Feature file B (same data, sigmas and noise seed)."),
+    out: Path = typer.Option(..., help="Tidy CSV: layer_a, sigma_a, layer_b, sigma_b, estimator, cka, null_mean, ..."),
+    mode: Optional[str] = typer.Option(None, help="pair (A vs B, same layer and sigma) | layers | sigmas. "
+                                                  "Default: pair with two files, layers with one."),
+    estimator: str = typer.Option("debiased", help="debiased | linear | minibatch | rbf | cknna"),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
+    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    n_perm: int = typer.Option(10, help="Permutations of the null (rows of one side shuffled)."),
+    k: int = typer.Option(10, help="Neighbours for CKNNA."),
+    sigma_factor: float = typer.Option(1.0, help="RBF bandwidth = median distance x this."),
+    fig: Optional[Path] = typer.Option(None, help="Heatmap PNG."),
+    seed: int = typer.Option(0, help="Seed of the null and of subsampling."),
+):
+    """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
+    from analysis.cka import cka_table
+    from analysis.heatmaps import plot_cka_heatmap
+    from probe.store import FeatureStore
+
+    mode = mode or ("pair" if file_b else "layers")
+    if mode == "pair" and file_b is None:
+        raise UserError("--mode pair compares two files: give FILE_A and FILE_B")
+    with FeatureStore.open(file_a) as a:
+        b = FeatureStore.open(file_b) if file_b else None
+        try:
+            df = cka_table(a, b, mode=mode, estimator=estimator, layers=_list(layers),
+                           sigmas=_floats(sigmas) if sigmas else None, n_perm=n_perm, seed=seed, progress=True,
+                           k=k, sigma_factor=sigma_factor)
+        finally:
+            if b is not None:
+                b.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    if fig:
+        plot_cka_heatmap(df, fig)
+    typer.echo(f"{estimator} CKA ({mode}): mean {df['cka'].mean():.3f}, min {df['cka'].min():.3f}, "
+               f"max {df['cka'].max():.3f}; permutation null mean {df['null_mean'].mean():.3f}")
+    typer.echo(f"wrote {out} ({len(df)} rows)")
+
+
+@app.command("umap")
+def umap_cmd(
+    file: Path = typer.Argument(..., help="Feature file."),
+    out: Path = typer.Option(..., help="PNG with one panel per sigma (or per layer with --layers)."),
+    layer: Optional[str] = typer.Option(None, help="Layer to embed (one panel per sigma)."),
+    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    layers: Optional[str] = typer.Option(None, help="Instead: these layers at --sigma, one panel each."),
+    sigma: Optional[float] = typer.Option(None, help="The sigma for --layers."),
+    color_by: str = typer.Option("label", help="label or a factor name."),
+    max_points: int = typer.Option(2000, help="Points per panel (seeded subset)."),
+    csv: Optional[Path] = typer.Option(None, help="Also write the k-NN accuracy per panel as CSV."),
+    seed: int = typer.Option(0, help="UMAP seed."),
+):
+    """2-D UMAP views coloured by label, each panel with the k-NN accuracy of its embedding."""
+    from analysis.umap_view import umap_panels
+    from probe.store import FeatureStore
+
+    with FeatureStore.open(file) as store:
+        df = umap_panels(store, layer, sigmas=_floats(sigmas) if sigmas else None, out_png=str(out),
+                         layers=_list(layers), sigma=sigma, seed=seed, color_by=color_by, max_points=max_points,
+                         progress=True)
+    if csv:
+        df.to_csv(csv, index=False)
+    for _, r in df.iterrows():
+        typer.echo(f"{r['layer']} sigma {r['sigma']:g}: {r['knn_k']}-NN accuracy of the embedding {r['knn_accuracy']:.3f}")
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
