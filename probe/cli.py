@@ -43,7 +43,7 @@ def train_teacher_cmd(
     out: Path = typer.Option(..., help="Run directory to write."),
     data: str = typer.Option("digits", help="digits | shapes | mnist | cifar10 | folder:PATH"),
     preset: str = typer.Option("tiny", help="UNet preset: tiny | small | cifar | test"),
-    steps: int = typer.Option(2000, help="Optimiser steps."),
+    steps: int = typer.Option(1600, help="Optimiser steps."),
     batch: int = typer.Option(64, help="Images per step."),
     lr: float = typer.Option(2e-3, help="Adam learning rate."),
     ema_halflife: float = typer.Option(12_500, help="EMA half-life in training images."),

@@ -31,12 +31,12 @@ class TeacherConfig:
     out: str                                   # run directory
     data: str = "digits"                       # data set name (train/data.py)
     preset: str = "tiny"                       # UNet preset (train/models.py)
-    steps: int = 3000                          # optimiser steps in total
-    batch: int = 128                           # images per step
+    steps: int = 1600                          # optimiser steps in total
+    batch: int = 64                            # images per step
     lr: float = 2e-3                           # Adam learning rate
     lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
     betas: tuple = (0.9, 0.99)                 # Adam betas
-    ema_halflife_images: float = 25_000        # EMA half-life, in training images
+    ema_halflife_images: float = 12_500        # EMA half-life, in training images
     p_mean: float = -1.2                       # mean of ln sigma during training
     p_std: float = 1.2                         # std of ln sigma during training
     sigma_range: tuple | None = None           # (lo, hi): train only on sigmas in this band
