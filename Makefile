@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 demo: $(STAMP)
 	$(VENV)/bin/probe demo

@@ -1,11 +1,11 @@
-"""Shared test set-up: two threads, quiet progress, one classifier cache for the whole session."""
+"""Shared test set-up: one thread, quiet progress, one classifier cache for the whole session."""
 
 import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only helps on an idle core, hurts badly otherwise
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,204 @@
+"""Ablation grids: checked before training, run end to end on tiny models, resumable, summarised."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from probe.errors import UserError
+from train.ablation import AblationConfig, aggregate, check_grid, load_grid, prereq_order, run_ablation
+from train.initspec import CATEGORIES
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Batches of 8 on 8x8 images are all per-op overhead: a second intra-op thread does not help,
+    # and when the other core is busy its spin-waits make these tests several times slower.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recording(calls, stop_first=None):
+    """A train function that records (run, resume) and can stop one run early (a simulated kill)."""
+    from train.student import train_student
+
+    def train(cfg, resume, progress):
+        name = cfg.out.rsplit("/", 1)[-1]
+        calls.append((name, resume))
+        stop = 1 if stop_first and name.startswith(stop_first) and not resume else None
+        return train_student(cfg, resume=resume, progress=progress, stop_after=stop)
+
+    return train
+
+
+def test_quick_grid_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "abl"
+    calls = []
+    # first pass: the "band" run is killed after one step (before its first checkpoint)
+    run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls, "band"))
+    assert [c[1] for c in calls] == [False, False, False]
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.init) == ["full", "band", "regressed"]
+    assert list(summary.status) == ["done", "partial", "done"]
+    for kind in ("teacher", "band_teacher", "regressed"):
+        assert (out / "prereq" / kind / "model.json").exists()
+    assert json.loads((out / "prereq" / "regressed" / "model.json").read_text())["kind"] == "generator"
+
+    # second pass: only the half-finished run trains, and it is resumed
+    calls.clear()
+    run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls))
+    assert calls == [("band__diffratio-js__s0", True)]
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary.status == "done").all()
+
+    # third pass: nothing left to do
+    calls.clear()
+    run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls))
+    assert calls == []
+
+    # summary rows agree with each run's own files
+    for _, r in summary.iterrows():
+        final = json.loads((out / "runs" / r.run / "eval.json").read_text())
+        assert r.fd_final == pytest.approx(final["fd"]) and r.recall_final == pytest.approx(final["recall"])
+        fds = [row["eval_fd"] for row in map(json.loads, (out / "runs" / r.run / "metrics.jsonl").read_text().split("\n")[:-1])
+               if "eval_fd" in row]
+        assert r.fd_best == pytest.approx(min(fds))
+        assert sum(r[f"init_frac_{c}"] for c in CATEGORIES) == pytest.approx(1.0)
+    assert summary.set_index("init").loc["full", "init_frac_teacher"] == 1.0
+    assert summary.set_index("init").loc["band", "init_frac_other"] == 1.0
+    regressed = summary.set_index("init").loc["regressed"]
+    assert 0 < regressed.init_frac_shuffled < 0.01 and regressed.init_frac_other == pytest.approx(1 - regressed.init_frac_shuffled)
+
+    curves = pd.read_csv(out / "curves.csv")
+    assert set(curves.metric) >= {"fd", "precision", "recall"} and set(curves.step) == {0, 2}
+    agg = pd.read_csv(out / "aggregate.csv")
+    assert set(agg.init) == {"full", "band", "regressed"} and (agg.n == 1).all()
+    ref = json.loads((out / "reference.json").read_text())
+    assert ref["sampler"] == "heun-2" and ref["n"] == 64
+    assert (out / "verdict.txt").read_text().startswith("Verdict")
+
+    # features: teacher vs each student on the same inputs
+    cka = pd.read_csv(out / "cka_teacher_student.csv")
+    assert set(cka.init) == {"full", "band", "regressed"} and set(cka.layer) == {"down_blocks.1", "mid_block"}
+    assert set(cka.sigma) == {0.0, 2.5} and cka.cka.notna().all()
+    probes = pd.read_csv(out / "probes.csv")
+    assert set(probes.init) == {"(teacher)", "full", "band", "regressed"}
+    assert probes.accuracy.between(0, 1).all()
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "grid.toml"
+    p.write_text(text)
+    return str(p)
+
+
+BASE = """
+teacher = "@t"
+methods = ["diffratio-js"]
+seeds = [0]
+[student]
+eval_every = 2
+[inits]
+full = "teacher"
+[prereq.t]
+kind = "teacher"
+preset = "test"
+"""
+
+
+@pytest.mark.parametrize("change, message", [
+    (("[inits]\nfull = \"teacher\"", "[inits]\nfull = \"keep:down_blcks.*\""), "'down_blcks.*' matches no module"),
+    (("[inits]\nfull = \"teacher\"", "[inits]\nfull = \"from:@nowhere\""), "'@nowhere'"),
+    (("[inits]\nfull = \"teacher\"", "[inits]\nfull = { spec = \"teacher\", group = \"best\" }"), "unknown group 'best'"),
+    (("eval_every = 2", "eval_every = 0"), "eval_every must be > 0"),
+    (("eval_every = 2", "eval_every = 2\nlearning_rate = 1"), "unknown option 'learning_rate'"),
+    (("eval_every = 2", "eval_every = 2\nseed = 1"), "'seed' is set by the grid"),
+    (("\"diffratio-js\"", "\"diffratio-xx\""), "unknown method 'diffratio-xx'"),
+    (("preset = \"test\"", "preset = \"test\"\nwidth = 3"), r"\[prereq.t\]: unknown option 'width'"),
+    (("kind = \"teacher\"", "kind = \"student\""), "kind = \"teacher\" or \"regress\""),
+    (("seeds = [0]", "seeds = [0]\nsteps = 3"), "unknown key 'steps'"),
+    (("teacher = \"@t\"", "teacher = \"@u\""), "names no \\[prereq.u\\]"),
+])
+def test_invalid_grids_are_refused_before_training(tmp_path, change, message):
+    text = BASE.replace(*change)
+    assert text != BASE
+    with pytest.raises(UserError, match=message):
+        check_grid(load_grid(_write(tmp_path, text)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prerequisite_of_another_architecture_is_refused_before_training(tmp_path):
+    text = BASE.replace('full = "teacher"', 'full = "teacher"\nband = "from:@b"') + '[prereq.b]\nkind = "teacher"\npreset = "tiny"\n'
+    with pytest.raises(UserError, match=r"init 'band': @b does not fit the teacher: tensor 'conv_in.weight'"):
+        check_grid(load_grid(_write(tmp_path, text)), tmp_path / "out")
+    check_grid(load_grid(_write(tmp_path, text.replace('"tiny"', '"test"'))), tmp_path / "out")
+
+
+def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
+    assert prereq_order({"r": {"teacher": "@t"}, "t": {}}) == ["t", "r"]
+    with pytest.raises(UserError, match="cycle"):
+        prereq_order({"a": {"teacher": "@b"}, "b": {"teacher": "@a"}})
+    grid = load_grid("quick", AblationConfig(config="quick", out="x", teacher=str(tmp_path), steps=7, seeds=(3, 4)))
+    assert grid.teacher == str(tmp_path) and "teacher" not in grid.prereqs
+    assert grid.external == {"teacher": str(tmp_path)} and grid.student["steps"] == 7 and grid.seeds == [3, 4]
+    assert prereq_order(grid.prereqs, grid.external) == ["band_teacher", "regressed"]
+    paper = load_grid("paper")
+    refs = check_grid(paper, tmp_path / "paper")   # every spec valid on the tiny teacher's architecture
+    assert set(refs) == {"teacher", "band_teacher", "regressed"}
+    specs = {e.spec for e in paper.inits}
+    for row in ("teacher", "random", "reinit:conv_in,conv_out,time_embedding", "keep:down_blocks.*",
+                "keep:up_blocks.*", "keep:mid_block", "shuffle", "from:@band_teacher", "from:@regressed"):
+        assert row in specs
+    assert paper.seeds == [0, 1, 2] and paper.methods == ["diffratio-js"]
+
+
+def test_aggregate_matches_its_definition():
+    rng = np.random.default_rng(0)
+    rows = [dict(init=i, init_group="other", method="m", status="done", fd_final=v, fd_best=v - 1,
+                 precision_final=0.5, recall_final=0.5, coverage_final=1.0)
+            for i in ("a", "b") for v in rng.normal(10, 2, 6)]
+    rows.append(dict(init="a", init_group="other", method="m", status="partial", fd_final=1e6, fd_best=1e6,
+                     precision_final=0, recall_final=0, coverage_final=0))
+    df = pd.DataFrame(rows)
+    agg = aggregate(df).set_index(["init", "metric"])
+    for init in ("a", "b"):
+        v = df[(df.init == init) & (df.status == "done")].fd_final
+        row = agg.loc[(init, "fd_final")]
+        assert row.n == 6 and row["mean"] == pytest.approx(v.mean()) and row["std"] == pytest.approx(v.std(ddof=1))
+        assert row.ci_low < row["mean"] < row.ci_high
+        assert row.ci_high - row.ci_low < 4 * v.std(ddof=1) / np.sqrt(6) * 1.96
+
+
+def test_regressed_generator_fits_the_teachers_samples_and_resumes_exactly(tiny_teacher, tmp_path):
+    import torch
+
+    from train.edm import heun_sample
+    from train.models import load_model
+    from train.regress import RegressConfig, is_finished, regress_generator
+    from train.runs import load_state, read_metrics
+
+    def cfg(out, **kw):
+        return RegressConfig(out=str(out), teacher=str(tiny_teacher), n_pairs=16, n_val=8, sample_steps=2, steps=12,
+                             batch=8, lr=3e-3, lr_warmup=1, checkpoint_every=4, log_every=4, eval_samples=0, **kw)
+
+    full = regress_generator(cfg(tmp_path / "full"), progress=False)
+    regress_generator(cfg(tmp_path / "cut"), progress=False, stop_after=6)   # killed; last checkpoint at 4
+    assert not is_finished(tmp_path / "cut")
+    cut = regress_generator(cfg(tmp_path / "cut"), resume=True, progress=False)
+    assert is_finished(full, 12) and is_finished(cut, 12)
+    a, b = load_state(full), load_state(cut)
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    # the pairs are the teacher's deterministic Heun samples of the cached latents
+    pairs = torch.load(full / "pairs.pt", weights_only=False)
+    teacher = load_model(tiny_teacher)
+    # (batched float32 convolutions differ in the last bits from a batch of 4)
+    assert torch.allclose(pairs["x"][:4], heun_sample(teacher.denoiser, pairs["z"][:4], 2), rtol=1e-4, atol=1e-3)
+    gen = load_model(full)
+    assert gen.kind == "generator" and gen.generator.sigma_init == 2.5 and gen.info["init"] == "random"
+    val = [r["val_mse"] for r in read_metrics(full) if "val_mse" in r]
+    assert val[-1] < val[0]          # regression makes progress on held-out pairs

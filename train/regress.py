@@ -1,0 +1,224 @@
+"""The regression-generator control: a good noise-to-image mapping without diffusion features.
+
+METHOD.md section 4 asks whether initialising a one-step student from the teacher helps because
+of the teacher's *I/O mapping* or because of its *features learned across noise levels*. This
+module makes the control that has the first and not the second: a randomly initialised copy of
+the generator architecture ``G(z) = D(sigma_init z; sigma_init)`` trained by plain L2 regression
+onto the teacher's deterministic multi-step samples (Heun from ``sigma_max z``), i.e. onto the
+teacher's probability-flow ODE map z -> x. It never sees a noisy image at any other noise level,
+so whatever features it has were learned for one map only.
+
+``regress_generator(RegressConfig(...))`` is what ``probe train regress`` calls. The (z, x) pairs
+are drawn once and cached in ``pairs.pt`` (keyed by the teacher's weights hash), so a resumed run
+does not re-sample the teacher. Training follows the teacher trainer's pattern: one
+``torch.Generator`` for every draw, checkpointed with weights, optimiser and EMA for exact resume.
+
+Run directory: ``config.json``, ``metrics.jsonl`` (train and held-out MSE, held-out R^2 against
+predicting the mean image), ``pairs.pt``, ``state.pt``, the EMA generator as ``model.json`` +
+``unet/`` (kind "generator", usable as ``--init from:DIR``), ``samples.png``, ``eval.json`` when
+``eval_samples > 0`` and ``regress.json`` (final figures; written last, marks the run finished).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from probe.errors import UserError
+from probe.progress import progress_bar
+from train.edm import SIGMA_MAX, OneStepGenerator, heun_sample
+from train.ema import EMA
+from train.images import save_grid
+from train.initspec import apply_init_spec
+from train.models import load_model, save_model
+from train.runs import MetricsLog, load_state, pick_device, prepare_run_dir, save_state, write_json
+
+PAIRS_FILE = "pairs.pt"
+DONE_FILE = "regress.json"
+TRAIN_SEED_OFFSET = 7919   # training draws use seed + this, so they never coincide with the pair latents
+
+
+@dataclass
+class RegressConfig:
+    out: str                                   # run directory
+    teacher: str                               # teacher: toolkit run dir or diffusers UNet/DDPM directory
+    sigma_init: float = 2.5                    # G(z) = D(sigma_init z; sigma_init), EDM sigma
+    n_pairs: int = 2000                        # (z, teacher sample) pairs to regress on
+    n_val: int = 256                           # further pairs held out for the validation MSE
+    sample_steps: int = 18                     # Heun steps of the teacher sampler (2 * steps - 1 evaluations)
+    steps: int = 2000                          # optimiser steps in total
+    batch: int = 64                            # pairs per step
+    lr: float = 1e-3                           # Adam learning rate
+    lr_warmup: int = 100                       # steps of linear learning-rate ramp-up
+    betas: tuple = (0.9, 0.99)                 # Adam betas
+    ema_halflife_images: float = 5_000         # EMA half-life, in training pairs
+    grad_clip: float = 0.0                     # max gradient norm, 0 = off
+    log_every: int = 50                        # steps between metrics.jsonl rows
+    checkpoint_every: int = 500                # steps between checkpoints (and validation)
+    eval_samples: int = 500                    # final sample-quality evaluation (one step), 0 = skip
+    eval_seed: int = 0                         # seed of the evaluation latents and the evaluator's reference
+    seed: int = 0                              # seed of the pairs, the initialisation and every training draw
+    device: str = "auto"                       # "auto" | "cpu" | "cuda"
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the run
+
+
+def _check(cfg: RegressConfig) -> None:
+    checks = [(cfg.sigma_init > 0, "--sigma-init must be positive"),
+              (cfg.n_pairs >= 1 and cfg.n_val >= 1, "n_pairs and n_val must be >= 1"),
+              (cfg.sample_steps >= 1, "sample_steps must be >= 1"),
+              (cfg.steps >= 0 and cfg.batch >= 1, "steps >= 0 and batch >= 1"),
+              (cfg.checkpoint_every > 0 and cfg.log_every > 0, "checkpoint_every and log_every must be positive"),
+              (cfg.eval_samples >= 0 and cfg.seed >= 0, "eval_samples and seed must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+@torch.no_grad()
+def teacher_pairs(teacher, n: int, sample_steps: int, seed: int, device, batch: int = 250,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """n latents z (seeded) and the teacher's Heun samples from sigma_max z, on the CPU."""
+    shape = (n, teacher.channels, teacher.resolution, teacher.resolution)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    xs = []
+    with progress_bar(n, "teacher samples", progress) as advance:
+        for zb in z.split(batch):
+            xs.append(heun_sample(teacher.denoiser, zb.to(device), sample_steps, sigma_max=SIGMA_MAX).cpu())
+            advance(len(zb))
+    return z, torch.cat(xs)
+
+
+def load_or_make_pairs(out: Path, cfg: RegressConfig, teacher, device, progress: bool) -> dict:
+    """The cached pairs of this run, made on first use; refuses a cache made from other weights."""
+    key = {"teacher_sha256": teacher.sha256(), "n": cfg.n_pairs + cfg.n_val, "sample_steps": cfg.sample_steps,
+           "seed": cfg.seed, "sigma_max": SIGMA_MAX}
+    path = out / PAIRS_FILE
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached["key"] != key:
+            raise UserError(f"{path} was made from another teacher or with other settings; delete it or use a new --out")
+        return cached
+    z, x = teacher_pairs(teacher, key["n"], cfg.sample_steps, cfg.seed, device, progress=progress)
+    pairs = {"z": z, "x": x, "key": key}
+    tmp = out / (PAIRS_FILE + ".tmp")
+    torch.save(pairs, tmp)
+    tmp.replace(path)
+    return pairs
+
+
+@torch.no_grad()
+def mse(generator: OneStepGenerator, z: torch.Tensor, x: torch.Tensor, device, batch: int = 500) -> float:
+    """Mean squared error of G(z) against x over all pairs."""
+    total = 0.0
+    for zb, xb in zip(z.split(batch), x.split(batch)):
+        total += float(((generator(zb.to(device)).float().cpu() - xb) ** 2).sum())
+    return total / x.numel()
+
+
+def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool = True,
+                      stop_after: int | None = None) -> Path:
+    """Train (or resume) the regressed generator; returns the run directory. ``stop_after`` simulates a kill."""
+    _check(cfg)
+    device = pick_device(cfg.device)
+    teacher = load_model(cfg.teacher, device)
+    out = prepare_run_dir(Path(cfg.out), cfg, resume)
+    pairs = load_or_make_pairs(out, cfg, teacher, device, progress)
+    z_train, x_train = pairs["z"][:cfg.n_pairs], pairs["x"][:cfg.n_pairs]
+    z_val, x_val = pairs["z"][cfg.n_pairs:], pairs["x"][cfg.n_pairs:]
+    # R^2 reference: predicting the mean training image for every z
+    mse_mean_image = float(((x_val - x_train.mean(0, keepdim=True)) ** 2).mean())
+
+    net, init_report = apply_init_spec("random", teacher, cfg.seed)
+    net.to(device)
+    generator = OneStepGenerator(net, cfg.sigma_init)
+    ema = EMA(net, cfg.ema_halflife_images)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    rng = torch.Generator().manual_seed(cfg.seed + TRAIN_SEED_OFFSET)
+    step, seconds = 0, 0.0
+    state = load_state(out) if resume else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        rng.set_state(state["rng"])
+        step, seconds = state["step"], state["seconds"]
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    record = {"regressed_onto": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "n_pairs": cfg.n_pairs,
+              "sample_steps": cfg.sample_steps, "init": init_report["canonical"]}
+
+    def validate() -> dict:
+        val = mse(OneStepGenerator(ema.net, cfg.sigma_init), z_val, x_val, device)
+        return {"val_mse": val, "val_r2": 1.0 - val / max(mse_mean_image, 1e-12)}
+
+    def checkpoint() -> None:
+        save_model(out, ema.net, "generator", teacher.dataset, sigma_init=cfg.sigma_init,
+                   extra={**record, "steps": step})
+        save_state(out, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "rng": rng.get_state(), "step": step, "seconds": seconds})
+
+    running = 0.0
+    with progress_bar(cfg.steps, "regress generator", progress, completed=step) as advance:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            idx = torch.randint(cfg.n_pairs, (cfg.batch,), generator=rng)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
+            loss = ((generator(z_train[idx].to(device)) - x_train[idx].to(device)) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(net, cfg.batch)
+            step += 1
+            seconds += time.perf_counter() - t0
+            running += float(loss.detach())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                log.log(step=step, seconds=seconds, loss=running / n, lr=opt.param_groups[0]["lr"])
+                running = 0.0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                log.log(step=step, seconds=seconds, **validate())
+                checkpoint()
+            advance(info=f"mse {float(loss.detach()):.4f}")
+            if stop_after is not None and step >= stop_after:
+                return out
+    if state is None and cfg.steps == 0:
+        checkpoint()
+    _finish(out, ema.net, cfg, teacher.dataset, device, validate(), seconds, progress)
+    return out
+
+
+@torch.no_grad()
+def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val: dict, seconds: float,
+            progress: bool) -> None:
+    """Sample grid, optional sample quality, and the final figures (regress.json marks the run done)."""
+    gen = OneStepGenerator(net, cfg.sigma_init)
+    n = max(cfg.eval_samples, 64)
+    shape = (n, net.unet.config.in_channels, *([net.unet.config.sample_size] * 2))
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.eval_seed))
+    samples = torch.cat([gen(zb.to(device)).float().cpu() for zb in z.split(250)])
+    save_grid(samples[:64], out / "samples.png")
+    result = {**val, "steps": cfg.steps, "seconds": seconds, "sigma_init": cfg.sigma_init}
+    if cfg.eval_samples > 0 and dataset is not None:
+        from train.metrics import QualityEvaluator
+
+        evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
+        quality = {**evaluator.evaluate(samples), "floor": evaluator.floor(), "evaluator": evaluator.info,
+                   "sampler": "one-step", "nfe": 1}
+        write_json(out / "eval.json", quality)
+        result["fd"] = quality["fd"]
+    write_json(out / DONE_FILE, result)
+
+
+def is_finished(run_dir: Path, steps: int | None = None) -> bool:
+    """Has a regression run completed (``steps`` at least, when given)?"""
+    import json
+
+    p = Path(run_dir) / DONE_FILE
+    if not p.exists():
+        return False
+    return steps is None or json.loads(p.read_text()).get("steps", -1) >= steps
