@@ -67,6 +67,122 @@ def train_teacher_cmd(
     typer.echo(f"teacher written to {run}")
 
 
+@train_app.command("student")
+def train_student_cmd(
+    teacher: Path = typer.Option(..., help="Teacher: run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    out: Path = typer.Option(..., help="Run directory to write."),
+    method: str = typer.Option("diffratio-js", help="diffratio-js | diffratio-kl | diffratio-fkl | vsd | sid | gan"),
+    init: str = typer.Option("teacher", help="Init spec: teacher | random | keep:GLOBS | reinit:GLOBS | shuffle[:GLOBS] "
+                                             "| from:PATH, joined with '+' (see train/initspec.py)."),
+    data: Optional[str] = typer.Option(None, help="Real data (default: the teacher's data set)."),
+    sigma_init: float = typer.Option(2.5, help="G(z) = D(sigma_init z; sigma_init)."),
+    steps: int = typer.Option(2000, help="Generator steps."),
+    batch: int = typer.Option(64, help="Generated (and real) images per step."),
+    lr_g: float = typer.Option(1e-4, help="Generator learning rate."),
+    lr_aux: float = typer.Option(1e-4, help="Ratio classifier / fake-score learning rate."),
+    aux_steps: int = typer.Option(1, help="Auxiliary updates per generator update."),
+    ratio_net: str = typer.Option("encoder", help="encoder (teacher's, default) | encoder-random | cnn"),
+    sigma_dist: str = typer.Option("lognormal", help="lognormal | karras"),
+    weighting: str = typer.Option("none", help="w(sigma): none | sigma2 | snr | edm"),
+    sid_alpha: float = typer.Option(1.2, help="SiD's alpha."),
+    fkl_clip: float = typer.Option(10.0, help="diffratio-fkl: upper clip of exp(-l)."),
+    grad_clip: float = typer.Option(0.0, help="Max gradient norm, 0 = off."),
+    eval_every: int = typer.Option(100, help="Steps between sample-quality rows in metrics.jsonl, 0 = off."),
+    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+):
+    """Train a one-step generator G(z) = D(sigma_init z; sigma_init) with one of the methods."""
+    from train.student import StudentConfig, train_student
+
+    cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
+                        steps=steps, batch=batch, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
+                        sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha, fkl_clip=fkl_clip,
+                        grad_clip=grad_clip, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
+                        device=device)
+    run = train_student(cfg, resume=resume)
+    _print_eval(run)
+    typer.echo(f"generator written to {run}")
+
+
+@train_app.command("regress")
+def train_regress_cmd(
+    teacher: Path = typer.Option(..., help="Teacher whose multi-step samples the generator regresses onto."),
+    out: Path = typer.Option(..., help="Run directory to write."),
+    sigma_init: float = typer.Option(2.5, help="G(z) = D(sigma_init z; sigma_init)."),
+    n_pairs: int = typer.Option(2000, help="(z, teacher sample) pairs."),
+    sample_steps: int = typer.Option(18, help="Heun steps of the teacher sampler."),
+    steps: int = typer.Option(2000, help="Optimiser steps."),
+    batch: int = typer.Option(64, help="Pairs per step."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    seed: int = typer.Option(0, help="Seed of the pairs, the initialisation and training."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
+):
+    """A generator regressed from random init onto the teacher's samples: the mapping without the features."""
+    from train.regress import RegressConfig, regress_generator
+
+    cfg = RegressConfig(out=str(out), teacher=str(teacher), sigma_init=sigma_init, n_pairs=n_pairs,
+                        sample_steps=sample_steps, steps=steps, batch=batch, lr=lr, seed=seed, device=device)
+    run = regress_generator(cfg, resume=resume)
+    _print_eval(run)
+    typer.echo(f"regressed generator written to {run}; use it with --init from:{run}")
+
+
+@train_app.command("ablation")
+def train_ablation_cmd(
+    config: str = typer.Option(..., help="Grid TOML file, or a shipped grid: paper | quick"),
+    out: Path = typer.Option(..., help="Ablation directory; rerunning skips finished runs and resumes partial ones."),
+    teacher: Optional[Path] = typer.Option(None, help="Use this teacher instead of the grid's."),
+    steps: Optional[int] = typer.Option(None, help="Override the grid's generator steps."),
+    seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, e.g. 0,1,2"),
+    features: Optional[bool] = typer.Option(None, "--features/--no-features", help="Extract features, CKA, probes."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+):
+    """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict."""
+    from train.ablation import AblationConfig, run_ablation
+
+    cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
+                         seeds=tuple(int(v) for v in _floats(seeds)) if seeds else None, features=features,
+                         device=device)
+    result = run_ablation(cfg)
+    verdict = Path(result) / "verdict.txt"
+    if verdict.exists():
+        typer.echo(verdict.read_text())
+    typer.echo(f"ablation written to {result}")
+
+
+@app.command("report")
+def report_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Run, ablation and analysis directories to gather."),
+    out: Path = typer.Option(Path("reports/report.pdf"), help="The PDF; figures and tables go to <stem>_files/."),
+    title: str = typer.Option("onestep-probe report", help="Title of the first page."),
+    umap: bool = typer.Option(True, "--umap/--no-umap", help="Draw UMAP panels (needs feature files)."),
+    seed: int = typer.Option(0, help="UMAP seed."),
+):
+    """A PDF with samples, quality curves, the verdict, probes, CKA maps and UMAP."""
+    from analysis.report import ReportConfig, build_report
+
+    pdf = build_report(ReportConfig(inputs=[str(p) for p in inputs], out=str(out), title=title, umap=umap, seed=seed),
+                       progress=True)
+    typer.echo(f"report written to {pdf}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), help="Working directory of every stage (reused when rerun)."),
+    report: Path = typer.Option(Path("reports/demo.pdf"), help="The PDF written at the end."),
+    quick: bool = typer.Option(False, help="Tiny models and few steps (seconds; for tests, numbers mean nothing)."),
+    seed: int = typer.Option(0, help="Teacher seed."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """The main job end to end on the embedded digits data: teacher, students, features, analyses, report."""
+    from probe.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=str(out), report=str(report), quick=quick, seed=seed, device=device))
+
+
 def _print_eval(run: Path) -> None:
     import json
 

@@ -186,3 +186,10 @@ def test_from_another_model(teacher, tmp_path):
         apply_init_spec(f"from:{tmp_path / 'rgb'}", teacher)
     with pytest.raises(UserError, match="does not exist"):
         apply_init_spec(f"from:{tmp_path / 'missing'}", teacher)
+
+
+def test_random_init_differs_from_a_teacher_initialised_with_the_same_seed():
+    # a teacher trained with seed s starts from manual_seed(s); a random student must not
+    t = _teacher(seed=0)
+    den, _ = apply_init_spec("random", t, seed=0)
+    assert not torch.equal(_sd(den)["conv_in.weight"], _sd(t.denoiser)["conv_in.weight"])

@@ -575,9 +575,9 @@ def run_ablation_features(out: Path, grid: Grid, refs: dict, summary: pd.DataFra
         for _, r in summary[summary["status"] == "done"].iterrows():
             path = features(r["run_dir"], r["run"])
             with FeatureStore.open(path) as s_store:
-                table = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=0)
+                table = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=10)
                 cka_rows.append(table.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})
-                                [["layer", "sigma", "cka", "estimator", "n"]].assign(**{k: r[k] for k in keys}))
+                                [["layer", "sigma", "cka", "null_mean", "null_p95", "n_perm", "estimator", "n"]].assign(**{k: r[k] for k in keys}))
                 if opts["probes"]:
                     probe_rows.append(probe_table(s_store, targets=["label"]).assign(**{k: r[k] for k in keys}))
     front = keys + ["layer", "sigma"]

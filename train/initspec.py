@@ -222,10 +222,15 @@ def validate_init_spec(spec, names, refs: dict | None = None, check_paths: bool 
 
 
 # -------------------------------------------------------------------------------- applying
+# Fresh weights are drawn from their own seed stream: a teacher trained with seed s starts from
+# manual_seed(s), and a "random" student with the same seed must not start from that same point.
+FRESH_SEED_OFFSET = 7_919_000
+
+
 def fresh_state(config, seed: int) -> dict:
-    """State dict of a fresh UNet of ``config`` built under ``torch.manual_seed(seed)`` (global RNG kept)."""
+    """State dict of a fresh UNet of ``config`` (seed stream offset from the teacher's; global RNG kept)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(FRESH_SEED_OFFSET + int(seed))
         return fresh_unet(config).state_dict()
 
 
