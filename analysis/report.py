@@ -169,6 +169,16 @@ def title_section(found: Found, cfg: ReportConfig) -> list[str]:
     return lines
 
 
+def image_page(path: Path, caption: str) -> Figure:
+    """A PNG made by analysis/ (heatmaps, UMAP) on its own page, with a text caption above it."""
+    fig = Figure(figsize=PAGE)
+    fig.text(0.05, 0.97, "\n".join(textwrap.wrap(caption, 100)), fontsize=9, va="top")
+    ax = fig.add_axes([0.02, 0.02, 0.96, 0.90])
+    ax.imshow(_image(path), interpolation="antialiased")
+    ax.axis("off")
+    return fig
+
+
 def _image(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -306,11 +316,9 @@ def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
             for target in df["target"].unique():
                 path = files / f"probe-{name}-{target}.png"
                 plot_probe_heatmap(df, target, path, title=f"Linear probe ({target}): {name}")
-                fig = Figure(figsize=PAGE)
-                ax = fig.add_axes([0, 0, 1, 1])
-                ax.imshow(_image(path))
-                ax.axis("off")
-                w.figure(fig, f"probe-{name}-{target}")
+                w.figure(image_page(path, f"Linear probe of '{target}' per layer and noise level: {name}. "
+                                          f"Held-out accuracy of a logistic regression on pooled features."),
+                         f"probe-{name}-{target}")
             w.table(df, f"probes-{name}")
         return True
     section("5 Linear probes", probes)
@@ -321,7 +329,7 @@ def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
             if (a / "cka_teacher_student.csv").exists():
                 df = pd.read_csv(a / "cka_teacher_student.csv")
                 for init, g in df.groupby("init", sort=False):
-                    cols = [c for c in ("cka", "null_mean", "null_p95") if c in g]
+                    cols = [c for c in ("cka", "null_mean", "null_p95", "n_perm") if c in g]
                     mean = g.groupby(["layer", "sigma"], sort=False)[cols].mean().reset_index()
                     for c in ("null_mean", "null_p95"):  # tables written without a null say so on the figure
                         mean[c] = mean[c] if c in mean else np.nan
@@ -334,11 +342,7 @@ def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
         for name, df in tables:
             path = files / f"cka-{name}.png"
             plot_cka_heatmap(df, path)
-            fig = Figure(figsize=PAGE)
-            ax = fig.add_axes([0, 0, 1, 1])
-            ax.imshow(_image(path))
-            ax.axis("off")
-            w.figure(fig, f"cka-{name}")
+            w.figure(image_page(path, f"CKA ({name}): {_cka_caption(df)}"), f"cka-{name}")
             w.table(df, f"cka-{name}")
         return True
     section("6 CKA", cka)
@@ -360,6 +364,17 @@ def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
     return out
 
 
+def _cka_caption(df: pd.DataFrame) -> str:
+    from analysis.cka import ESTIMATOR_TITLES
+
+    est = str(df["estimator"].iloc[0]) if "estimator" in df else "?"
+    mode = str(df["mode"].iloc[0]) if "mode" in df else "pair"
+    n_perm = int(df["n_perm"].max()) if "n_perm" in df and df["n_perm"].notna().any() else 0
+    null = (f"permutation null from {n_perm} row shuffles, mean {df['null_mean'].mean():.3f}" if n_perm
+            else "no permutation null computed")
+    return f"estimator {ESTIMATOR_TITLES.get(est, est)}; mode {mode}; {null}"
+
+
 def umap_section(found: Found, w: Writer, files: Path, seed: int):
     """UMAP of the teacher's features for the most and the least transferred layer."""
     from analysis.umap_view import umap_panels
@@ -377,11 +392,7 @@ def umap_section(found: Found, w: Writer, files: Path, seed: int):
         for which, layer in picks:
             path = files / f"umap-{which}-{layer}.png"
             umap_panels(store, layer, out_png=str(path), seed=seed)
-            fig = Figure(figsize=PAGE)
-            fig.text(0.05, 0.97, f"UMAP of the teacher's {layer} (the {which} transferred layer: mean CKA "
-                     f"teacher vs students {by_layer[layer]:.2f})", fontsize=10, va="top")
-            ax = fig.add_axes([0, 0, 1, 0.94])
-            ax.imshow(_image(path))
-            ax.axis("off")
-            w.figure(fig, f"umap-{which}")
+            w.figure(image_page(path, f"UMAP of the teacher's {layer} (the {which} transferred layer: mean CKA "
+                                      f"teacher vs students {by_layer[layer]:.2f}); each panel gives the k-NN "
+                                      f"accuracy of its 2-D embedding"), f"umap-{which}")
     return True
