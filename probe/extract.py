@@ -22,11 +22,18 @@ continues from ``rows_done`` (or does nothing when complete); a file at ``out`` 
 model or with other arguments is refused and left untouched. A new file is first written as a
 complete skeleton under a temporary name and renamed into place, so ``out`` never holds a file
 without the header that identifies it.
+
+Several processes (``torchrun --nproc_per_node=K probe extract ...``, see train/distributed.py):
+the rows are processed in rounds of K batches; rank r runs the r-th batch of each round (the
+same rows a single process would run as one batch), rank 0 gathers the K results and writes
+the round. The file is therefore identical to a single process's, bit for bit in float32, and
+resumes with any K.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
 import hashlib
 import json
 import math
@@ -44,6 +51,7 @@ from probe.errors import UserError
 from probe.hooks import FeatureHooks, parse_pooling, pooled_dim, resolve_layers, to_numpy_per_layer, trace_modules
 from probe.progress import progress_bar
 from probe.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
+from train.distributed import barrier, distributed_session, gather_to_main, is_main, on_main, rank, world_size
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.5, 2.0, 10.0)   # clean, low, moderate, high, near pure noise
 SOURCES = ("denoiser", "generation")
@@ -61,7 +69,7 @@ class ExtractConfig:
     sigmas: tuple | None = None         # EDM noise levels, 0 = clean; None = DEFAULT_SIGMAS (generation: sigma_init)
     pooling: str = "mean"               # "mean" (global average) | "flatten" | "avgK" (K x K adaptive average)
     dtype: str = "float32"              # stored feature type: "float32" | "float16"
-    batch: int = 256                    # samples per forward pass (does not change the noise)
+    batch: int = 256                    # samples per forward pass and process (does not change the noise)
     split: str = "test"                 # data split: "train" | "test"
     n_samples: int | None = None        # first n samples of the split; None = all (generation: required)
     noise_seed: int = 0                 # seed of the per-sample noise eps (>= 0)
@@ -292,44 +300,68 @@ def extract(cfg: ExtractConfig, progress: bool = True, stop_after_batches: int |
             overwrite: bool = False) -> Path:
     """Extract (or resume, or confirm complete) the feature file ``cfg.out``; returns its path.
 
-    progress           : show a rich progress bar                                       (default True)
-    stop_after_batches : return after this many batches, leaving the file incomplete;
-                         simulates a kill for tests                                      (default None)
+    progress           : show a rich progress bar (rank 0 only)                         (default True)
+    stop_after_batches : return after this many rounds of one batch per process, leaving
+                         the file incomplete; simulates a kill for tests                   (default None)
     overwrite          : replace whatever file is at ``cfg.out`` instead of refusing it (default False)
+    Under torchrun every process calls this with the same config.
     """
-    from train.runs import pick_device
-
     check_config(cfg)
-    device = pick_device(cfg.device)
-    plan = _plan(cfg, device)
-    out = Path(cfg.out)
+    with distributed_session(cfg.device) as device:
+        return _extract(cfg, device, progress and is_main(), stop_after_batches, overwrite)
+
+
+def _prepare_file(out: Path, cfg: ExtractConfig, plan: _Plan, overwrite: bool) -> tuple[str, int]:
+    """(state, rows_done) of ``out`` after creating it when new; checks it can be opened for writing."""
     state, done = ("new", 0) if overwrite else _existing_state(out, plan.identity)
     if state == "complete":
-        return out
+        return state, done
     if state == "new":
         _create(out, cfg, plan)
-    n, batch = len(plan.sample_ids), int(cfg.batch)
-    np_dtype = DTYPES[cfg.dtype]
     try:
-        f = h5py.File(out, "r+")
+        h5py.File(out, "r+").close()
     except OSError as err:
         raise UserError(f"cannot open {out} for writing: {err} (is another extraction writing it?)") from None
-    with f, FeatureHooks(plan.model.unet, plan.layers, cfg.pooling) as hooks, \
-            progress_bar(n, f"extract {Path(cfg.model).name}", progress, completed=done) as advance:
-        dsets = {layer: f["features"][layer] for layer in plan.layers}
-        for count, r0 in enumerate(range(done, n, batch), start=1):
-            rows = slice(r0, min(r0 + batch, n))
-            feats = _batch_features(plan, hooks, cfg.source, plan.sample_ids[rows], rows, int(cfg.noise_seed), device)
-            for layer, values in feats.items():
-                dsets[layer][:, rows, :] = values.astype(np_dtype)       # one slab per layer and batch
-            f.flush()                          # data on disk before the counter says so
-            f.attrs["rows_done"] = rows.stop
-            f.flush()
-            advance(rows.stop - rows.start)
-            if stop_after_batches is not None and count >= stop_after_batches and rows.stop < n:
+    return state, done
+
+
+def _extract(cfg: ExtractConfig, device, progress: bool, stop_after_batches: int | None, overwrite: bool) -> Path:
+    plan = _plan(cfg, device)
+    out = Path(cfg.out)
+    state, done = on_main(_prepare_file, out, cfg, plan, overwrite)  # rank 0 owns the file
+    if state == "complete":
+        return out
+    n, batch, me = len(plan.sample_ids), int(cfg.batch), rank()
+    per_round = batch * world_size()
+    np_dtype = DTYPES[cfg.dtype]
+    with ExitStack() as stack:
+        f = stack.enter_context(h5py.File(out, "r+")) if is_main() else None
+        hooks = stack.enter_context(FeatureHooks(plan.model.unet, plan.layers, cfg.pooling))
+        advance = stack.enter_context(progress_bar(n, f"extract {Path(cfg.model).name}", progress, completed=done))
+        dsets = {layer: f["features"][layer] for layer in plan.layers} if f is not None else {}
+        for count, r0 in enumerate(range(done, n, per_round), start=1):
+            end = min(r0 + per_round, n)
+            mine = slice(min(r0 + me * batch, end), min(r0 + (me + 1) * batch, end))  # this rank's batch
+            feats = None
+            if mine.stop > mine.start:
+                feats = _batch_features(plan, hooks, cfg.source, plan.sample_ids[mine], mine, int(cfg.noise_seed),
+                                        device)
+            parts = [p for p in gather_to_main(feats) or [] if p is not None]   # rank order = row order
+            if f is not None:
+                for layer in plan.layers:
+                    values = parts[0][layer] if len(parts) == 1 else np.concatenate([p[layer] for p in parts], 1)
+                    dsets[layer][:, r0:end, :] = values.astype(np_dtype)   # one slab per layer and round
+                f.flush()                      # data on disk before the counter says so
+                f.attrs["rows_done"] = end
+                f.flush()
+            advance(end - r0)
+            if stop_after_batches is not None and count >= stop_after_batches and end < n:
+                barrier()
                 return out
-        f.attrs["complete"] = True
-        f.flush()
+        if f is not None:
+            f.attrs["complete"] = True
+            f.flush()
+    barrier()  # no rank returns before rank 0 has closed the complete file
     return out
 
 

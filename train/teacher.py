@@ -5,6 +5,12 @@
 with the weights, optimiser and EMA, so a killed run resumed with ``resume=True`` ends with
 exactly the weights of an uninterrupted one.
 
+Several processes (``torchrun --nproc_per_node=K``): the network is wrapped in
+DistributedDataParallel, every rank draws the whole global batch's randomness from the same
+generator and trains on its block of rows (``train/distributed.py``), so the result does not
+depend on K up to float rounding; ``accum`` micro-batches per process keep ``batch`` the global
+batch. Rank 0 writes the run directory; all ranks read it on resume.
+
 ``sigma_range`` truncates the training noise levels to a band; a teacher trained only around
 ``sigma_init`` is the "I/O mapping without multi-level features" control of METHOD.md section 4.
 """
@@ -19,11 +25,13 @@ import torch
 
 from probe.progress import progress_bar
 from train.data import load_dataset
+from train.distributed import (all_reduce_mean, autocast_for, barrier, cuda_speedups, distributed_session, is_main,
+                               no_sync, on_main, split_batch, world_size, wrap_ddp)
 from train.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
 from train.ema import EMA
 from train.images import save_grid
 from train.models import build_unet, save_model
-from train.runs import MetricsLog, load_state, pick_device, prepare_run_dir, save_state, write_json
+from train.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
 
 
 @dataclass
@@ -32,7 +40,8 @@ class TeacherConfig:
     data: str = "digits"                       # data set name (train/data.py)
     preset: str = "tiny"                       # UNet preset (train/models.py)
     steps: int = 1600                          # optimiser steps in total
-    batch: int = 64                            # images per step
+    batch: int = 64                            # images per step (global: over all processes and micro-batches)
+    accum: int = 1                             # micro-batches per process and step (gradient accumulation)
     lr: float = 2e-3                           # Adam learning rate
     lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
     betas: tuple = (0.9, 0.99)                 # Adam betas
@@ -51,13 +60,22 @@ class TeacherConfig:
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = True,
                   stop_after: int | None = None) -> Path:
-    """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill."""
-    device = pick_device(cfg.device)
+    """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill.
+
+    Under torchrun every process calls this with the same config (see the module docstring)."""
+    with distributed_session(cfg.device) as device:
+        return _train(cfg, device, resume, progress and is_main(), stop_after)
+
+
+def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None) -> Path:
+    micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)  # refuses a batch too small to split
+    cuda_speedups(device)
     data = load_dataset(cfg.data, "train")
     torch.manual_seed(cfg.seed)  # weight init
     unet = build_unet(data.resolution, data.channels, cfg.preset)  # refuses a resolution it cannot take
-    out = prepare_run_dir(Path(cfg.out), cfg, resume)
+    out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)
     net = EDMDenoiser(unet).to(device).train()
+    ddp = wrap_ddp(net, device)  # identical initial weights on every rank (same seed), DDP checks it
     ema = EMA(net, cfg.ema_halflife_images)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -69,9 +87,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = Tru
         opt.load_state_dict(state["opt"])
         rng.set_state(state["rng"])
         step = state["step"]
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None) if is_main() else None
     images = data.images.to(device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
     t0 = time.time()
     with progress_bar(cfg.steps, f"teacher {cfg.data}", progress, completed=step) as advance:
         while step < cfg.steps:
@@ -80,28 +98,41 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = Tru
             noise = torch.randn(images[idx].shape, generator=rng)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
-            with autocast:
-                loss = edm_loss(net, images[idx], sigma.to(device), noise.to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0.0
+            for k, m in enumerate(micros):  # this rank's rows; gradients all-reduced after the last
+                with no_sync(ddp, enabled=k < len(micros) - 1):
+                    with autocast:
+                        part = m.weight(edm_loss(ddp, images[idx[m.rows]], sigma[m.rows].to(device),
+                                                 noise[m.rows].to(device)))
+                    part.backward()
+                loss = part.detach() if k == 0 else loss + part.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             for p in net.parameters():  # a NaN/inf gradient would poison Adam's moments for good
                 if p.grad is not None:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
-            loss_value = float(loss.detach())
+            loss_value = all_reduce_mean({"loss": float(loss)}, _comm_device(device))["loss"]  # global-batch mean
             ema.update(net, cfg.batch)
             step += 1
-            if step % 50 == 0 or step == cfg.steps:
+            if log is not None and (step % 50 == 0 or step == cfg.steps):
                 log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0)
             advance(info=f"loss {loss_value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(out, net, ema, opt, rng, step, cfg)
+                barrier()
+                if is_main():
+                    _checkpoint(out, net, ema, opt, rng, step, cfg)
             if stop_after is not None and step >= stop_after:
                 return out
-    _finish(out, ema.net, cfg, device, log, progress)
+    if is_main():
+        _finish(out, ema.net, cfg, device, log, progress)
     return out
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where a reduction tensor must live: the GPU under NCCL, the CPU under gloo."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def _checkpoint(out: Path, net, ema: EMA, opt, rng, step: int, cfg: TeacherConfig) -> None:
