@@ -53,7 +53,8 @@ def prepare_run_dir(out: Path, config, resume: bool) -> Path:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and existing.exists():
         old = json.loads(existing.read_text())["config"]
-        changed = sorted(k for k in cfg if k not in ("steps", "resume") and old.get(k) != _jsonable(cfg[k]))
+        # steps may grow on resume; a field missing from an older run's config took its default then
+        changed = sorted(k for k in cfg if k not in ("steps", "resume") and k in old and old[k] != _jsonable(cfg[k]))
         if changed:
             raise UserError(f"--resume with a different config ({', '.join(changed)}) than the run in {out}")
     out.mkdir(parents=True, exist_ok=True)
