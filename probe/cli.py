@@ -44,7 +44,8 @@ def train_teacher_cmd(
     data: str = typer.Option("digits", help="digits | shapes | mnist | cifar10 | folder:PATH"),
     preset: str = typer.Option("tiny", help="UNet preset: tiny | small | cifar | test"),
     steps: int = typer.Option(1600, help="Optimiser steps."),
-    batch: int = typer.Option(64, help="Images per step."),
+    batch: int = typer.Option(64, help="Images per step (global: across every process)."),
+    accum: int = typer.Option(1, help="Gradient-accumulation rounds per step and process."),
     lr: float = typer.Option(2e-3, help="Adam learning rate."),
     ema_halflife: float = typer.Option(12_500, help="EMA half-life in training images."),
     sigma_range: Optional[str] = typer.Option(None, help="'LO,HI': train only on sigmas in this band."),
@@ -58,13 +59,14 @@ def train_teacher_cmd(
     """Train an EDM teacher on a diffusers UNet2DModel."""
     from train.teacher import TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(out=str(out), data=data, preset=preset, steps=steps, batch=batch, lr=lr,
+    cfg = TeacherConfig(out=str(out), data=data, preset=preset, steps=steps, batch=batch, accum=accum, lr=lr,
                         ema_halflife_images=ema_halflife, sigma_range=_band(sigma_range),
                         checkpoint_every=checkpoint_every, sample_steps=sample_steps,
                         eval_samples=eval_samples, seed=seed, device=device)
     run = train_teacher(cfg, resume=resume)
-    _print_eval(run)
-    typer.echo(f"teacher written to {run}")
+    if _is_main():
+        _print_eval(run)
+        typer.echo(f"teacher written to {run}")
 
 
 @train_app.command("student")
@@ -183,6 +185,13 @@ def demo_cmd(
     run_demo(DemoConfig(out=str(out), report=str(report), quick=quick, seed=seed, device=device))
 
 
+def _is_main() -> bool:
+    """Under torchrun only rank 0 prints."""
+    from train.distributed import is_main
+
+    return is_main()
+
+
 def _print_eval(run: Path) -> None:
     import json
 
@@ -251,7 +260,7 @@ def extract_cmd(
                                                     "(default 0,0.1,0.5,2,10)."),
     pooling: str = typer.Option("mean", help="mean | flatten | avgK (K x K average pool)"),
     dtype: str = typer.Option("float32", help="float32 | float16 on disk"),
-    batch: int = typer.Option(256, help="Samples per forward pass."),
+    batch: int = typer.Option(256, help="Samples per forward pass (per process under torchrun)."),
     split: str = typer.Option("test", help="train | test"),
     n_samples: Optional[int] = typer.Option(None, help="First N samples of the split (default: all)."),
     noise_seed: int = typer.Option(0, "--noise-seed", "--seed", help="Seed of the per-sample noise."),
@@ -270,7 +279,8 @@ def extract_cmd(
                         batch=batch, split=split, n_samples=n_samples, noise_seed=noise_seed, source=source,
                         device=device, compression=compression)
     path = extract(cfg, progress=True, overwrite=overwrite)
-    typer.echo(f"wrote {path}")
+    if _is_main():
+        typer.echo(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------- analyses
