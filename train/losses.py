@@ -1,0 +1,138 @@
+"""Loss pieces shared by the one-step methods: noise levels, weightings, the logistic loss, h(l).
+
+Everything here is a small pure function of tensors (and a ``torch.Generator`` for random draws),
+so the methods in ``train/methods/`` stay a few lines each and the unit tests can check each piece
+against its closed form.
+
+Conventions (METHOD.md sections 1-2):
+
+- noise levels are EDM sigmas; a noised sample is ``x_s = x + sigma * eps``;
+- a ratio classifier's logit ``l(x, sigma)`` estimates ``log p_theta,sigma(x) / p_data,sigma(x)``:
+  generator samples carry label 1, real images label 0;
+- ``h(l)`` picks the f-divergence of the DiffRatio family, ``w(sigma)`` weights noise levels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from probe.errors import UserError
+from train.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, sample_edm_sigmas
+
+SIGMA_DISTS = ("lognormal", "karras")
+WEIGHTINGS = ("none", "sigma2", "snr", "edm")
+H_NAMES = ("kl", "js", "fkl")
+
+
+# ----------------------------------------------------------------------------- noise levels
+def karras_sigma_from_u(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Map u in [0, 1] onto EDM's rho-schedule: u = 0 -> sigma_max, u = 1 -> sigma_min."""
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (hi + u * (lo - hi)) ** rho
+
+
+def sample_student_sigmas(n: int, generator: torch.Generator,
+                          dist: str = "lognormal",         # "lognormal" | "karras"
+                          p_mean: float = -1.2,            # lognormal: mean of ln sigma
+                          p_std: float = 1.2,              # lognormal: std of ln sigma
+                          sigma_min: float = SIGMA_MIN,    # smallest sigma (EDM units), 0.002
+                          sigma_max: float = SIGMA_MAX,    # largest sigma (EDM units), 80
+                          ) -> torch.Tensor:
+    """Noise levels for the auxiliary and generator losses, shape [n], float32 on the CPU.
+
+    ``lognormal``: EDM's training distribution, ln sigma ~ N(p_mean, p_std^2), truncated to
+    [sigma_min, sigma_max]. ``karras``: continuous positions on EDM's sampling grid (rho = 7)
+    between sigma_min and sigma_max, uniform in grid position (SiD's choice, with its ``tmax``
+    expressed as ``sigma_max``).
+    """
+    if dist == "lognormal":
+        return sample_edm_sigmas(n, generator, p_mean, p_std, (sigma_min, sigma_max))
+    if dist == "karras":
+        return karras_sigma_from_u(torch.rand(n, generator=generator), sigma_min, sigma_max)
+    raise UserError(f"unknown sigma distribution {dist!r}; choose one of {', '.join(SIGMA_DISTS)}")
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Unit Gaussian noise of ``x``'s shape drawn on the CPU generator, moved to ``x``'s device.
+
+    Drawing on the CPU keeps runs reproducible across devices and makes the RNG state one
+    ``torch.Generator`` that the checkpoint saves.
+    """
+    return torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+
+
+# ------------------------------------------------------------------------------- weightings
+def sigma_weight(sigma: torch.Tensor,
+                 weighting: str = "none",           # "none" | "sigma2" | "snr" | "edm"
+                 sigma_data: float = SIGMA_DATA,    # EDM's data standard deviation, 0.5
+                 ) -> torch.Tensor:
+    """w(sigma) for a [B] tensor of sigmas.
+
+    - ``none``:   1
+    - ``sigma2``: sigma^2 / sigma_data^2, turns a score-unit gradient into denoiser units
+                  (score difference = denoiser difference / sigma^2)
+    - ``snr``:    sigma_data^2 / sigma^2, the signal-to-noise ratio (favours low noise)
+    - ``edm``:    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, EDM's denoising-loss weight
+    """
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma2":
+        return sigma ** 2 / sigma_data ** 2
+    if weighting == "snr":
+        return sigma_data ** 2 / sigma ** 2
+    if weighting == "edm":
+        return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    raise UserError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+# --------------------------------------------------------------------------- ratio losses
+def logistic_ratio_loss(logit_fake: torch.Tensor, logit_real: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with generator samples labelled 1 and real images labelled 0.
+
+    Its minimiser over functions is l = log p_fake / p_real (the log density ratio), because the
+    Bayes-optimal probability of label 1 is p_fake / (p_fake + p_real) with equal class sizes.
+    """
+    return 0.5 * (F.softplus(-logit_fake).mean() + F.softplus(logit_real).mean())
+
+
+def classifier_accuracy(logit_fake: torch.Tensor, logit_real: torch.Tensor) -> tuple[float, float]:
+    """(accuracy on real, accuracy on fake) of the decision l > 0 -> "generated"."""
+    return float((logit_real < 0).float().mean()), float((logit_fake > 0).float().mean())
+
+
+def h_weight(logit: torch.Tensor,
+             kind: str = "js",          # "kl" | "js" | "fkl"
+             fkl_clip: float = 10.0,    # fkl: upper clip of exp(-l)
+             ) -> torch.Tensor:
+    """h(l) of METHOD.md section 2 (u = p_data / p_theta = exp(-l)); always used under stop-gradient.
+
+    - ``kl``  (reverse KL):  1
+    - ``js``  (Jensen-Shannon): sigmoid(-l), the classifier's probability that x is real
+    - ``fkl`` (forward KL):  exp(-l), clipped at ``fkl_clip`` where the classifier is confident
+    """
+    logit = logit.detach()
+    if kind == "kl":
+        return torch.ones_like(logit)
+    if kind == "js":
+        return torch.sigmoid(-logit)
+    if kind == "fkl":
+        # exp(-l) overflows for confident classifiers; clip in log space first
+        return torch.exp((-logit).clamp(max=math.log(max(fkl_clip, 1e-12))))
+    raise UserError(f"unknown divergence {kind!r}; choose one of {', '.join(H_NAMES)}")
+
+
+def per_sample(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: [B, ...] -> [B]."""
+    return x.flatten(1).mean(1)
+
+
+def surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 ||x - sg(x - grad)||^2 averaged over elements: its gradient w.r.t. x is grad / x.numel().
+
+    The standard way (DMD, Diff-Instruct) to push a hand-made gradient through the generator.
+    """
+    target = (x - grad).detach()
+    return 0.5 * ((x - target) ** 2).mean()
