@@ -79,7 +79,8 @@ def train_student_cmd(
     data: Optional[str] = typer.Option(None, help="Real data (default: the teacher's data set)."),
     sigma_init: float = typer.Option(2.5, help="G(z) = D(sigma_init z; sigma_init)."),
     steps: int = typer.Option(2000, help="Generator steps."),
-    batch: int = typer.Option(64, help="Generated (and real) images per step."),
+    batch: int = typer.Option(64, help="Generated (and real) images per step (global: across every process)."),
+    accum: int = typer.Option(1, help="Gradient-accumulation rounds per step and process."),
     lr_g: float = typer.Option(1e-4, help="Generator learning rate."),
     lr_aux: float = typer.Option(1e-4, help="Ratio classifier / fake-score learning rate."),
     aux_steps: int = typer.Option(1, help="Auxiliary updates per generator update."),
@@ -99,13 +100,14 @@ def train_student_cmd(
     from train.student import StudentConfig, train_student
 
     cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
-                        steps=steps, batch=batch, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
+                        steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
                         sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha, fkl_clip=fkl_clip,
                         grad_clip=grad_clip, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
                         device=device)
     run = train_student(cfg, resume=resume)
-    _print_eval(run)
-    typer.echo(f"generator written to {run}")
+    if _is_main():
+        _print_eval(run)
+        typer.echo(f"generator written to {run}")
 
 
 @train_app.command("regress")

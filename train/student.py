@@ -34,6 +34,8 @@ import torch
 from probe.errors import UserError
 from probe.progress import progress_bar
 from train.data import load_dataset
+from train.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, is_main, on_main,
+                               split_batch, student_step_parallel, world_size, wrap_ddp)
 from train.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
 from train.ema import EMA
 from train.images import save_grid
@@ -42,7 +44,7 @@ from train.losses import SIGMA_DISTS, WEIGHTINGS
 from train.methods import DEFAULT_METHOD, get_method
 from train.models import load_model, save_model
 from train.ratio_net import RATIO_NETS
-from train.runs import MetricsLog, load_state, pick_device, prepare_run_dir, save_state, write_json
+from train.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
 
 
 @dataclass
@@ -58,7 +60,8 @@ class StudentConfig:
     data: str | None = None                    # real data set; None = the teacher's data set
     sigma_init: float = 2.5                    # G(z) = D(sigma_init z; sigma_init), EDM sigma
     steps: int = 2000                          # generator steps in total
-    batch: int = 64                            # generated images per step (and real ones for ratio/gan)
+    batch: int = 64                            # generated images per step (and real ones for ratio/gan); global
+    accum: int = 1                             # micro-batches per process and step (gradient accumulation)
     lr_g: float = 1e-4                         # generator Adam learning rate
     lr_aux: float = 1e-4                       # auxiliary-network (classifier / fake score) Adam learning rate
     betas: tuple = (0.0, 0.99)                 # Adam betas for both optimisers
@@ -176,10 +179,19 @@ def train_student(cfg: StudentConfig,
                   progress: bool = True,            # rich progress bar
                   stop_after: int | None = None,    # return after this step (tests: simulates a kill)
                   ) -> Path:
-    """Train (or resume) a one-step generator; returns the run directory. ``stop_after`` simulates a kill."""
+    """Train (or resume) a one-step generator; returns the run directory. ``stop_after`` simulates a kill.
+
+    Under torchrun every process calls this with the same config (train/distributed.py)."""
     validate(cfg)
+    with distributed_session(cfg.device) as device:
+        return _train_student(cfg, device, resume, progress and is_main(), stop_after)
+
+
+def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None) -> Path:
+    micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)
+    parallel = len(micros) > 1 or world_size() > 1   # else the single-process path, bit-identical to before
+    cuda_speedups(device)
     method_cls = get_method(cfg.method)
-    device = pick_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
     dataset, images = _data_for(cfg, teacher, method_cls.uses_data)
     images = images.to(device) if images is not None else None
@@ -188,11 +200,11 @@ def train_student(cfg: StudentConfig,
     generator = OneStepGenerator(gen_net, cfg.sigma_init)
     method = method_cls(cfg, teacher.denoiser, generator)
     evaluator = None
-    if cfg.eval_every > 0:
+    if cfg.eval_every > 0 and is_main():
         from train.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
-    out = prepare_run_dir(Path(cfg.out), cfg, resume)  # only now: bad options above leave nothing behind
+    out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)  # only now: bad options above leave nothing behind
     record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
               "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
               "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
@@ -203,6 +215,7 @@ def train_student(cfg: StudentConfig,
     opt_g = torch.optim.Adam(gen_params, lr=cfg.lr_g, betas=betas)
     opt_a = torch.optim.Adam(aux_params, lr=cfg.lr_aux, betas=betas)
     rng = torch.Generator().manual_seed(cfg.seed)
+    ddp_gen, ddp_aux = (wrap_ddp(generator, device), wrap_ddp(method.aux, device)) if parallel else (None, None)
     step, seconds, counts, acc = 0, 0.0, {"skipped_g": 0, "skipped_aux": 0}, Accumulator()
     state = load_state(out) if resume else None
     if state is not None:
@@ -213,15 +226,17 @@ def train_student(cfg: StudentConfig,
         opt_a.load_state_dict(state["opt_aux"])
         rng.set_state(state["rng"])
         step, seconds, counts, acc = state["step"], state["seconds"], state["counts"], Accumulator(state["acc"])
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None) if is_main() else None
     shape = (cfg.batch, gen_net.unet.config.in_channels, *([gen_net.unet.config.sample_size] * 2))
     # fixed latents for grids and evaluations, drawn like train.evaluate.generate (same z as `probe eval`)
     z_eval = torch.randn((max(cfg.eval_samples, 64), *shape[1:]),
                          generator=torch.Generator().manual_seed(cfg.eval_seed))
-    autocast = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
 
     def checkpoint() -> None:
+        barrier()
+        if not is_main():
+            return
         save_model(out, ema.net, "generator", dataset, sigma_init=cfg.sigma_init, extra={**record, "steps": step})
         method.save_aux(out, dataset)
         grid = one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device)
@@ -240,14 +255,18 @@ def train_student(cfg: StudentConfig,
     with progress_bar(cfg.steps, f"{cfg.method} {dataset or ''}", progress, completed=step) as advance:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            stats = train_step(cfg, method, generator, images, rng, shape, device, autocast, opt_g, opt_a,
-                               gen_params, aux_params, counts)
+            if parallel:
+                stats = student_step_parallel(cfg, method, generator, ddp_gen, ddp_aux, images, rng, shape, device,
+                                              autocast, opt_g, opt_a, gen_params, aux_params, counts, micros)
+            else:
+                stats = train_step(cfg, method, generator, images, rng, shape, device, autocast, opt_g, opt_a,
+                                   gen_params, aux_params, counts)
             ema.halflife_images = ema_halflife(cfg, step + 1)
             ema.update(gen_net, cfg.batch)
             step += 1
             seconds += time.perf_counter() - t0
             acc.add(**stats)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.log(step=step, seconds=seconds, **acc.pop(), **counts)
             if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
@@ -258,6 +277,8 @@ def train_student(cfg: StudentConfig,
                 return out
     if state is None and cfg.steps == 0:
         checkpoint()
+    if not is_main():
+        return out
     save_grid(one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device), out / "samples.png")
     if evaluator is not None:
         final = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
