@@ -176,15 +176,9 @@ def render(res: dict, quality: dict, meta: dict) -> str:
 
 
 def write_section(text: str) -> None:
-    """Replace this benchmark's marked section of RESULTS.md (or append it)."""
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {NAME}:start -->", f"<!-- {NAME}:end -->"
-    if start in old and end in old:
-        new = old[: old.index(start)] + text + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    from results_md import write_section as write  # benchmarks/ is on sys.path when a script runs
+
+    write(NAME, text)
 
 
 def main() -> None:

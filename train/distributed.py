@@ -314,7 +314,7 @@ def autocast_for(device: torch.device):
 def guarded_step(opt: torch.optim.Optimizer, params: list, grad_clip: float) -> tuple[float, bool]:
     """Optimiser step on gradients already accumulated (and all-reduced); returns (norm, stepped).
 
-    Same guard as ``train.student.optimizer_step`` without its zero_grad/backward: a NaN/inf
+    The step behind ``train.student.optimizer_step`` (which adds zero_grad/backward): a NaN/inf
     gradient norm skips the step. After DDP's all-reduce every rank sees the same norm, so all
     ranks skip together.
     """

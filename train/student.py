@@ -34,8 +34,8 @@ import torch
 from probe.errors import UserError
 from probe.progress import progress_bar
 from train.data import load_dataset
-from train.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, is_main, on_main,
-                               split_batch, student_step_parallel, world_size, wrap_ddp)
+from train.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, guarded_step, is_main,
+                               on_main, split_batch, student_step_parallel, world_size, wrap_ddp)
 from train.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
 from train.ema import EMA
 from train.images import save_grid
@@ -114,15 +114,7 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor,
     """backward + step; returns (gradient norm, stepped). A NaN/inf gradient skips the step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return float(norm), False
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    return float(norm), True
+    return guarded_step(opt, params, grad_clip)
 
 
 class Accumulator:
