@@ -11,18 +11,6 @@ from train.ablation import AblationConfig, aggregate, check_grid, load_grid, pre
 from train.initspec import CATEGORIES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Batches of 8 on 8x8 images are all per-op overhead: a second intra-op thread does not help,
-    # and when the other core is busy its spin-waits make these tests several times slower.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _recording(calls, stop_first=None):
     """A train function that records (run, resume) and can stop one run early (a simulated kill)."""
     from train.student import train_student

@@ -24,15 +24,6 @@ CONTRACT_ATTRS = {"format", "format_version", "complete", "model", "model_sha256
                   "pooling", "noise_seed", "created_utc", "toolkit_version"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two teachers with different weights, a bare diffusers (DDPM) UNet, a one-step generator,

@@ -13,15 +13,6 @@ RES, CH = 8, 1                       # digits-like 8x8 grey inputs
 BOC = UNET_PRESETS["test"]["block_out_channels"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """A toolkit teacher run dir, a bare diffusers UNet dir and a DDPMPipeline dir, same architecture."""
