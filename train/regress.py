@@ -34,7 +34,8 @@ from train.ema import EMA
 from train.images import save_grid
 from train.initspec import apply_init_spec
 from train.models import load_model, save_model
-from train.runs import MetricsLog, load_state, pick_device, prepare_run_dir, save_state, write_json
+from train.runs import (MetricsLog, load_state, pick_device, prepare_run_dir, restore_training, save_state,
+                        write_json)
 
 PAIRS_FILE = "pairs.pt"
 DONE_FILE = "regress.json"
@@ -140,10 +141,7 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
     step, seconds = 0, 0.0
     state = load_state(out) if resume else None
     if state is not None:
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        rng.set_state(state["rng"])
+        restore_training(state, net, ema, opt, rng)
         step, seconds = state["step"], state["seconds"]
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
     record = {"regressed_onto": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "n_pairs": cfg.n_pairs,

@@ -102,6 +102,14 @@ def save_state(run_dir: Path, state: dict) -> None:
     os.replace(tmp, Path(run_dir) / STATE_FILE)
 
 
+def restore_training(state: dict, net, ema, opt, rng: torch.Generator) -> None:
+    """Put a checkpoint written as {"net", "ema", "opt", "rng", ...} back into a single-network loop."""
+    net.load_state_dict(state["net"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    rng.set_state(state["rng"])
+
+
 def load_state(run_dir: Path) -> dict | None:
     p = Path(run_dir) / STATE_FILE
     return torch.load(p, map_location="cpu", weights_only=False) if p.exists() else None

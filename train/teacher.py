@@ -31,7 +31,7 @@ from train.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
 from train.ema import EMA
 from train.images import save_grid
 from train.models import build_unet, save_model
-from train.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
+from train.runs import MetricsLog, load_state, prepare_run_dir, restore_training, save_state, write_json
 
 
 @dataclass
@@ -82,10 +82,7 @@ def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: boo
     step = 0
     state = load_state(out) if resume else None
     if state is not None:
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        rng.set_state(state["rng"])
+        restore_training(state, net, ema, opt, rng)
         step = state["step"]
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None) if is_main() else None
     images = data.images.to(device)
