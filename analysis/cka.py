@@ -27,9 +27,9 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from probe.errors import UserError
-from probe.progress import progress_bar
-from probe.store import FeatureStore, check_aligned
+from probe.core.errors import UserError
+from probe.core.progress import progress_bar
+from probe.features.store import FeatureStore, check_aligned
 
 _BLOCK_ROWS = 16384  # rows per matmul block: float32 partial sums stay short, float64 sums across blocks
 

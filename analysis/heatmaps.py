@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.cka import ESTIMATOR_TITLES
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 
 def _ordered(values) -> list:

@@ -31,9 +31,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from probe.errors import UserError
-from probe.progress import progress_bar
-from probe.store import FeatureStore
+from probe.core.errors import UserError
+from probe.core.progress import progress_bar
+from probe.features.store import FeatureStore
 
 
 def _as_store_list(stores) -> list[FeatureStore]:

@@ -26,7 +26,7 @@ import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 PAGE = (8.27, 11.69)        # A4 portrait, inches
 FIXED_DATE = "D:20250101000000Z"
@@ -147,7 +147,7 @@ def table_page(title: str, df: pd.DataFrame, note: str = "") -> Figure:
 
 
 def title_section(found: Found, cfg: ReportConfig) -> list[str]:
-    from train.runs import versions
+    from probe.core.runs import versions
 
     lines = [f"Inputs: {', '.join(map(str, cfg.inputs))}", ""]
     for kind, runs in (("Teacher", found.teachers), ("Student", found.students)):
@@ -247,7 +247,7 @@ def verdict_lines(ablation: Path) -> list[str]:
     txt = ablation / "verdict.txt"
     if txt.exists():
         return txt.read_text().splitlines()
-    from train.verdict import verdict_from_dir
+    from analysis.verdict import verdict_from_dir
 
     return verdict_from_dir(ablation).to_text().splitlines()
 
@@ -378,7 +378,7 @@ def _cka_caption(df: pd.DataFrame) -> str:
 def umap_section(found: Found, w: Writer, files: Path, seed: int):
     """UMAP of the teacher's features for the most and the least transferred layer."""
     from analysis.umap_view import umap_panels
-    from probe.store import FeatureStore
+    from probe.features.store import FeatureStore
 
     cka_path = next((a / "cka_teacher_student.csv" for a in found.ablations
                      if (a / "cka_teacher_student.csv").exists()), None)

@@ -22,9 +22,9 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from probe.errors import UserError
-from probe.progress import progress_bar
-from probe.store import FeatureStore
+from probe.core.errors import UserError
+from probe.core.progress import progress_bar
+from probe.features.store import FeatureStore
 
 
 def _panels(store: FeatureStore, layer, sigmas, layers, sigma) -> list[tuple[str, int]]:

@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probe.extract import ExtractConfig, extract, sample_noise  # noqa: E402
-from train.data import load_dataset  # noqa: E402
-from train.edm import EDMDenoiser  # noqa: E402
-from train.models import build_unet, load_model, save_model  # noqa: E402
+from probe.features.extract import ExtractConfig, extract, sample_noise  # noqa: E402
+from probe.core.data import load_dataset  # noqa: E402
+from probe.core.edm import EDMDenoiser  # noqa: E402
+from probe.core.models import build_unet, load_model, save_model  # noqa: E402
 
 NAME = "bench_extract"
 SIGMAS = (0.0, 0.5, 2.0)
@@ -106,7 +106,7 @@ def throughput(model_dir: Path, work: Path, n: int, batch: int, repeats: int) ->
 def child_memory(model_dir: Path, out: Path, n: int, batch: int) -> int:
     """Run one extraction in a fresh interpreter; its peak RSS in KiB."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads(1)\n"
-            "import resource\nfrom probe.extract import ExtractConfig, extract\n"
+            "import resource\nfrom probe.features.extract import ExtractConfig, extract\n"
             f"extract(ExtractConfig(model={str(model_dir)!r}, out={str(out)!r}, data='digits', split='train', "
             f"n_samples={n}, batch={batch}, sigmas={SIGMAS!r}, pooling='flatten', device='cpu'), progress=False)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")

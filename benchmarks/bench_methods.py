@@ -53,9 +53,9 @@ def worker_timing(a: dict) -> dict:
     """Step time and peak memory of one method (runs in its own process)."""
     import torch
 
-    from train.models import load_model
-    from train.student import StudentConfig, train_student
-    from train.runs import read_metrics
+    from probe.core.models import load_model
+    from train.student.loop import StudentConfig, train_student
+    from probe.core.runs import read_metrics
 
     torch.set_num_threads(a["threads"])
     load_model(a["teacher"])  # imports and one teacher load: the base line of "over base"
@@ -75,8 +75,8 @@ def worker_quality(a: dict) -> dict:
     """Training seconds until the one-step FD reaches ``a['target_fd']`` (or the budget runs out)."""
     import torch
 
-    from train.runs import read_metrics
-    from train.student import StudentConfig, train_student
+    from probe.core.runs import read_metrics
+    from train.student.loop import StudentConfig, train_student
 
     torch.set_num_threads(a["threads"])
     chunk = a["eval_every"] * a["evals_per_chunk"]
@@ -117,7 +117,7 @@ def teacher_fd(teacher: str, device: str) -> float:
         r = json.loads(eval_file.read_text())
         if r.get("n") == 500 and r.get("sampler") == "heun-18":
             return float(r["fd"])
-    from train.evaluate import EvalConfig, evaluate_model
+    from probe.quality.evaluate import EvalConfig, evaluate_model
 
     result, _ = evaluate_model(EvalConfig(model=teacher, n_samples=500, steps=18, seed=0, device=device))
     return float(result["fd"])
@@ -127,8 +127,8 @@ def make_untrained_teacher(preset: str, like, out: Path) -> Path:
     """A teacher run directory with random weights of another preset (same data, same image shape)."""
     import torch
 
-    from train.edm import EDMDenoiser
-    from train.models import build_unet, save_model
+    from probe.core.edm import EDMDenoiser
+    from probe.core.models import build_unet, save_model
 
     torch.manual_seed(0)
     save_model(out, EDMDenoiser(build_unet(like.resolution, like.channels, preset)), "teacher", like.dataset)
@@ -211,7 +211,7 @@ def main() -> None:
 
     import torch
 
-    from train.models import load_model
+    from probe.core.models import load_model
 
     teacher = load_model(args.teacher)
     common = dict(teacher=str(Path(args.teacher).resolve()), batch=args.batch, threads=args.threads,
@@ -237,7 +237,7 @@ def main() -> None:
             print(f"{m}: {quality[m]}", file=sys.stderr)
     scaled_params = 0
     if scaled:
-        from train.models import build_unet
+        from probe.core.models import build_unet
 
         scaled_params = sum(p.numel() for p in build_unet(teacher.resolution, teacher.channels,
                                                           args.scale_preset).parameters())

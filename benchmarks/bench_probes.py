@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from analysis.linear import probe_table, split_rows
-from probe.store import FORMAT, FORMAT_VERSION, FeatureStore
+from probe.features.store import FORMAT, FORMAT_VERSION, FeatureStore
 
 LAYERS = ["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
           "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "conv_out"]

@@ -5,11 +5,11 @@
     .venv/bin/python benchmarks/gpu_bench.py --device cpu --steps 2  # smoke test of the driver on a CPU
 
 Run by ``benchmarks/gpu_check.sh`` on a lent GPU machine. Needs no internet: the teacher is the
-CIFAR-10-sized UNet (train/models.py preset "cifar", the google/ddpm-cifar10-32 configuration,
+CIFAR-10-sized UNet (probe/core/models.py preset "cifar", the google/ddpm-cifar10-32 configuration,
 35.7M parameters) with random weights, and the "real" data is a folder of random 32x32 RGB
 images. Numbers measure speed and memory only, never quality.
 
-- training: ``train.student.train_student`` end to end for each method (``diffratio-js``: generator
+- training: ``train.student.loop.train_student`` end to end for each method (``diffratio-js``: generator
   + ratio classifier, teacher never evaluated; ``vsd``: generator + fake-score net + frozen
   teacher), each in a fresh process. Throughput = generated images per second over the timed
   steps (from the run's own per-step ``seconds``, after ``--warmup`` steps); peak memory =
@@ -17,7 +17,7 @@ images. Numbers measure speed and memory only, never quality.
 - extraction: ``probe.extract.extract`` of the default layers at the 5 default sigmas into a fresh
   HDF5 file; throughput = samples x sigmas (forward passes of one image) per second, set-up
   (model and data loading, tracing) excluded by timing a second call on the complete file.
-CUDA runs use bf16 autocast and TF32 in training (train/distributed.py), float32 in extraction.
+CUDA runs use bf16 autocast and TF32 in training (probe/core/distributed.py), float32 in extraction.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def make_inputs(root: Path, n_images: int, preset: str, seed: int) -> tuple[Path
     import torch
     from PIL import Image
 
-    from train.edm import EDMDenoiser
-    from train.models import build_unet, save_model
+    from probe.core.edm import EDMDenoiser
+    from probe.core.models import build_unet, save_model
 
     folder = root / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,8 +70,8 @@ def worker_train(a: dict) -> dict:
     """Throughput and peak memory of one method (runs in its own process)."""
     import torch
 
-    from train.runs import read_metrics
-    from train.student import StudentConfig, train_student
+    from probe.core.runs import read_metrics
+    from train.student.loop import StudentConfig, train_student
 
     if a["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -90,7 +90,7 @@ def worker_extract(a: dict) -> dict:
     """Extraction throughput (runs in its own process)."""
     import torch
 
-    from probe.extract import DEFAULT_SIGMAS, ExtractConfig, extract
+    from probe.features.extract import DEFAULT_SIGMAS, ExtractConfig, extract
 
     if a["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -150,7 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda | cpu (cpu: a smoke test of the driver)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated one-step methods")
-    ap.add_argument("--preset", default="cifar", help="UNet preset (train/models.py)")
+    ap.add_argument("--preset", default="cifar", help="UNet preset (probe/core/models.py)")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default 64 on cuda, 2 on cpu)")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on cuda, 1 on cpu)")

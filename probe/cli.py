@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train one-step diffusion generators and look inside them.")
@@ -97,7 +97,7 @@ def train_student_cmd(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ):
     """Train a one-step generator G(z) = D(sigma_init z; sigma_init) with one of the methods."""
-    from train.student import StudentConfig, train_student
+    from train.student.loop import StudentConfig, train_student
 
     cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
                         steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
@@ -145,7 +145,8 @@ def train_ablation_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
 ):
     """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict."""
-    from train.ablation import AblationConfig, run_ablation
+    from train.ablation.grid import AblationConfig
+    from probe.pipeline import run_ablation
 
     cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
                          seeds=tuple(int(v) for v in _floats(seeds)) if seeds else None, features=features,
@@ -189,7 +190,7 @@ def demo_cmd(
 
 def _is_main() -> bool:
     """Under torchrun only rank 0 prints."""
-    from train.distributed import is_main
+    from probe.core.distributed import is_main
 
     return is_main()
 
@@ -197,7 +198,7 @@ def _is_main() -> bool:
 def _print_eval(run: Path) -> None:
     import json
 
-    from train.evaluate import format_quality
+    from probe.quality.evaluate import format_quality
 
     p = Path(run) / "eval.json"
     if p.exists():
@@ -217,9 +218,9 @@ def eval_cmd(
     grid: Optional[Path] = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
 ):
     """Sample quality of a teacher (multi-step Heun) or a one-step generator, next to the real-vs-real floor."""
-    from train.evaluate import EvalConfig, evaluate_model, format_quality
-    from train.images import save_grid
-    from train.runs import write_json
+    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
+    from probe.core.images import save_grid
+    from probe.core.runs import write_json
 
     cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, steps=steps, seed=seed, device=device,
                      inception_weights=str(inception_weights) if inception_weights else None)
@@ -240,8 +241,8 @@ def layers_cmd(
     depth: Optional[int] = typer.Option(None, help="Only module paths with at most this many dots + 1."),
 ):
     """Every hookable module path with its output shape for one input; '*' marks the default selection."""
-    from probe.hooks import list_layers
-    from train.models import load_model
+    from probe.features.hooks import list_layers
+    from probe.core.models import load_model
 
     rows = [info.as_row() for info in list_layers(load_model(model), _list(layers), depth)]
     width = max(len(r["layer"]) for r in rows) + 2
@@ -272,7 +273,7 @@ def extract_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing file made with other arguments."),
 ):
     """Features of named modules at several noise levels, streamed into the HDF5 feature store."""
-    from probe.extract import ExtractConfig, extract
+    from probe.features.extract import ExtractConfig, extract
 
     if sigmas is not None and not _floats(sigmas):
         raise UserError("--sigmas is empty; give at least one noise level")
@@ -303,7 +304,7 @@ def linear_cmd(
     """Linear probes (logistic regression, C chosen on a validation split) per layer and sigma."""
     from analysis.heatmaps import plot_probe_heatmap
     from analysis.linear import probe_table
-    from probe.store import FeatureStore
+    from probe.features.store import FeatureStore
 
     stores = [FeatureStore.open(f) for f in files]
     try:
@@ -341,7 +342,7 @@ def cka_cmd(
     """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
     from analysis.cka import cka_table
     from analysis.heatmaps import plot_cka_heatmap
-    from probe.store import FeatureStore
+    from probe.features.store import FeatureStore
 
     mode = mode or ("pair" if file_b else "layers")
     if mode == "pair" and file_b is None:
@@ -379,7 +380,7 @@ def umap_cmd(
 ):
     """2-D UMAP views coloured by label, each panel with the k-NN accuracy of its embedding."""
     from analysis.umap_view import umap_panels
-    from probe.store import FeatureStore
+    from probe.features.store import FeatureStore
 
     with FeatureStore.open(file) as store:
         df = umap_panels(store, layer, sigmas=_floats(sigmas) if sigmas else None, out_png=str(out),

@@ -8,7 +8,7 @@ with its own progress bar and each resumable (rerunning the demo reuses what is 
    the full teacher, random weights, and the teacher with its input/output layers re-initialised
    (keeps the multi-noise-level features, loses the noise-to-image mapping), with features of
    teacher and students extracted on the same noisy inputs, CKA teacher vs student and probes
-   (``train/ablation.py``);
+   (``train/ablation/grid.py``);
 3. the teacher's own CKA maps, sigma x sigma and layer x layer (``analysis/``);
 4. the PDF report (``analysis/report.py``), by default ``reports/demo.pdf``.
 
@@ -45,7 +45,8 @@ def _quick(cfg: DemoConfig) -> DemoConfig:
 def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = None) -> Path:
     """Run every stage; returns the report path."""
     from analysis.report import ReportConfig, build_report
-    from train.ablation import AblationConfig, run_ablation
+    from train.ablation.grid import AblationConfig
+    from probe.pipeline import run_ablation
     from train.teacher import TeacherConfig, train_teacher
 
     console = console or Console()
@@ -64,7 +65,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = N
     teacher = _reuse_or_train(tcfg, train_teacher, progress)
 
     stage(2, "DiffRatio students from teacher / random / re-initialised-I/O weights, features, CKA, probes")
-    grid = resources.files("train") / "ablations" / ("demo-quick.toml" if cfg.quick else "demo.toml")
+    grid = resources.files("train.ablation") / "grids" / ("demo-quick.toml" if cfg.quick else "demo.toml")
     ablation = run_ablation(AblationConfig(config=str(grid), out=str(out / "ablation"), teacher=str(teacher),
                                            steps=cfg.student_steps, seeds=tuple(cfg.seeds), features=True,
                                            device=cfg.device), progress=progress)
@@ -96,7 +97,7 @@ def teacher_maps(features: Path, out: Path, progress: bool) -> None:
     """cka_sigmas_teacher.csv and cka_layers_teacher.csv from the teacher's features (its probes
     are already in the ablation's probes.csv)."""
     from analysis.cka import cka_table
-    from probe.store import FeatureStore
+    from probe.features.store import FeatureStore
 
     out.mkdir(parents=True, exist_ok=True)
     with FeatureStore.open(features) as store:

@@ -6,14 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probe.errors import UserError
-from train.ablation import AblationConfig, aggregate, check_grid, load_grid, prereq_order, run_ablation
+from probe.core.errors import UserError
+from analysis.ablation_summary import aggregate
+from probe.pipeline import run_ablation
+from train.ablation.grid import AblationConfig, check_grid, load_grid, prereq_order
 from train.initspec import CATEGORIES
 
 
 def _recording(calls, stop_first=None):
     """A train function that records (run, resume) and can stop one run early (a simulated kill)."""
-    from train.student import train_student
+    from train.student.loop import train_student
 
     def train(cfg, resume, progress):
         name = cfg.out.rsplit("/", 1)[-1]
@@ -165,10 +167,10 @@ def test_aggregate_matches_its_definition():
 def test_regressed_generator_fits_the_teachers_samples_and_resumes_exactly(tiny_teacher, tmp_path):
     import torch
 
-    from train.edm import heun_sample
-    from train.models import load_model
+    from probe.core.edm import heun_sample
+    from probe.core.models import load_model
     from train.regress import RegressConfig, is_finished, regress_generator
-    from train.runs import load_state, read_metrics
+    from probe.core.runs import load_state, read_metrics
 
     def cfg(out, **kw):
         return RegressConfig(out=str(out), teacher=str(tiny_teacher), n_pairs=16, n_val=8, sample_steps=2, steps=12,

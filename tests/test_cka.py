@@ -9,8 +9,8 @@ from scipy.spatial.distance import pdist
 from _store_fixture import write_store
 from analysis.cka import (cka_table, cknna, debiased_linear_cka, hsic_unbiased, linear_cka, minibatch_cka,
                           permutation_null, rbf_cka)
-from probe.errors import UserError
-from probe.store import FeatureStore
+from probe.core.errors import UserError
+from probe.features.store import FeatureStore
 
 
 def _related(rng, n=120, d=12, e=9, noise=1.0):

@@ -37,7 +37,7 @@ def test_eval_of_a_diffusers_ddpm_pipeline(tmp_path):
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from train.models import build_unet
+    from probe.core.models import build_unet
 
     torch.manual_seed(0)
     DDPMPipeline(unet=build_unet(8, 1, "test"), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")

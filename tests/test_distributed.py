@@ -1,4 +1,4 @@
-"""Multi-process training and extraction (train/distributed.py) on 2 CPU processes with gloo.
+"""Multi-process training and extraction (probe/core/distributed.py) on 2 CPU processes with gloo.
 
 Two worker processes are started once per module with the environment torchrun would give them
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT); they train a teacher
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from probe.errors import UserError
-from probe.extract import ExtractConfig, extract
-from train.distributed import Micro, micro_generator, no_sync, split_batch, wrap_ddp
-from train.runs import load_state, read_metrics
+from probe.core.errors import UserError
+from probe.features.extract import ExtractConfig, extract
+from probe.core.distributed import Micro, micro_generator, no_sync, split_batch, wrap_ddp
+from probe.core.runs import load_state, read_metrics
 from train.teacher import TeacherConfig, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ class Recording(torch.optim.Adam):
         return super().step(*a, **k)
 torch.optim.Adam = Recording
 from train.teacher import TeacherConfig, train_teacher
-from probe.extract import ExtractConfig, extract
+from probe.features.extract import ExtractConfig, extract
 rank = int(os.environ["RANK"])
 run = train_teacher(TeacherConfig(out=str(out / "ddp"), **teacher_kw), progress=False)
 params = [p.detach().clone() for g in optimisers[0].param_groups for p in g["params"]]
@@ -108,13 +108,13 @@ def _grads_close(got: list, want: list) -> None:
 
 def student_run(teacher_dir, accum: int, steps: int = 2) -> dict:
     """A few ``student_step_parallel`` steps of diffratio-js (2 aux steps) in this process's world."""
-    from train.data import load_dataset
-    from train.distributed import autocast_for, split_batch, student_step_parallel, world_size
-    from train.edm import OneStepGenerator
+    from probe.core.data import load_dataset
+    from probe.core.distributed import autocast_for, split_batch, student_step_parallel, world_size
+    from probe.core.edm import OneStepGenerator
     from train.init import initialise_generator
-    from train.methods import get_method
-    from train.models import load_model
-    from train.student import StudentConfig
+    from train.student.methods import get_method
+    from probe.core.models import load_model
+    from train.student.loop import StudentConfig
 
     cpu = torch.device("cpu")
     cfg = StudentConfig(out="unused", teacher=str(teacher_dir), method="diffratio-js", batch=8, aux_steps=2,

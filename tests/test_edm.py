@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from probe.errors import UserError
-from train.edm import DDPMDenoiser, EDMDenoiser, edm_precond, heun_sample, karras_sigmas, sample_edm_sigmas
-from train.models import build_unet, load_model, save_model
+from probe.core.errors import UserError
+from probe.core.edm import DDPMDenoiser, EDMDenoiser, edm_precond, heun_sample, karras_sigmas, sample_edm_sigmas
+from probe.core.models import build_unet, load_model, save_model
 
 
 class _Out:

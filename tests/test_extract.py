@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import probe
-import train.models
-from probe.errors import UserError
-from probe.extract import ExtractConfig, extract, extract_features, sample_noise
-from probe.hooks import FeatureHooks
-from probe.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
-from train.data import load_dataset
-from train.edm import SIGMA_DATA, SIGMA_MIN, EDMDenoiser
-from train.models import build_unet, load_model, save_model
+import probe.core.models
+from probe.core.errors import UserError
+from probe.features.extract import ExtractConfig, extract, extract_features, sample_noise
+from probe.features.hooks import FeatureHooks
+from probe.features.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
+from probe.core.data import load_dataset
+from probe.core.edm import SIGMA_DATA, SIGMA_MIN, EDMDenoiser
+from probe.core.models import build_unet, load_model, save_model
 
 SIGMAS = [0.0, 0.5, 2.0]
 CONTRACT_ATTRS = {"format", "format_version", "complete", "model", "model_sha256", "dataset", "split",
@@ -61,8 +61,8 @@ def capture_unet_inputs(monkeypatch):
             lambda m, args, kwargs: calls.append(args[0].detach().clone()), with_kwargs=True)
         return model
 
-    real_load = train.models.load_model
-    monkeypatch.setattr(train.models, "load_model", loading)
+    real_load = probe.core.models.load_model
+    monkeypatch.setattr(probe.core.models, "load_model", loading)
     return calls
 
 

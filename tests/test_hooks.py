@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from probe.errors import UserError
-from probe.hooks import (FeatureHooks, default_layers, list_layers, pool, pooled_dim, resolve_layers,
+from probe.core.errors import UserError
+from probe.features.hooks import (FeatureHooks, default_layers, list_layers, pool, pooled_dim, resolve_layers,
                          to_numpy_per_layer, trace_modules)
-from train.edm import EDMDenoiser
-from train.models import UNET_PRESETS, build_unet, load_model, save_model
+from probe.core.edm import EDMDenoiser
+from probe.core.models import UNET_PRESETS, build_unet, load_model, save_model
 
 RES, CH = 8, 1                       # digits-like 8x8 grey inputs
 BOC = UNET_PRESETS["test"]["block_out_channels"]

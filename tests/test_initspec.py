@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.errors import UserError
-from train.edm import EDMDenoiser
+from probe.core.errors import UserError
+from probe.core.edm import EDMDenoiser
 from train.initspec import (CATEGORIES, apply_init_spec, format_init_report, fresh_state, parse_init_spec,
                             resolve_refs, select_tensors, validate_init_spec)
-from train.models import LoadedModel, build_unet, save_model
+from probe.core.models import LoadedModel, build_unet, save_model
 
 IO = ("conv_in", "conv_out", "time_embedding")
 

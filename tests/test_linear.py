@@ -6,8 +6,8 @@ import pytest
 
 from _store_fixture import write_store
 from analysis.linear import probe_table, split_rows
-from probe.errors import UserError
-from probe.store import FeatureStore
+from probe.core.errors import UserError
+from probe.features.store import FeatureStore
 
 N, D, K = 300, 8, 4
 

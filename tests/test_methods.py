@@ -5,15 +5,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from probe.errors import UserError
-from train.edm import karras_sigmas
+from probe.core.errors import UserError
+from probe.core.edm import karras_sigmas
 from train.init import initialise_generator
-from train.losses import (classifier_accuracy, h_weight, karras_sigma_from_u, logistic_ratio_loss,
+from train.student.losses import (classifier_accuracy, h_weight, karras_sigma_from_u, logistic_ratio_loss,
                           sample_student_sigmas, sigma_weight, surrogate_loss)
-from train.methods import METHODS, get_method
-from train.methods.sid import sid_loss_per_sample
-from train.models import build_unet, load_model
-from train.ratio_net import UNetInput, build_ratio_net, clone_denoiser, load_ratio_net, save_ratio_net
+from train.student.methods import METHODS, get_method
+from train.student.methods.sid import sid_loss_per_sample
+from probe.core.models import build_unet, load_model
+from train.student.ratio_net import UNetInput, build_ratio_net, clone_denoiser, load_ratio_net, save_ratio_net
 
 
 def _cfg(**kw):
@@ -137,7 +137,7 @@ def test_ratio_net_save_load_round_trip(tiny_teacher, tmp_path, kind):
 
 
 def test_classifier_separates_real_digits_from_constant_images(tiny_teacher):
-    from train.data import load_dataset
+    from probe.core.data import load_dataset
 
     teacher = load_model(tiny_teacher)
     torch.manual_seed(0)

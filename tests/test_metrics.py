@@ -9,10 +9,10 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from probe.errors import UserError
-from train.classifier import ClassifierConfig, load_or_train_classifier, random_shift, train_classifier
-from train.data import load_dataset
-from train.metrics import (QualityEvaluator, class_coverage, class_entropy, feature_stats,
+from probe.core.errors import UserError
+from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, random_shift, train_classifier
+from probe.core.data import load_dataset
+from probe.quality.metrics import (QualityEvaluator, class_coverage, class_entropy, feature_stats,
                            frechet_distance, inception_fid, knn_radii, precision_recall,
                            to_inception_input)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from _store_fixture import random_features, write_store
-from probe.errors import UserError
-from probe.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
+from probe.core.errors import UserError
+from probe.features.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
 
 
 @pytest.fixture

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-import train.student as student
-from probe.errors import UserError
-from train.methods import METHODS
-from train.methods.diffratio import DiffRatioJS
-from train.models import build_unet, load_model
-from train.ratio_net import load_ratio_net
-from train.runs import load_state, read_metrics
-from train.student import StudentConfig, train_student
+import train.student.loop as student
+from probe.core.errors import UserError
+from train.student.methods import METHODS
+from train.student.methods.diffratio import DiffRatioJS
+from probe.core.models import build_unet, load_model
+from train.student.ratio_net import load_ratio_net
+from probe.core.runs import load_state, read_metrics
+from train.student.loop import StudentConfig, train_student
 
 
 def _cfg(out, teacher, **kw):
@@ -111,7 +111,7 @@ def test_nonfinite_gradients_skip_the_step(tiny_teacher, tmp_path, monkeypatch):
 
 
 def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, monkeypatch):
-    import train.metrics
+    import probe.quality.metrics
 
     seen = []
 
@@ -127,7 +127,7 @@ def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, monkeypatch):
         def floor(self):
             return {"fd": 0.0}
 
-    monkeypatch.setattr(train.metrics, "QualityEvaluator", FakeEvaluator)
+    monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
     run = train_student(_cfg(tmp_path / "e", tiny_teacher, eval_every=2, eval_samples=16, steps=4), progress=False)
     evals = [r for r in read_metrics(run) if "eval_fd" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]

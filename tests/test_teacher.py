@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from probe.errors import UserError
-from train.models import load_model
-from train.runs import load_state
+from probe.core.errors import UserError
+from probe.core.models import load_model
+from probe.core.runs import load_state
 from train.teacher import TeacherConfig, train_teacher
 
 
@@ -33,7 +33,7 @@ def test_resume_is_exact(tmp_path):
 def test_parameters_move_and_outputs_are_saved(tmp_path):
     run = train_teacher(_cfg(tmp_path / "r"), progress=False)
     torch.manual_seed(0)
-    from train.models import build_unet
+    from probe.core.models import build_unet
 
     init = build_unet(8, 1, "test").state_dict()
     trained = load_state(run)["net"]

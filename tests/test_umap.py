@@ -5,8 +5,8 @@ import pytest
 
 from _store_fixture import write_store
 from analysis.umap_view import knn_accuracy, umap_panels
-from probe.errors import UserError
-from probe.store import FeatureStore
+from probe.core.errors import UserError
+from probe.features.store import FeatureStore
 
 N, D, K = 240, 20, 4
 

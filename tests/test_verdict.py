@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probe.errors import UserError
-from train.verdict import decide, mean_ci, pooled_sd, verdict
+from probe.core.errors import UserError
+from analysis.verdict import decide, mean_ci, pooled_sd, verdict
 
 GROUP = {"full": "teacher", "random": "random", "io-reinit": "features", "band": "no-features",
          "regressed": "no-features", "shuffled": "no-features", "encoder": "partial"}

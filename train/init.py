@@ -1,6 +1,6 @@
 """Initialisation of the one-step generator from an init spec (METHOD.md section 4).
 
-The one replaceable step between the teacher and the student loop: ``train/student.py`` calls
+The one replaceable step between the teacher and the student loop: ``train/student/loop.py`` calls
 ``initialise_generator`` and nothing else, so a new kind of initialisation changes only the
 grammar in ``train/initspec.py``.
 """
@@ -17,7 +17,7 @@ def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, 
         spec:    an init spec (grammar in train/initspec.py): ``"teacher"`` (a copy of the teacher's
                  weights, the default), ``"random"``, ``"reinit:GLOBS"``, ``"keep:GLOBS"``,
                  ``"shuffle[:GLOBS]"``, ``"from:PATH"`` and combinations joined with ``+`` / ``;``.
-        teacher: a ``LoadedModel`` (train/models.py); its denoiser class and DDPM schedule (if
+        teacher: a ``LoadedModel`` (probe/core/models.py); its denoiser class and DDPM schedule (if
                  any) are kept, so the generator is ``D(sigma_init z; sigma_init)`` in the same units.
         seed:    seed of every random draw the spec makes (the global RNG is left untouched).
 

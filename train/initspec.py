@@ -57,8 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe.errors import UserError
-from train.ratio_net import fresh_unet, wrap_like
+from probe.core.errors import UserError
+from train.student.ratio_net import fresh_unet, wrap_like
 
 BASES = ("teacher", "random", "from")
 MODIFIERS = ("keep", "reinit", "shuffle")
@@ -242,7 +242,7 @@ def shuffle_tensor(t: torch.Tensor, seed: int, name: str) -> torch.Tensor:
 
 def load_source(path: str, target: nn.Module, label: str):
     """Load another model and check that its UNet fits the target denoiser tensor by tensor."""
-    from train.models import load_model
+    from probe.core.models import load_model
 
     src = load_model(path)
     if src.denoiser.parameterisation != target.parameterisation:
@@ -271,7 +271,7 @@ def apply_init_spec(spec, teacher, seed: int = 0, refs: dict | None = None,
     """A trainable denoiser with the teacher's architecture and class, initialised by ``spec``.
 
     spec       : a spec string or ``InitSpec``
-    teacher    : ``LoadedModel`` (train/models.py) whose architecture and denoiser wrapper are used
+    teacher    : ``LoadedModel`` (probe/core/models.py) whose architecture and denoiser wrapper are used
     seed       : run seed; the seed of every term without its own "@SEED"           (default 0)
     refs       : {"NAME": path} for "from:@NAME" parts                               (default None)
     sigma_init : the student's sigma_init, checked against generator sources          (default None)

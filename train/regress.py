@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from probe.errors import UserError
-from probe.progress import progress_bar
-from train.edm import SIGMA_MAX, OneStepGenerator, heun_sample
-from train.ema import EMA
-from train.images import save_grid
+from probe.core.errors import UserError
+from probe.core.progress import progress_bar
+from probe.core.edm import SIGMA_MAX, OneStepGenerator, heun_sample
+from probe.core.ema import EMA
+from probe.core.images import save_grid
 from train.initspec import apply_init_spec
-from train.models import load_model, save_model
-from train.runs import (MetricsLog, load_state, pick_device, prepare_run_dir, restore_training, save_state,
+from probe.core.models import load_model, save_model
+from probe.core.runs import (MetricsLog, load_state, pick_device, prepare_run_dir, restore_training, save_state,
                         write_json)
 
 PAIRS_FILE = "pairs.pt"
@@ -202,7 +202,7 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
     save_grid(samples[:64], out / "samples.png")
     result = {**val, "steps": cfg.steps, "seconds": seconds, "sigma_init": cfg.sigma_init}
     if cfg.eval_samples > 0 and dataset is not None:
-        from train.metrics import QualityEvaluator
+        from probe.quality.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
         quality = {**evaluator.evaluate(samples), "floor": evaluator.floor(), "evaluator": evaluator.info,

@@ -7,7 +7,7 @@ exactly the weights of an uninterrupted one.
 
 Several processes (``torchrun --nproc_per_node=K``): the network is wrapped in
 DistributedDataParallel, every rank draws the whole global batch's randomness from the same
-generator and trains on its block of rows (``train/distributed.py``), so the result does not
+generator and trains on its block of rows (``probe/core/distributed.py``), so the result does not
 depend on K up to float rounding; ``accum`` micro-batches per process keep ``batch`` the global
 batch. Rank 0 writes the run directory; all ranks read it on resume.
 
@@ -23,22 +23,22 @@ from pathlib import Path
 
 import torch
 
-from probe.progress import progress_bar
-from train.data import load_dataset
-from train.distributed import (all_reduce_mean, autocast_for, barrier, cuda_speedups, distributed_session, is_main,
+from probe.core.progress import progress_bar
+from probe.core.data import load_dataset
+from probe.core.distributed import (all_reduce_mean, autocast_for, barrier, cuda_speedups, distributed_session, is_main,
                                no_sync, on_main, split_batch, world_size, wrap_ddp)
-from train.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
-from train.ema import EMA
-from train.images import save_grid
-from train.models import build_unet, save_model
-from train.runs import MetricsLog, load_state, prepare_run_dir, restore_training, save_state, write_json
+from probe.core.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
+from probe.core.ema import EMA
+from probe.core.images import save_grid
+from probe.core.models import build_unet, save_model
+from probe.core.runs import MetricsLog, load_state, prepare_run_dir, restore_training, save_state, write_json
 
 
 @dataclass
 class TeacherConfig:
     out: str                                   # run directory
-    data: str = "digits"                       # data set name (train/data.py)
-    preset: str = "tiny"                       # UNet preset (train/models.py)
+    data: str = "digits"                       # data set name (probe/core/data.py)
+    preset: str = "tiny"                       # UNet preset (probe/core/models.py)
     steps: int = 1600                          # optimiser steps in total
     batch: int = 64                            # images per step (global: over all processes and micro-batches)
     accum: int = 1                             # micro-batches per process and step (gradient accumulation)
@@ -149,7 +149,7 @@ def _finish(out: Path, denoiser, cfg: TeacherConfig, device, log: MetricsLog, pr
                          for lat in latents.split(500)])
     save_grid(samples[:64], out / "samples.png")
     if cfg.eval_samples > 0:
-        from train.metrics import QualityEvaluator
+        from probe.quality.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(cfg.data, seed=cfg.seed, progress=progress)
         result = {**evaluator.evaluate(samples[: cfg.eval_samples]), "floor": evaluator.floor(),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 STATE_FILE = "state.pt"
 

@@ -4,7 +4,7 @@
 same with keyword arguments. For every sample of a data split and every noise level sigma it runs
 the model's denoiser on ``x = y + sigma * eps`` (``source="denoiser"``; sigma = 0 is the clean
 image), or a one-step generator on its own input ``sigma_init * z`` (``source="generation"``), and
-stores the pooled output of each hooked module in the layout of DESIGN.md (see probe/store.py).
+stores the pooled output of each hooked module in the layout of DESIGN.md (see probe/features/store.py).
 
 Noise. Each sample gets ONE unit-Gaussian tensor ``eps`` determined by (noise_seed, sample_id)
 alone, reused for every sigma (scaled by sigma). So the inputs do not depend on the batch size,
@@ -23,7 +23,7 @@ model or with other arguments is refused and left untouched. A new file is first
 complete skeleton under a temporary name and renamed into place, so ``out`` never holds a file
 without the header that identifies it.
 
-Several processes (``torchrun --nproc_per_node=K probe extract ...``, see train/distributed.py):
+Several processes (``torchrun --nproc_per_node=K probe extract ...``, see probe/core/distributed.py):
 the rows are processed in rounds of K batches; rank r runs the r-th batch of each round (the
 same rows a single process would run as one batch), rank 0 gathers the K results and writes
 the round. The file is therefore identical to a single process's, bit for bit in float32, and
@@ -47,11 +47,11 @@ import numpy as np
 import torch
 
 from probe import __version__
-from probe.errors import UserError
-from probe.hooks import FeatureHooks, parse_pooling, pooled_dim, resolve_layers, to_numpy_per_layer, trace_modules
-from probe.progress import progress_bar
-from probe.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
-from train.distributed import barrier, distributed_session, gather_to_main, is_main, on_main, rank, world_size
+from probe.core.errors import UserError
+from probe.features.hooks import FeatureHooks, parse_pooling, pooled_dim, resolve_layers, to_numpy_per_layer, trace_modules
+from probe.core.progress import progress_bar
+from probe.features.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
+from probe.core.distributed import barrier, distributed_session, gather_to_main, is_main, on_main, rank, world_size
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.5, 2.0, 10.0)   # clean, low, moderate, high, near pure noise
 SOURCES = ("denoiser", "generation")
@@ -64,7 +64,7 @@ CHUNK_BYTES = 1 << 20                         # target chunk size: h5py's defaul
 class ExtractConfig:
     model: str                          # MODEL: toolkit run dir or diffusers UNet2DModel / DDPMPipeline dir
     out: str                            # feature file (.h5) to write, or to resume when incomplete
-    data: str = "digits"                # data set (train/data.py); not read for source="generation"
+    data: str = "digits"                # data set (probe/core/data.py); not read for source="generation"
     layers: tuple = ()                  # module paths / fnmatch patterns / "default"; () = default selection
     sigmas: tuple | None = None         # EDM noise levels, 0 = clean; None = DEFAULT_SIGMAS (generation: sigma_init)
     pooling: str = "mean"               # "mean" (global average) | "flatten" | "avgK" (K x K adaptive average)
@@ -157,8 +157,8 @@ def check_config(cfg: ExtractConfig) -> None:
 
 
 def _plan(cfg: ExtractConfig, device) -> _Plan:
-    from train.data import load_dataset
-    from train.models import load_model
+    from probe.core.data import load_dataset
+    from probe.core.models import load_model
 
     model = load_model(cfg.model, device)
     order, raw_shapes, calls = trace_modules(model)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 DEFAULT_KEYWORD = "default"      # in a layer list, stands for the default selection
 POOLINGS = ("mean", "flatten", "avgK")   # avgK: K x K adaptive average pooling, e.g. avg2

@@ -1,7 +1,7 @@
 """The interface every one-step method implements, so that one training loop serves them all.
 
 A method owns its auxiliary network (a ratio classifier, or a fake-score denoiser) and says what
-the two losses are; the loop in ``train/student.py`` owns everything else (data, optimisers, EMA,
+the two losses are; the loop in ``train/student/loop.py`` owns everything else (data, optimisers, EMA,
 guards, checkpoints, logging). Per training step the loop calls
 
     aux_loss(fake.detach(), real, rng)   -> (loss, stats)   # then an optimiser step on .aux
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.losses import sample_student_sigmas
+from train.student.losses import sample_student_sigmas
 
 
 class Method:

@@ -1,7 +1,7 @@
 """Loss pieces shared by the one-step methods: noise levels, weightings, the logistic loss, h(l).
 
 Everything here is a small pure function of tensors (and a ``torch.Generator`` for random draws),
-so the methods in ``train/methods/`` stay a few lines each and the unit tests can check each piece
+so the methods in ``train/student/methods/`` stay a few lines each and the unit tests can check each piece
 against its closed form.
 
 Conventions (METHOD.md sections 1-2):
@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from probe.errors import UserError
-from train.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, sample_edm_sigmas
+from probe.core.errors import UserError
+from probe.core.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, sample_edm_sigmas
 
 SIGMA_DISTS = ("lognormal", "karras")
 WEIGHTINGS = ("none", "sigma2", "snr", "edm")

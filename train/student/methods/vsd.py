@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.edm import edm_loss
-from train.losses import noise_like, per_sample, sigma_weight, surrogate_loss
-from train.methods.base import Method
-from train.models import save_model
-from train.ratio_net import clone_denoiser
+from probe.core.edm import edm_loss
+from train.student.losses import noise_like, per_sample, sigma_weight, surrogate_loss
+from train.student.methods.base import Method
+from probe.core.models import save_model
+from train.student.ratio_net import clone_denoiser
 
 NORM_FLOOR = 1e-5   # floor of the per-sample normaliser (as SiD's and DMD's code)
 

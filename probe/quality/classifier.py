@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 ARCH_VERSION = 1                # bump when FeatureClassifier changes: old cache entries are then ignored
 
@@ -221,7 +221,7 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
     """
     from safetensors.torch import load_file, save_file
 
-    from train.data import dataset_fingerprint, load_dataset
+    from probe.core.data import dataset_fingerprint, load_dataset
 
     config = config or ClassifierConfig()
     train = train if train is not None else load_dataset(dataset_name, "train")

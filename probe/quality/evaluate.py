@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from probe.errors import UserError
-from train.edm import heun_sample
-from train.models import LoadedModel, load_model
+from probe.core.errors import UserError
+from probe.core.edm import heun_sample
+from probe.core.models import LoadedModel, load_model
 
 
 @dataclass
@@ -43,8 +43,8 @@ def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int 
 
 def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     """Scores of ``cfg.model`` plus the floor; raises ``UserError`` on a data/model mismatch."""
-    from train.data import load_dataset
-    from train.metrics import QualityEvaluator
+    from probe.core.data import load_dataset
+    from probe.quality.metrics import QualityEvaluator
 
     model = load_model(cfg.model, cfg.device)
     data = cfg.data or model.dataset
@@ -60,7 +60,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
               "sampler": "one-step" if model.generator is not None else f"heun-{cfg.steps}",
               "nfe": 1 if model.generator is not None else 2 * cfg.steps - 1, "model_kind": model.kind}
     if cfg.inception_weights:
-        from train.metrics import inception_fid, load_inception_extractor
+        from probe.quality.metrics import inception_fid, load_inception_extractor
 
         extractor = load_inception_extractor(cfg.inception_weights, cfg.device)
         real = load_dataset(data, "train").images

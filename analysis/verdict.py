@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 OUTCOMES = ("supported", "not supported", "inconclusive")
 HIGHER_IS_BETTER = ("precision", "recall", "coverage", "class_entropy")
@@ -142,7 +142,7 @@ class Verdict:
         lines.append("Rules: directional tests are supported when the CI of 'B worse than A' lies above 0, not "
                      "supported when it lies below 0 or inside +-margin; non-inferiority tests are supported when "
                      "the CI's upper end is within the margin, not supported when its lower end exceeds it; "
-                     "inconclusive otherwise (see train/verdict.py).")
+                     "inconclusive otherwise (see analysis/verdict.py).")
         return "\n".join(lines)
 
 

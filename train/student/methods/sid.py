@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from train.losses import per_sample, sigma_weight
-from train.methods.vsd import NORM_FLOOR, FakeScoreMethod
+from train.student.losses import per_sample, sigma_weight
+from train.student.methods.vsd import NORM_FLOOR, FakeScoreMethod
 
 
 def sid_loss_per_sample(d_teacher: torch.Tensor, d_fake: torch.Tensor, x: torch.Tensor,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 SPLIT_SEED = 20250211           # fixed seed of every train/test split (not a run's seed)
 SPLITS = ("train", "test")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.losses import sigma_weight
-from train.methods.diffratio import ClassifierMethod
+from train.student.losses import sigma_weight
+from train.student.methods.diffratio import ClassifierMethod
 
 
 class DiffusionGAN(ClassifierMethod):

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.errors import UserError
-from train.edm import SIGMA_DATA, DDPMDenoiser, EDMDenoiser, OneStepGenerator
+from probe.core.errors import UserError
+from probe.core.edm import SIGMA_DATA, DDPMDenoiser, EDMDenoiser, OneStepGenerator
 
 MODEL_FILE = "model.json"
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 FORMAT = "onestep-probe.features"
 FORMAT_VERSION = 1

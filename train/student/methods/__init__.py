@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from probe.errors import UserError
-from train.methods.base import Method
-from train.methods.diffratio import DiffRatioFKL, DiffRatioJS, DiffRatioKL
-from train.methods.gan import DiffusionGAN
-from train.methods.sid import SiD
-from train.methods.vsd import VSD
+from probe.core.errors import UserError
+from train.student.methods.base import Method
+from train.student.methods.diffratio import DiffRatioFKL, DiffRatioJS, DiffRatioKL
+from train.student.methods.gan import DiffusionGAN
+from train.student.methods.sid import SiD
+from train.student.methods.vsd import VSD
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in
                                     (DiffRatioJS, DiffRatioKL, DiffRatioFKL, VSD, SiD, DiffusionGAN)}

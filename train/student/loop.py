@@ -2,7 +2,7 @@
 
 ``train_student(StudentConfig(...))`` is what ``probe train student`` calls. The generator is a
 copy of the teacher's denoiser (``EDMDenoiser`` or ``DDPMDenoiser``) with an init spec applied
-(``train/init.py``); the method (``train/methods/``) brings its auxiliary network and its two
+(``train/init.py``); the method (``train/student/methods/``) brings its auxiliary network and its two
 losses. Per step:
 
 1. draw z, compute ``fake = G(z)`` once (with gradients);
@@ -31,20 +31,20 @@ from pathlib import Path
 
 import torch
 
-from probe.errors import UserError
-from probe.progress import progress_bar
-from train.data import load_dataset
-from train.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, guarded_step, is_main,
+from probe.core.errors import UserError
+from probe.core.progress import progress_bar
+from probe.core.data import load_dataset
+from probe.core.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, guarded_step, is_main,
                                on_main, split_batch, student_step_parallel, world_size, wrap_ddp)
-from train.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
-from train.ema import EMA
-from train.images import save_grid
+from probe.core.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
+from probe.core.ema import EMA
+from probe.core.images import save_grid
 from train.init import initialise_generator
-from train.losses import SIGMA_DISTS, WEIGHTINGS
-from train.methods import DEFAULT_METHOD, get_method
-from train.models import load_model, save_model
-from train.ratio_net import RATIO_NETS
-from train.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
+from train.student.losses import SIGMA_DISTS, WEIGHTINGS
+from train.student.methods import DEFAULT_METHOD, get_method
+from probe.core.models import load_model, save_model
+from train.student.ratio_net import RATIO_NETS
+from probe.core.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
 
 
 @dataclass
@@ -173,7 +173,7 @@ def train_student(cfg: StudentConfig,
                   ) -> Path:
     """Train (or resume) a one-step generator; returns the run directory. ``stop_after`` simulates a kill.
 
-    Under torchrun every process calls this with the same config (train/distributed.py)."""
+    Under torchrun every process calls this with the same config (probe/core/distributed.py)."""
     validate(cfg)
     with distributed_session(cfg.device) as device:
         return _train_student(cfg, device, resume, progress and is_main(), stop_after)
@@ -193,7 +193,7 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     method = method_cls(cfg, teacher.denoiser, generator)
     evaluator = None
     if cfg.eval_every > 0 and is_main():
-        from train.metrics import QualityEvaluator
+        from probe.quality.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
     out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)  # only now: bad options above leave nothing behind

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from probe.errors import UserError
+from probe.core.errors import UserError
 
 MICRO_SEED_STRIDE = 1_000_003   # prime gap between the seeds of consecutive micro-batches
 
@@ -78,7 +78,7 @@ def init_distributed(device: str = "auto") -> tuple[torch.device, bool]:
              cuda:LOCAL_RANK (one GPU per process)                                 (default "auto")
     A single process, or one whose group is already initialised (by the caller), joins nothing.
     """
-    from train.runs import pick_device
+    from probe.core.runs import pick_device
 
     base = pick_device(device)
     if env_world_size() <= 1 and not is_distributed():
@@ -314,7 +314,7 @@ def autocast_for(device: torch.device):
 def guarded_step(opt: torch.optim.Optimizer, params: list, grad_clip: float) -> tuple[float, bool]:
     """Optimiser step on gradients already accumulated (and all-reduced); returns (norm, stepped).
 
-    The step behind ``train.student.optimizer_step`` (which adds zero_grad/backward): a NaN/inf
+    The step behind ``train.student.loop.optimizer_step`` (which adds zero_grad/backward): a NaN/inf
     gradient norm skips the step. After DDP's all-reduce every rank sees the same norm, so all
     ranks skip together.
     """
@@ -335,7 +335,7 @@ def student_step_parallel(cfg, method, generator: nn.Module, ddp_generator: nn.M
                           micros: list[Micro]) -> dict:
     """One generator step with its auxiliary steps over this rank's micro-batches (DDP and/or accum).
 
-    The counterpart of ``train.student.train_step`` for ``world_size() > 1`` or ``accum > 1``:
+    The counterpart of ``train.student.loop.train_step`` for ``world_size() > 1`` or ``accum > 1``:
 
     - the global z [cfg.batch], the fresh z of earlier aux steps and the real-batch indices are
       drawn from ``rng`` on every rank; then one ``step_seed``; methods draw their own sigmas and

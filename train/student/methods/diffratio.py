@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.losses import classifier_accuracy, h_weight, logistic_ratio_loss, noise_like, sigma_weight
-from train.methods.base import Method
-from train.ratio_net import build_ratio_net, save_ratio_net
+from train.student.losses import classifier_accuracy, h_weight, logistic_ratio_loss, noise_like, sigma_weight
+from train.student.methods.base import Method
+from train.student.ratio_net import build_ratio_net, save_ratio_net
 
 
 class ClassifierMethod(Method):

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.errors import UserError
-from train.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
+from probe.core.errors import UserError
+from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
 
 RATIO_NETS = ("encoder", "encoder-random", "cnn")
 RATIO_FILE = "ratio.json"

@@ -1,6 +1,6 @@
 """Sample-quality metrics of generators: Fréchet distance, precision/recall, class coverage.
 
-Measured in the feature space of a small per-data-set classifier (``train.classifier``), because an
+Measured in the feature space of a small per-data-set classifier (``probe.quality.classifier``), because an
 ImageNet Inception network means little on 8x8 digits and its weights cannot be downloaded here.
 The numbers are therefore comparable between models evaluated on the same data set with the same
 evaluator settings, not to published FIDs; ``inception_fid`` gives the usual Inception FID when the
@@ -30,8 +30,8 @@ from scipy.spatial.distance import cdist
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-from probe.errors import UserError
-from train.classifier import ClassifierConfig, load_or_train_classifier, progress_bar
+from probe.core.errors import UserError
+from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, progress_bar
 
 METRIC_KEYS = ("fd", "precision", "recall", "coverage", "class_entropy")
 
@@ -189,7 +189,7 @@ class QualityEvaluator:
                  classifier_config: ClassifierConfig | None = None,  # None = ClassifierConfig()
                  device: str | torch.device = "cpu",    # where the classifier runs
                  progress: bool = False):                # rich progress bar while training the classifier
-        from train.data import load_dataset
+        from probe.core.data import load_dataset
 
         train, test = load_dataset(dataset_name, "train"), load_dataset(dataset_name, "test")
         self.dataset_name, self.n_samples, self.k, self.seed = dataset_name, int(n_samples), int(k), seed

@@ -1,0 +1,166 @@
+"""What a finished (or half-finished) grid shows: summary, curves, aggregate, features and the verdict.
+
+Reads the run directories that ``train.ablation.run`` writes and never trains anything. Writes
+``summary.csv`` (one row per run), ``curves.csv`` (tidy: run, step, metric, value), ``aggregate.csv``
+(mean, std, bootstrap CI per init x method x metric), ``verdict.json`` / ``verdict.txt`` and, when the
+grid asks for features, ``features/*.h5``, ``cka_teacher_student.csv`` and ``probes.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.cka import cka_table
+from analysis.linear import probe_table
+from analysis.verdict import Verdict, mean_ci, verdict
+from probe.core.errors import UserError
+from probe.core.runs import read_metrics, write_json
+from probe.features.extract import extract_features
+from probe.features.store import FeatureStore
+from train.ablation.grid import AGG_METRICS, CURVE_METRICS, Grid, _fields
+from train.ablation.run import init_sources, run_name, student_status, teacher_path
+from train.student.loop import StudentConfig
+
+# -------------------------------------------------------------------------------- tables
+def _eval_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "eval_fd" in r]
+
+
+def summarise_run(run_dir: Path, steps: int) -> tuple[dict, list[dict]]:
+    """(summary row, tidy curve rows) of one student run."""
+    rows = _eval_rows(run_dir)
+    status = student_status(run_dir, steps)
+    final = json.loads((run_dir / "eval.json").read_text()) if status == "done" else (rows[-1] if rows else {})
+    get = (lambda k: final.get(k, np.nan)) if status == "done" else (lambda k: final.get(f"eval_{k}", np.nan))
+    fds = [(r["step"], r["eval_fd"]) for r in rows if r.get("eval_fd") is not None and math.isfinite(r["eval_fd"])]
+    best = min(fds, key=lambda t: t[1]) if fds else (np.nan, np.nan)
+    row = {"status": status, "steps_done": rows[-1]["step"] if rows else 0,
+           "fd_final": get("fd"), "fd_best": best[1], "fd_best_step": best[0],
+           "precision_final": get("precision"), "recall_final": get("recall"), "coverage_final": get("coverage"),
+           "fd_start": rows[0]["eval_fd"] if rows and rows[0]["step"] == 0 else np.nan,
+           "seconds": final.get("seconds", rows[-1].get("seconds", np.nan) if rows else np.nan),
+           "fd_curve": json.dumps([[s, round(v, 6)] for s, v in fds]), **init_sources(run_dir)}
+    curve = [{"step": r["step"], "metric": m, "value": r[f"eval_{m}"]} for r in rows for m in CURVE_METRICS
+             if f"eval_{m}" in r]
+    return row, curve
+
+
+def aggregate(summary: pd.DataFrame,
+              n_boot: int = 2000,   # bootstrap resamples of each mean
+              seed: int = 0,        # bootstrap seed
+              ) -> pd.DataFrame:
+    """Tidy mean, std and bootstrap 95% CI per (init, init_group, method, metric) over finished runs."""
+    done = summary[summary["status"] == "done"]
+    records = []
+    for (init, group, method), g in done.groupby(["init", "init_group", "method"], sort=False):
+        for metric in AGG_METRICS:
+            v = g[metric].to_numpy(float)
+            v = v[np.isfinite(v)]
+            lo, hi = mean_ci(v, n_boot, seed)
+            records.append(dict(init=init, init_group=group, method=method, metric=metric, n=int(v.size),
+                                mean=float(v.mean()) if v.size else np.nan,
+                                std=float(v.std(ddof=1)) if v.size > 1 else np.nan, ci_low=lo, ci_high=hi))
+    return pd.DataFrame.from_records(records, columns=["init", "init_group", "method", "metric", "n", "mean", "std",
+                                                      "ci_low", "ci_high"])
+
+
+def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
+    """summary.csv, curves.csv and aggregate.csv from the run directories; returns the summary."""
+    steps = int(grid.student.get("steps", _fields(StudentConfig)["steps"].default))
+    rows, curves = [], []
+    for entry in grid.inits:
+        for method in grid.methods:
+            for seed in grid.seeds:
+                name = run_name(entry.label, method, seed)
+                run_dir = out / "runs" / name
+                keys = {"run": name, "init": entry.label, "init_spec": entry.spec, "init_group": entry.group,
+                        "method": method, "seed": seed}
+                row, curve = summarise_run(run_dir, steps)
+                rows.append({**keys, **row, "run_dir": str(run_dir)})
+                curves += [{**keys, **c} for c in curve]
+    summary = pd.DataFrame.from_records(rows)
+    summary.to_csv(out / "summary.csv", index=False)
+    pd.DataFrame.from_records(curves, columns=["run", "init", "init_spec", "init_group", "method", "seed", "step",
+                                               "metric", "value"]).to_csv(out / "curves.csv", index=False)
+    aggregate(summary).to_csv(out / "aggregate.csv", index=False)
+    return summary
+
+
+# ------------------------------------------------------------------------------ features
+def run_ablation_features(out: Path, grid: Grid, refs: dict, summary: pd.DataFrame, progress: bool = False) -> None:
+    """Features of the teacher and of every finished student, as denoisers on the same inputs.
+
+    Writes ``features/teacher.h5`` and ``features/<run>.h5`` (same data, sigmas and noise seed, so
+    rows align), ``cka_teacher_student.csv`` (debiased linear CKA per layer and sigma, teacher vs
+    student) and, when ``[extract] probes`` is true, ``probes.csv`` (linear-probe accuracy of the
+    label per layer and sigma, for the teacher and each student).
+    """
+    opts = grid.extract
+    fdir = Path(out) / "features"
+    fdir.mkdir(parents=True, exist_ok=True)
+    device = grid.student.get("device", "auto")
+    teacher = teacher_path(grid, refs)
+    data = grid.data or _dataset_of(teacher)
+
+    def features(model, name: str) -> Path:
+        args = dict(data=data, layers=tuple(opts["layers"]), sigmas=tuple(opts["sigmas"]), out=str(fdir / f"{name}.h5"),
+                    progress=progress, n_samples=int(opts["n_samples"]), split=opts["split"],
+                    noise_seed=int(opts["noise_seed"]), batch=int(opts["batch"]), source="denoiser", device=device)
+        try:  # a finished file of the same model and options is reused, a partial one resumed
+            return extract_features(model, **args)
+        except UserError as e:
+            # the file is this directory's own derived data: when the model was trained further or the
+            # [extract] options changed, replace it instead of refusing as `probe extract` does for users
+            if "holds another extraction" not in str(e):
+                raise
+            return extract_features(model, overwrite=True, **args)
+
+    t_path = features(teacher, "teacher")
+    cka_rows, probe_rows = [], []
+    keys = ["run", "init", "init_group", "method", "seed"]
+    with FeatureStore.open(t_path) as t_store:
+        if opts["probes"]:
+            probe_rows.append(probe_table(t_store, targets=["label"]).assign(run="teacher", init="(teacher)",
+                                                                             init_group="reference", method="", seed=-1))
+        for _, r in summary[summary["status"] == "done"].iterrows():
+            path = features(r["run_dir"], r["run"])
+            with FeatureStore.open(path) as s_store:
+                table = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=10)
+                cka_rows.append(table.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})
+                                [["layer", "sigma", "cka", "null_mean", "null_p95", "n_perm", "estimator", "n"]].assign(**{k: r[k] for k in keys}))
+                if opts["probes"]:
+                    probe_rows.append(probe_table(s_store, targets=["label"]).assign(**{k: r[k] for k in keys}))
+    front = keys + ["layer", "sigma"]
+    if cka_rows:
+        cka = pd.concat(cka_rows, ignore_index=True)
+        cka[front + [c for c in cka.columns if c not in front]].to_csv(Path(out) / "cka_teacher_student.csv", index=False)
+    if probe_rows:
+        probes = pd.concat(probe_rows, ignore_index=True)
+        probes[front + [c for c in probes.columns if c not in front]].to_csv(Path(out) / "probes.csv", index=False)
+
+
+def _dataset_of(model_path: str) -> str:
+    info = Path(model_path) / "model.json"
+    name = json.loads(info.read_text()).get("dataset") if info.exists() else None
+    if not name:
+        raise UserError(f"{model_path} does not record its data set; set data = ... in the grid")
+    return name
+
+
+def analyse_grid(out: Path, grid: Grid, refs: dict, progress: bool = False) -> Verdict:
+    """Tables, features (when the grid asks for them) and the verdict of a grid directory."""
+    out = Path(out)
+    summary = write_tables(out, grid, refs)
+    if grid.features:
+        run_ablation_features(out, grid, refs, summary, progress=progress)
+    ref_path = out / "reference.json"
+    reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
+    result = verdict(summary, reference=reference)
+    write_json(out / "verdict.json", result.to_dict())
+    (out / "verdict.txt").write_text(result.text() + "\n")
+    return result
