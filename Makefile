@@ -1,10 +1,10 @@
-# Both targets build their own virtual environment, so a fresh clone needs only Python 3.10+.
+# Both targets build their own virtual environment, so a fresh clone needs only Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test lint demo venv clean
 
 venv: $(STAMP)
 
@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+# Style and types: the same checks as .pre-commit-config.yaml and CI.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check probe train analysis tests benchmarks
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)
 	$(VENV)/bin/probe demo
