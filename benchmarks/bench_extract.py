@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probe.features.extract import ExtractConfig, extract, sample_noise  # noqa: E402
 from probe.core.data import load_dataset  # noqa: E402
 from probe.core.edm import EDMDenoiser  # noqa: E402
 from probe.core.models import build_unet, load_model, save_model  # noqa: E402
+from probe.features.extract import ExtractConfig, extract, sample_noise  # noqa: E402
 
 NAME = "bench_extract"
 SIGMAS = (0.0, 0.5, 2.0)
@@ -94,7 +94,8 @@ def throughput(model_dir: Path, work: Path, n: int, batch: int, repeats: int) ->
             total, setup = extract_seconds(cfg)
             old_total, old_setup = best.get((pooling, comp), (inf, inf))
             best[(pooling, comp)] = (np.minimum(old_total, total), np.minimum(old_setup, setup))
-    rows = [{"what": "bare forward", "total": best["bare"].tolist(), "setup": [0.0, 0.0], "loop": best["bare"].tolist()}]
+    bare = best["bare"].tolist()
+    rows = [{"what": "bare forward", "total": bare, "setup": [0.0, 0.0], "loop": bare}]
     for pooling, comp in variants:
         total, setup = best[(pooling, comp)]
         size = os.path.getsize(work / f"t_{pooling}_{comp}.h5") / 2 ** 20
@@ -125,7 +126,8 @@ def section(args, rows, mem) -> str:
              "Set-up = loading model and data, hashing them, tracing layers (fixed, independent of N); "
              "loop = the rest (noise, forward with hooks, pooling, writes). Seconds as wall / CPU of this "
              "process (CPU time is the steadier figure while other jobs share the cores).", "",
-             "| run | total s | set-up s | loop s | images x sigmas / s (loop, wall) | loop overhead vs bare (wall / CPU) |",
+             "| run | total s | set-up s | loop s | images x sigmas / s (loop, wall) "
+             "| loop overhead vs bare (wall / CPU) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         pair = lambda v: f"{v[0]:.2f} / {v[1]:.2f}"  # noqa: E731
@@ -176,7 +178,8 @@ def main() -> None:
         import h5py
         with h5py.File(work / "t_flatten_gzip.h5") as f:
             _FEATURE_FLOATS = sum(ds.shape[2] for ds in f["features"].values())
-        mem = [(n, child_memory(model_dir, work / f"m{n}.h5", n, args.mem_batch)) for n in (args.mem_n, 10 * args.mem_n)]
+        mem = [(n, child_memory(model_dir, work / f"m{n}.h5", n, args.mem_batch))
+               for n in (args.mem_n, 10 * args.mem_n)]
     text = section(args, rows, mem)
     print(text)
     if args.write:

@@ -54,8 +54,8 @@ def worker_timing(a: dict) -> dict:
     import torch
 
     from probe.core.models import load_model
-    from train.student.loop import StudentConfig, train_student
     from probe.core.runs import read_metrics
+    from train.student.loop import StudentConfig, train_student
 
     torch.set_num_threads(a["threads"])
     load_model(a["teacher"])  # imports and one teacher load: the base line of "over base"
@@ -250,7 +250,7 @@ def main() -> None:
     if scaled:
         table = render(scaled, {}, meta).split("\n")
         rows = [l for l in table if l.startswith("|")]
-        text = text.replace(f"\nMeasured", f"\nSame, with an untrained `{args.scale_preset}` UNet teacher "
+        text = text.replace("\nMeasured", f"\nSame, with an untrained `{args.scale_preset}` UNet teacher "
                             f"({scaled_params:,} parameters; weights and optimiser states weigh more):\n\n"
                             + "\n".join(rows) + "\n\nMeasured")
     print(text)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from probe.core.errors import UserError
 from probe.core.data import load_dataset
+from probe.core.errors import UserError
 
 
 def test_digits_range_split_and_determinism():

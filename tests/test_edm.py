@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from probe.core.errors import UserError
 from probe.core.edm import DDPMDenoiser, EDMDenoiser, edm_precond, heun_sample, karras_sigmas, sample_edm_sigmas
+from probe.core.errors import UserError
 from probe.core.models import build_unet, load_model, save_model
 
 
@@ -104,7 +104,8 @@ def test_toolkit_model_roundtrip(tmp_path):
     den = EDMDenoiser(build_unet(8, 1, "test"))
     save_model(tmp_path / "run", den, "generator", "digits", sigma_init=2.5)
     m = load_model(tmp_path / "run")
-    assert m.kind == "generator" and m.generator.sigma_init == 2.5 and m.sha256() == load_model(tmp_path / "run").sha256()
+    assert m.kind == "generator" and m.generator.sigma_init == 2.5
+    assert m.sha256() == load_model(tmp_path / "run").sha256()
     z = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(m.generator(z), den(2.5 * z, 2.5), atol=1e-6)

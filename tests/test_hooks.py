@@ -3,11 +3,19 @@
 import pytest
 import torch
 
-from probe.core.errors import UserError
-from probe.features.hooks import (FeatureHooks, default_layers, list_layers, pool, pooled_dim, resolve_layers,
-                         to_numpy_per_layer, trace_modules)
 from probe.core.edm import EDMDenoiser
+from probe.core.errors import UserError
 from probe.core.models import UNET_PRESETS, build_unet, load_model, save_model
+from probe.features.hooks import (
+    FeatureHooks,
+    default_layers,
+    list_layers,
+    pool,
+    pooled_dim,
+    resolve_layers,
+    to_numpy_per_layer,
+    trace_modules,
+)
 
 RES, CH = 8, 1                       # digits-like 8x8 grey inputs
 BOC = UNET_PRESETS["test"]["block_out_channels"]
@@ -98,7 +106,7 @@ def test_pooling_definitions():
     quads = t.reshape(5, 6, 2, 2, 2, 2).mean(dim=(3, 5)).reshape(5, -1)
     torch.testing.assert_close(pool(t, "avg2"), quads)
     for p, d in [("mean", 6), ("flatten", 96), ("avg2", 24)]:
-        assert pool(t, p).shape[1] == pooled_dim((6, 4, 4), p)
+        assert pool(t, p).shape[1] == pooled_dim((6, 4, 4), p) == d
     assert pool(torch.ones(2, 7), "mean").shape == (2, 7)   # [B, D] outputs (time embedding) pass through
     for bad in ["max", "avg0", "avg", "avgx"]:
         with pytest.raises(UserError, match="pooling"):
@@ -112,7 +120,8 @@ def test_patterns_globs_and_close_matches(model_dirs):
     order, shapes, calls = trace_modules(model)
     usable = {p for p in shapes if calls[p] == 1}
     unet = model.unet
-    assert resolve_layers(unet, ["up_blocks.?", "mid_block"], order, usable) == ["mid_block", "up_blocks.0", "up_blocks.1"]
+    assert (resolve_layers(unet, ["up_blocks.?", "mid_block"], order, usable)
+            == ["mid_block", "up_blocks.0", "up_blocks.1"])
     assert resolve_layers(unet, ["default", "conv_in", "conv_out"], order, usable)[::6] == ["conv_in", "conv_out"]
     assert resolve_layers(unet, [], order, usable) == default_layers(unet)
     # the shared SiLU of a resnet runs several times per forward: globs skip it, naming it is refused

@@ -5,11 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.core.errors import UserError
 from probe.core.edm import EDMDenoiser
-from train.initspec import (CATEGORIES, apply_init_spec, format_init_report, fresh_state, parse_init_spec,
-                            resolve_refs, select_tensors, validate_init_spec)
+from probe.core.errors import UserError
 from probe.core.models import LoadedModel, build_unet, save_model
+from train.initspec import (
+    CATEGORIES,
+    apply_init_spec,
+    format_init_report,
+    fresh_state,
+    parse_init_spec,
+    resolve_refs,
+    select_tensors,
+    validate_init_spec,
+)
 
 IO = ("conv_in", "conv_out", "time_embedding")
 

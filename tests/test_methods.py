@@ -5,14 +5,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from probe.core.errors import UserError
 from probe.core.edm import karras_sigmas
+from probe.core.errors import UserError
+from probe.core.models import build_unet, load_model
 from train.init import initialise_generator
-from train.student.losses import (classifier_accuracy, h_weight, karras_sigma_from_u, logistic_ratio_loss,
-                          sample_student_sigmas, sigma_weight, surrogate_loss)
+from train.student.losses import (
+    classifier_accuracy,
+    h_weight,
+    karras_sigma_from_u,
+    logistic_ratio_loss,
+    sample_student_sigmas,
+    sigma_weight,
+    surrogate_loss,
+)
 from train.student.methods import METHODS, get_method
 from train.student.methods.sid import sid_loss_per_sample
-from probe.core.models import build_unet, load_model
 from train.student.ratio_net import UNetInput, build_ratio_net, clone_denoiser, load_ratio_net, save_ratio_net
 
 
@@ -98,7 +105,7 @@ def test_unet_input_reproduces_what_the_denoiser_feeds_its_unet(tiny_teacher, tm
     x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.01, 0.3, 2.5, 40.0])
     for den in (edm, ddpm):
         seen = {}
-        h = den.unet.register_forward_pre_hook(lambda m, args: seen.update(sample=args[0], t=args[1]))
+        h = den.unet.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(sample=args[0], t=args[1]))
         den(x, sigma)
         h.remove()
         sample, t = UNetInput.like(den)(x, sigma)

@@ -3,8 +3,8 @@
 import h5py
 import numpy as np
 import pytest
-
 from _store_fixture import random_features, write_store
+
 from probe.core.errors import UserError
 from probe.features.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
 

@@ -22,7 +22,7 @@ from torch import nn
 SIGMA_DATA = 0.5     # EDM's data standard deviation
 SIGMA_MIN = 0.002    # smallest sigma the sampler visits; also the conditioning floor for sigma = 0
 SIGMA_MAX = 80.0     # largest sigma of the sampler and of pure-noise inputs
-SIGMA_INIT = 2.5     # the one-step generator G(z) = D(sigma_init z; sigma_init) evaluates here (SiD's value; docs/method.md §2)
+SIGMA_INIT = 2.5     # G(z) = D(sigma_init z; sigma_init) evaluates here: SiD's value (docs/method.md §2)
 
 
 def as_sigma(sigma, batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,8 @@ def pool(t: torch.Tensor, pooling: str) -> torch.Tensor:
         # clone: a later in-place op of the network must not change what we stored
         return t.float().reshape(t.shape[0], -1).clone()
     if t.ndim != 4:
-        raise UserError(f"pooling {pooling!r} needs [B, C, H, W] outputs, got shape {tuple(t.shape)}; use mean or flatten")
+        raise UserError(f"pooling {pooling!r} needs [B, C, H, W] outputs, got shape {tuple(t.shape)}; "
+                        "use mean or flatten")
     return nn.functional.adaptive_avg_pool2d(t.float(), k).flatten(1)
 
 
@@ -144,7 +145,8 @@ def pooled_dim(raw_shape: tuple, pooling: str) -> int:
     if kind == "flatten":
         return int(np.prod(raw_shape))
     if len(raw_shape) != 3:
-        raise UserError(f"pooling {pooling!r} needs [C, H, W] outputs, got shape {tuple(raw_shape)}; use mean or flatten")
+        raise UserError(f"pooling {pooling!r} needs [C, H, W] outputs, got shape {tuple(raw_shape)}; "
+                        "use mean or flatten")
     return int(raw_shape[0]) * k * k
 
 
@@ -196,7 +198,7 @@ class FeatureHooks:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "FeatureHooks":
+    def __enter__(self) -> FeatureHooks:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from probe.core.errors import UserError
 from probe.core.edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, sample_edm_sigmas
+from probe.core.errors import UserError
 
 SIGMA_DISTS = ("lognormal", "karras")
 WEIGHTINGS = ("none", "sigma2", "snr", "edm")

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.core.errors import UserError
 from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
+from probe.core.errors import UserError
 
 RATIO_NETS = ("encoder", "encoder-random", "cnn")
 RATIO_FILE = "ratio.json"
@@ -85,7 +85,7 @@ class UNetInput(nn.Module):
         self.schedule = DDPMDenoiser(nn.Identity(), alphas_cumprod) if parameterisation == "ddpm" else None
 
     @classmethod
-    def like(cls, denoiser: nn.Module) -> "UNetInput":
+    def like(cls, denoiser: nn.Module) -> UNetInput:
         if denoiser.parameterisation == "ddpm":
             new = cls("ddpm", alphas_cumprod=ddpm_alphas(denoiser))
             new.schedule.log_sigmas.copy_(denoiser.log_sigmas.cpu())

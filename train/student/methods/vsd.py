@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from probe.core.edm import edm_loss
+from probe.core.models import save_model
 from train.student.losses import noise_like, per_sample, sigma_weight, surrogate_loss
 from train.student.methods.base import Method
-from probe.core.models import save_model
 from train.student.ratio_net import clone_denoiser
 
 NORM_FLOOR = 1e-5   # floor of the per-sample normaliser (as SiD's and DMD's code)
