@@ -1,4 +1,4 @@
-"""Write small feature files with plain h5py, following the DESIGN.md layout, for the analysis tests.
+"""Write small feature files with plain h5py, following the layout in docs/architecture.md, for the analysis tests.
 
 Deliberately independent of any writer in the package: the tests check that the reader accepts
 exactly the documented layout.

@@ -21,7 +21,7 @@ from train.initspec import (
 
 IO = ("conv_in", "conv_out", "time_embedding")
 
-TABLE_ROWS = {  # METHOD.md section 4, one spec per row
+TABLE_ROWS = {  # docs/method.md §5, one spec per row
     "teacher": ["teacher"],
     "random": ["random"],
     "reinit:conv_in,conv_out,time_embedding": ["teacher", "reinit"],

@@ -1,4 +1,4 @@
-"""Initialisation of the one-step generator from an init spec (METHOD.md section 4).
+"""Initialisation of the one-step generator from an init spec (docs/method.md §4-5).
 
 The one replaceable step between the teacher and the student loop: ``train/student/loop.py`` calls
 ``initialise_generator`` and nothing else, so a new kind of initialisation changes only the

@@ -1,4 +1,4 @@
-"""Initialisation specs: which tensors of the one-step generator come from where (METHOD.md section 4).
+"""Initialisation specs: which tensors of the one-step generator come from where (docs/method.md §4-5).
 
 A spec is a short string given to ``--init``. It is parsed and checked before any training, then
 applied to a fresh copy of the teacher's architecture. Grammar::
@@ -28,7 +28,7 @@ term. Re-initialised tensors are copied from a fresh UNet of the same config bui
 drawn from numpy's generator seeded by (seed, crc32(tensor name)): same values and statistics,
 learned structure gone, independent of which other tensors are shuffled.
 
-Examples (the rows of METHOD.md's table)::
+Examples (the rows of the controls table, docs/method.md §5)::
 
     teacher                                   full teacher
     random                                    random

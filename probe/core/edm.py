@@ -32,7 +32,7 @@ def as_sigma(sigma, batch: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def edm_precond(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
-    """EDM's c_skip, c_out, c_in, c_noise for a [B] tensor of sigmas (METHOD.md section 3)."""
+    """EDM's c_skip, c_out, c_in, c_noise for a [B] tensor of sigmas (docs/method.md §1)."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1.0 / (sigma ** 2 + sigma_data ** 2).sqrt()
@@ -58,7 +58,7 @@ class EDMDenoiser(nn.Module):
 
 
 class DDPMDenoiser(nn.Module):
-    """An epsilon-prediction DDPM UNet as an EDM denoiser (METHOD.md section 3).
+    """An epsilon-prediction DDPM UNet as an EDM denoiser (docs/method.md §1).
 
     A DDPM state ``x_t = sqrt(a) y + sqrt(1 - a) eps`` is ``sqrt(a) (y + sigma eps)`` with
     ``sigma = sqrt((1 - a) / a)``, so ``D(x; sigma) = x - sigma * eps_hat(x / sqrt(1 + sigma^2), t)``.

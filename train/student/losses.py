@@ -4,7 +4,7 @@ Everything here is a small pure function of tensors (and a ``torch.Generator`` f
 so the methods in ``train/student/methods/`` stay a few lines each and the unit tests can check each piece
 against its closed form.
 
-Conventions (METHOD.md sections 1-2):
+Conventions (docs/method.md §3):
 
 - noise levels are EDM sigmas; a noised sample is ``x_s = x + sigma * eps``;
 - a ratio classifier's logit ``l(x, sigma)`` estimates ``log p_theta,sigma(x) / p_data,sigma(x)``:
@@ -107,7 +107,7 @@ def h_weight(logit: torch.Tensor,
              kind: str = "js",          # "kl" | "js" | "fkl"
              fkl_clip: float = 10.0,    # fkl: upper clip of exp(-l)
              ) -> torch.Tensor:
-    """h(l) of METHOD.md section 2 (u = p_data / p_theta = exp(-l)); always used under stop-gradient.
+    """h(l) of docs/method.md §3.1 (u = p_data / p_theta = exp(-l)); always used under stop-gradient.
 
     - ``kl``  (reverse KL):  1
     - ``js``  (Jensen-Shannon): sigmoid(-l), the classifier's probability that x is real

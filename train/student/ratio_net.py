@@ -5,7 +5,7 @@ A ratio network maps a noised image and its noise level to one logit
 
 - ``encoder`` (default): the teacher UNet's encoder (conv_in, time embedding, down blocks and mid
   block), copied with its weights, plus a small pooled head (GroupNorm, SiLU, global average
-  pool, linear -> 1). The "lightweight auxiliary network" of METHOD.md section 2.
+  pool, linear -> 1). The "lightweight auxiliary network" of the paper (docs/method.md §3.1).
 - ``encoder-random``: the same architecture with fresh random weights (an ablation).
 - ``cnn``: a small separate sigma-conditioned CNN, random init.
 

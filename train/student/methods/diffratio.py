@@ -1,6 +1,6 @@
 """DiffRatio: score-free one-step training with a sigma-conditioned density-ratio classifier.
 
-METHOD.md section 2. A classifier ``l_eta(x, sigma)`` is trained with the logistic loss on noised
+docs/method.md §3.1. A classifier ``l_eta(x, sigma)`` is trained with the logistic loss on noised
 generator samples (label 1, generator output detached) against noised real images (label 0), so
 that at its optimum ``l = log p_theta,sigma / p_data,sigma``. The generator then minimises
 

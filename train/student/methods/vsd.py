@@ -1,6 +1,6 @@
 """Variational score distillation (Diff-Instruct / VSD / DMD's distribution-matching term).
 
-Two score networks (METHOD.md section 1): the frozen **teacher** for the data score and an online
+Two score networks (docs/method.md §3.2): the frozen **teacher** for the data score and an online
 **fake-score** denoiser (a full copy of the teacher, teacher-initialised) trained by EDM's
 denoising score matching on detached generator samples. In denoiser units the score difference
 is ``s_fake - s_teacher = (D_fake - D_teacher) / sigma^2``, and the generator follows
