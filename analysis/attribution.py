@@ -94,7 +94,8 @@ def fit_standardised(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(standardised coefficients [k], partial correlations [k], R^2) of y on the k columns of x."""
     zy, zx = _z(np.asarray(y, float)), np.column_stack([_z(c) for c in np.asarray(x, float).T])
     k = zx.shape[1]
-    if not (np.isfinite(zy).all() and np.isfinite(zx).all()):
+    if not (np.isfinite(zy).all() and np.isfinite(zx).all()) or np.linalg.matrix_rank(zx, tol=1e-6 * len(zy)) < k:
+        # a constant or perfectly confounded predictor: no coefficient is identified
         return np.full(k, np.nan), np.full(k, np.nan), float("nan")
     beta, *_ = np.linalg.lstsq(zx, zy, rcond=None)
     r2 = float(1 - np.sum((zy - zx @ beta) ** 2) / np.sum(zy ** 2))

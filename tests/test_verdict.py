@@ -348,6 +348,7 @@ def test_attribution_says_when_it_cannot_separate_the_explanations():
     df["fd_start"] = 10 ** (3 - 2 * df["cka_start"])      # the two step-0 properties move together
     fit = attribute(df, n_boot=200).fits[0]
     assert abs(fit.predictor_corr) > 0.99 and "cannot separate" in fit.note
+    assert all(math.isnan(t.coef) for t in fit.terms)                  # not identified, so not reported
     few = df[df.init.isin(["arm0", "arm1", "arm2"])]
     assert not attribution_ready(few) and "fewer than 4 arms" in attribute(few, n_boot=10).fits[0].note
     assert not attribution_ready(df.assign(cka_start=np.nan))
