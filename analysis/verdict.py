@@ -44,8 +44,9 @@ when every one of them is supported; contradicted when any is contradicted; inco
 (any refused or inconclusive contrast, or none declared).
 
 A grid without [contrasts] gets only the derived contrasts "teacher init vs the teacher's figure"
-(claim 1) and "random vs teacher init" (reported, not part of claim 2: it cannot separate features
-from mapping); every other arm is listed as undeclared.
+and, when it has VSD runs, "DiffRatio vs VSD, teacher init" (claim 1), and "random vs teacher init"
+(reported, not part of claim 2: it cannot separate features from mapping); every other arm is
+listed as undeclared.
 """
 
 from __future__ import annotations
@@ -292,8 +293,9 @@ class Verdict:
 
 # ----------------------------------------------------------------------------- verdict
 def default_contrasts(summary: pd.DataFrame, has_reference: bool) -> tuple[list, list]:
-    """(contrasts, notes) for a grid that declares none: teacher init vs the teacher's figure (claim 1)
-    and random vs teacher init (reported only), from the summary's init_group column."""
+    """(contrasts, notes) for a grid that declares none: teacher init vs the teacher's figure and, with
+    VSD runs, DiffRatio vs VSD on the teacher init (claim 1), and random vs teacher init (reported
+    only), from the summary's init_group column."""
     groups = summary.drop_duplicates("init").set_index("init")["init_group"] if "init_group" in summary else pd.Series()
     teachers = [i for i, g in groups.items() if g == "teacher"] or [i for i in groups.index if i in ("teacher", "full")]
     randoms = [i for i, g in groups.items() if g == "random"]
@@ -302,6 +304,12 @@ def default_contrasts(summary: pd.DataFrame, has_reference: bool) -> tuple[list,
         out.append(ContrastSpec(f"{teachers[0]}-vs-reference", teachers[0], "reference",
                                 "the teacher-initialised student against the teacher's own multi-step figure",
                                 "arm no worse", "1"))
+    methods = list(dict.fromkeys(summary["method"])) if "method" in summary else []
+    dr = [m for m in methods if str(m).startswith("diffratio")]
+    if teachers and dr and "vsd" in methods:
+        out.append(ContrastSpec(f"{teachers[0]}-{dr[0]}-vs-vsd", teachers[0], teachers[0],
+                                "DiffRatio against VSD (a score-based method), same teacher init and budget",
+                                "arm no worse", "1", method=dr[0], versus_method="vsd"))
     for r in randoms[:1]:
         if teachers:
             out.append(ContrastSpec(f"{r}-vs-{teachers[0]}", r, teachers[0],
@@ -354,7 +362,8 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str,
     metric = spec.metric
     method = spec.method or method
     res = ContrastResult(spec.name, spec.claim, spec.arm, spec.versus, spec.isolates, spec.predicted, metric,
-                         method=str(method), in_claim=spec.in_claim)
+                         method=str(method) + (f" vs {spec.versus_method}" if spec.versus_method else ""),
+                         in_claim=spec.in_claim)
     base = metric_base(metric)
     sign = metric_sign(metric)
     floor = (reference or {}).get("floor") or {}
@@ -362,8 +371,9 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str,
     fd_floor_sd = float(floor.get("fd_std", np.nan))
     ref_figure = float((reference or {}).get(base, np.nan)) if base in FLOOR_UNITS else float("nan")
     runs = df[df["method"] == method]
+    other = df[df["method"] == (spec.versus_method or method)]
     arm = runs[runs["init"] == spec.arm]
-    versus = runs[runs["init"] == spec.versus] if spec.versus != "reference" else None
+    versus = other[other["init"] == spec.versus] if spec.versus != "reference" else None
     for prop in START_COLUMNS:
         if prop in runs.columns:
             res.start[prop] = {"arm": float(arm[prop].astype(float).mean()) if len(arm) else float("nan"),

@@ -152,6 +152,20 @@ def test_grid_without_contrasts_gets_only_derived_ones():
     assert any("undeclared arms (not judged): band, io-reinit" in n for n in v.notes)
 
 
+def test_vsd_comparison_and_unfinished_runs():
+    dr = _summary({"full": 14.0}, seed=1)
+    vsd = _summary({"full": 10.0}, method="vsd", seed=2)
+    partial = _summary({"full": 1000.0}, seeds=2).assign(status="partial")
+    df = pd.concat([dr, vsd, partial])
+    (t,) = verdict(df, reference=None).contrasts          # derived: DiffRatio vs VSD, same init
+    assert t.name == "full-diffratio-js-vs-vsd" and t.verdict == "contradicted"   # 4 FD worse, margin 1.0
+    assert t.mean_arm == pytest.approx(dr.fd_final.mean()) and t.mean_versus == pytest.approx(vsd.fd_final.mean())
+    declared = C("dr-vs-vsd", "full", "full", "arm no worse", claim="1", method="diffratio-js", versus_method="vsd")
+    assert verdict(df, contrasts=[declared]).contrasts[0].effect == pytest.approx(t.effect)
+    with pytest.raises(UserError, match="both 'full'"):
+        C("x", "full", "full", "arm no worse", claim="1")
+
+
 def test_not_plateaued_arms_are_named_and_cannot_contradict_non_inferiority():
     df = _summary({"full": 19.0, "random": 600.0}).assign(plateau=0.0)
     v = verdict(df, reference=REFERENCE, contrasts=PAPER[:2])
@@ -259,6 +273,7 @@ def test_bad_contrasts_are_refused_when_the_grid_is_read(tmp_path, change, messa
     (('arm = "random"', 'arm = "randm"'), r"arm 'randm' is not an init label of this grid \(labels: full, random\)"),
     (('versus = "full"', 'versus = "teacher"'), "versus 'teacher' is not an init label"),
     (('claim = "2"', 'claim = "2"\nmethod = "vsd"'), "method 'vsd' is not one of the grid's methods"),
+    (('claim = "2"', 'claim = "2"\nversus_method = "gan"'), "versus_method 'gan' is not one of the grid's methods"),
 ])
 def test_unknown_labels_are_a_one_line_error_at_grid_check_time(tmp_path, change, message):
     (tmp_path / "g.toml").write_text(GRID.replace(*change))

@@ -36,6 +36,8 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
     metric = "fd_final"                  # optional summary column (default fd_final)
     match = { property = "fd_start", tolerance = "10%" }   # optional: what the contrast holds fixed
     in_claim = true                      # optional: false = reported but not used by the claim rule
+    method = "diffratio-js"              # optional: whose runs (default: the grid's first diffratio* method)
+    versus_method = "vsd"                # optional: the versus arm's method, when it differs
 
 Groups label what an init keeps of the teacher (teacher, random, features, no-features, partial,
 other); the verdict never pools them: it judges the declared contrasts, or, for a grid without
@@ -79,7 +81,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # contrasts (analysis/verdict.py): what a grid may declare
 PREDICTIONS = ("arm worse", "arm better", "arm no worse")
 CLAIMS = ("1", "2")
-CONTRAST_KEYS = {"arm", "versus", "isolates", "predicted", "claim", "metric", "match", "method", "in_claim"}
+CONTRAST_KEYS = {"arm", "versus", "isolates", "predicted", "claim", "metric", "match", "method", "versus_method",
+                 "in_claim"}
 REFERENCE_METRICS = ("fd_final", "fd_best", "precision_final", "recall_final", "coverage_final")
 # summary columns a contrast may compare or match on (analysis/ablation_summary.py writes them)
 SUMMARY_COLUMN = re.compile(r"^(fd_final|fd_best|fd_start|fd_auc|precision_final|recall_final|coverage_final|"
@@ -119,6 +122,7 @@ class ContrastSpec:
     match: dict | None = None         # {"property": summary column, "tolerance": number | "N%" | "floor"}
     method: str | None = None         # method whose runs are compared; None = the verdict's default method
     in_claim: bool = True             # used by the claim-level rule (False: reported only)
+    versus_method: str | None = None  # the versus arm's method when it differs (e.g. DiffRatio vs VSD, same init)
 
 
 @dataclass
@@ -234,7 +238,7 @@ def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
     missing = [k for k in ("arm", "versus", "isolates", "predicted", "claim") if k not in value]
     if missing:
         raise UserError(f"{at}: missing {missing[0]!r}")
-    for k in ("arm", "versus", "isolates", "predicted", "metric", "method"):
+    for k in ("arm", "versus", "isolates", "predicted", "metric", "method", "versus_method"):
         if k in value and value[k] is not None and (not isinstance(value[k], str) or not value[k].strip()):
             raise UserError(f"{at}: {k} must be a non-empty string")
     claim = str(value["claim"])
@@ -247,8 +251,10 @@ def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
     if not SUMMARY_COLUMN.match(metric):
         raise UserError(f"{at}: metric {metric!r} is not a summary column (e.g. fd_final, fd_best, fd_auc, "
                         f"fd_at_<step>, steps_to_150pct, steps_to_110pct, precision_final)")
-    if value["arm"] == value["versus"]:
-        raise UserError(f"{at}: arm and versus are both {value['arm']!r}")
+    if value["arm"] == value["versus"] and value.get("versus_method") in (None, value.get("method")):
+        raise UserError(f"{at}: arm and versus are both {value['arm']!r} (with the same method)")
+    if value["versus"] == "reference" and value.get("versus_method") is not None:
+        raise UserError(f"{at}: versus_method needs an init label in versus, not \"reference\"")
     if value["arm"] == "reference":
         raise UserError(f"{at}: arm must be an init label; put \"reference\" in versus")
     if value["versus"] == "reference" and metric not in REFERENCE_METRICS:
@@ -261,7 +267,8 @@ def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
         match = _parse_match(match, at, versus_is_reference=value["versus"] == "reference")
     return ContrastSpec(name=name, arm=value["arm"], versus=value["versus"], isolates=value["isolates"].strip(),
                         predicted=value["predicted"], claim=claim, metric=metric, match=match,
-                        method=value.get("method"), in_claim=bool(value.get("in_claim", True)))
+                        method=value.get("method"), in_claim=bool(value.get("in_claim", True)),
+                        versus_method=value.get("versus_method"))
 
 
 def _parse_match(match, at: str, versus_is_reference: bool) -> dict:
@@ -291,9 +298,11 @@ def check_contrasts(grid: Grid) -> None:
             if label not in labels:
                 raise UserError(f"[contrasts.{c.name}]: {role} {label!r} is not an init label of this grid "
                                 f"(labels: {', '.join(labels)}{', reference' if role == 'versus' else ''})")
-        if c.method is not None and c.method not in grid.methods:
-            raise UserError(f"[contrasts.{c.name}]: method {c.method!r} is not one of the grid's methods "
-                            f"({', '.join(grid.methods)})")
+        for role in ("method", "versus_method"):
+            m = getattr(c, role)
+            if m is not None and m not in grid.methods:
+                raise UserError(f"[contrasts.{c.name}]: {role} {m!r} is not one of the grid's methods "
+                                f"({', '.join(grid.methods)})")
         if c.versus == "reference" and grid.reference_steps <= 0:
             raise UserError(f"[contrasts.{c.name}]: versus \"reference\" needs reference_steps > 0")
 
