@@ -2,8 +2,10 @@
 
 Reads the run directories that ``train.ablation.run`` writes and never trains anything. Writes
 ``summary.csv`` (one row per run), ``curves.csv`` (tidy: run, step, metric, value), ``aggregate.csv``
-(mean, std, bootstrap CI per init x method x metric), ``verdict.json`` / ``verdict.txt`` and, when the
-grid asks for features, ``features/*.h5``, ``cka_teacher_student.csv`` and ``probes.csv``.
+(mean, std, bootstrap CI per init x method x metric), ``verdict.json`` / ``verdict.txt`` (the declared
+contrasts, analysis/verdict.py) and, when the grid asks for features, ``features/*.h5``,
+``cka_teacher_student.csv``, ``probes.csv``, ``cka_step0.csv`` (CKA to the teacher of every student's
+step-0 init, analysis/step0.py) and ``attribution.json`` / ``attribution.txt`` (analysis/attribution.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.attribution import attribute, attribution_ready
 from analysis.cka import cka_table
 from analysis.linear import probe_table
+from analysis.step0 import step0_cka, step0_columns
 from analysis.verdict import Verdict, mean_ci, verdict
 from probe.core.errors import UserError
 from probe.core.runs import read_metrics, write_json
@@ -27,11 +31,82 @@ from train.ablation.run import init_sources, run_name, student_status, teacher_p
 from train.student.loop import StudentConfig
 
 # -------------------------------------------------------------------------------- tables
+BUDGET_FRACTIONS = (0.25, 0.5, 1.0)     # fd_at_<step>: the evaluation steps nearest these fractions of the budget
+THRESHOLDS = {"steps_to_150pct": 1.5, "steps_to_110pct": 1.1}   # x the teacher's own FD (reference.json)
+PLATEAU_TAIL = 0.25                     # plateau rule: the last quarter of the evaluations (at least two) ...
+PLATEAU_FLOOR_SD = 2.0                  # ... span at most this many floor standard deviations
+
+
 def _eval_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "eval_fd" in r]
 
 
-def summarise_run(run_dir: Path, steps: int) -> tuple[dict, list[dict]]:
+def budget_steps(steps: int, eval_every: int) -> list[int]:
+    """Evaluation steps nearest 25 / 50 / 100% of the budget (ties go to the later step), without repeats."""
+    if steps <= 0 or eval_every <= 0:
+        return []
+    schedule = sorted(set(range(eval_every, steps + 1, eval_every)) | {steps})
+    out = []
+    for f in BUDGET_FRACTIONS:
+        best = min(schedule, key=lambda s: (abs(s - f * steps), -s))
+        if best not in out:
+            out.append(best)
+    return out
+
+
+def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = float("nan"),
+                  floor_std: float = float("nan")) -> dict:
+    """Learning-curve columns of one run from its [(step, FD)] evaluations (docs/verdict.md).
+
+    fd_at_<s>        FD at the evaluation steps of ``budget_steps`` (NaN where the run has none yet)
+    fd_auc           area under FD against log10(1 + step) from step 0 to the budget, divided by the
+                     width log10(1 + steps): a mean FD over log-steps (NaN unless the curve spans both)
+    steps_to_150pct  first evaluation step with FD <= 1.5 x the teacher's own FD; NaN = not reached
+    steps_to_110pct  the same at 1.1 x (NaN also when the teacher's figure is unknown)
+    plateau          1 when the last quarter of the evaluations after step 0 (at least two) span
+                     <= 2 x the floor's standard deviation, 0 when not, NaN when it cannot be told
+    plateau_spread   that span (max - min), FD units
+    """
+    curve = sorted({int(s): float(v) for s, v in fds if v is not None and math.isfinite(v)}.items())
+    at = dict(curve)
+    row = {f"fd_at_{s}": at.get(s, np.nan) for s in budget_steps(steps, eval_every)}
+    span = [(s, v) for s, v in curve if s <= steps]
+    if span and span[0][0] == 0 and span[-1][0] >= steps and len(span) > 1:
+        x = np.log10(1.0 + np.array([s for s, _ in span], float))
+        y = np.array([v for _, v in span])
+        row["fd_auc"] = float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / x[-1])
+    else:
+        row["fd_auc"] = np.nan
+    for col, k in THRESHOLDS.items():
+        hit = [s for s, v in curve if v <= k * reference_fd] if math.isfinite(reference_fd) else []
+        row[col] = float(hit[0]) if hit else np.nan
+    after = [v for s, v in span if s > 0]
+    n_tail = max(2, math.ceil(PLATEAU_TAIL * len(after)))
+    if span and span[-1][0] >= steps and len(after) >= n_tail:
+        tail = after[-n_tail:]
+        row["plateau_spread"] = float(max(tail) - min(tail))
+        row["plateau"] = float(row["plateau_spread"] <= PLATEAU_FLOOR_SD * floor_std) if math.isfinite(floor_std) else np.nan
+    else:
+        row["plateau_spread"], row["plateau"] = np.nan, np.nan
+    return row
+
+
+def with_curve_figures(summary: pd.DataFrame, steps: int, eval_every: int, reference: dict | None) -> pd.DataFrame:
+    """The learning-curve columns of ``curve_figures`` recomputed from a summary's ``fd_curve`` column
+    (for tables written before those columns existed; the runs themselves are not read)."""
+    reference = reference or {}
+    ref_fd = float(reference.get("fd", np.nan))
+    floor_std = float((reference.get("floor") or {}).get("fd_std", np.nan))
+    figures = [curve_figures(json.loads(c) if isinstance(c, str) else [], steps, eval_every, ref_fd, floor_std)
+               for c in summary["fd_curve"]]
+    extra = pd.DataFrame.from_records(figures, index=summary.index)
+    return pd.concat([summary.drop(columns=[c for c in extra.columns if c in summary.columns]), extra], axis=1)
+
+
+def summarise_run(run_dir: Path, steps: int,
+                  eval_every: int = 0,         # the grid's evaluation interval (0 = no fd_at_<step> columns)
+                  reference: dict | None = None,  # reference.json: the teacher's FD and the floor
+                  ) -> tuple[dict, list[dict]]:
     """(summary row, tidy curve rows) of one student run."""
     rows = _eval_rows(run_dir)
     status = student_status(run_dir, steps)
@@ -39,10 +114,14 @@ def summarise_run(run_dir: Path, steps: int) -> tuple[dict, list[dict]]:
     get = (lambda k: final.get(k, np.nan)) if status == "done" else (lambda k: final.get(f"eval_{k}", np.nan))
     fds = [(r["step"], r["eval_fd"]) for r in rows if r.get("eval_fd") is not None and math.isfinite(r["eval_fd"])]
     best = min(fds, key=lambda t: t[1]) if fds else (np.nan, np.nan)
+    reference = reference or {}
     row = {"status": status, "steps_done": rows[-1]["step"] if rows else 0,
            "fd_final": get("fd"), "fd_best": best[1], "fd_best_step": best[0],
            "precision_final": get("precision"), "recall_final": get("recall"), "coverage_final": get("coverage"),
            "fd_start": rows[0]["eval_fd"] if rows and rows[0]["step"] == 0 else np.nan,
+           **curve_figures(fds, steps, eval_every, float(reference.get("fd", np.nan)),
+                           float((reference.get("floor") or {}).get("fd_std", np.nan))),
+           "cka_start": np.nan,   # step-0 feature similarity: filled by write_tables from cka_step0.csv
            "seconds": final.get("seconds", rows[-1].get("seconds", np.nan) if rows else np.nan),
            "fd_curve": json.dumps([[s, round(v, 6)] for s, v in fds]), **init_sources(run_dir)}
     curve = [{"step": r["step"], "metric": m, "value": r[f"eval_{m}"]} for r in rows for m in CURVE_METRICS
@@ -56,9 +135,11 @@ def aggregate(summary: pd.DataFrame,
               ) -> pd.DataFrame:
     """Tidy mean, std and bootstrap 95% CI per (init, init_group, method, metric) over finished runs."""
     done = summary[summary["status"] == "done"]
+    curve_cols = [c for c in summary.columns if c in ("fd_start", "cka_start", "fd_auc", "plateau")
+                  or c.startswith(("fd_at_", "steps_to_"))]
     records = []
     for (init, group, method), g in done.groupby(["init", "init_group", "method"], sort=False):
-        for metric in AGG_METRICS:
+        for metric in [m for m in AGG_METRICS if m in g.columns] + curve_cols:
             v = g[metric].to_numpy(float)
             v = v[np.isfinite(v)]
             lo, hi = mean_ci(v, n_boot, seed)
@@ -72,6 +153,10 @@ def aggregate(summary: pd.DataFrame,
 def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
     """summary.csv, curves.csv and aggregate.csv from the run directories; returns the summary."""
     steps = int(grid.student.get("steps", _fields(StudentConfig)["steps"].default))
+    eval_every = int(grid.student.get("eval_every", _fields(StudentConfig)["eval_every"].default))
+    ref_path = out / "reference.json"
+    reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
+    start = step0_columns(out)   # {run: {"cka_start": .., "cka_start_s<sigma>": ..}} when step-0 features exist
     rows, curves = [], []
     for entry in grid.inits:
         for method in grid.methods:
@@ -80,7 +165,8 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
                 run_dir = out / "runs" / name
                 keys = {"run": name, "init": entry.label, "init_spec": entry.spec, "init_group": entry.group,
                         "method": method, "seed": seed}
-                row, curve = summarise_run(run_dir, steps)
+                row, curve = summarise_run(run_dir, steps, eval_every, reference)
+                row.update(start.get(name, {}))
                 rows.append({**keys, **row, "run_dir": str(run_dir)})
                 curves += [{**keys, **c} for c in curve]
     summary = pd.DataFrame.from_records(rows)
@@ -155,12 +241,18 @@ def _dataset_of(model_path: str) -> str:
 def analyse_grid(out: Path, grid: Grid, refs: dict, progress: bool = False) -> Verdict:
     """Tables, features (when the grid asks for them) and the verdict of a grid directory."""
     out = Path(out)
+    if grid.features:   # step-0 CKA to the teacher first: write_tables puts it into summary.csv
+        step0_cka(out, grid, refs, progress=progress)
     summary = write_tables(out, grid, refs)
     if grid.features:
         run_ablation_features(out, grid, refs, summary, progress=progress)
     ref_path = out / "reference.json"
     reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
-    result = verdict(summary, reference=reference)
+    result = verdict(summary, reference=reference, contrasts=grid.contrasts or None)
     write_json(out / "verdict.json", result.to_dict())
     (out / "verdict.txt").write_text(result.text() + "\n")
+    if attribution_ready(summary):
+        fit = attribute(summary)
+        write_json(out / "attribution.json", fit.to_dict())
+        (out / "attribution.txt").write_text(fit.text() + "\n")
     return result

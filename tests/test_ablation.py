@@ -1,6 +1,7 @@
 """Ablation grids: checked before training, run end to end on tiny models, resumable, summarised."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 from probe.core.errors import UserError
 from analysis.ablation_summary import aggregate
 from probe.pipeline import run_ablation
-from train.ablation.grid import AblationConfig, check_grid, load_grid, prereq_order
+from train.ablation.grid import AGG_METRICS, AblationConfig, check_grid, grid_path, load_grid, prereq_order
 from train.initspec import CATEGORIES
 
 
@@ -67,10 +68,22 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.metric) >= {"fd", "precision", "recall"} and set(curves.step) == {0, 2}
     agg = pd.read_csv(out / "aggregate.csv")
-    assert set(agg.init) == {"full", "band", "regressed"} and (agg.n == 1).all()
+    assert set(agg.init) == {"full", "band", "regressed"} and (agg[agg.metric.isin(AGG_METRICS)].n == 1).all()
     ref = json.loads((out / "reference.json").read_text())
     assert ref["sampler"] == "heun-2" and ref["n"] == 64
     assert (out / "verdict.txt").read_text().startswith("Verdict")
+    # the declared contrasts: one seed each, so nothing is decided; the CKA match is measured at step 0
+    v = json.loads((out / "verdict.json").read_text())
+    assert [c["name"] for c in v["contrasts"]] == ["full-vs-reference", "band-vs-full", "regressed-vs-full"]
+    assert v["schema"] == 2 and all(c["verdict"] in ("inconclusive", "refused") for c in v["contrasts"])
+    assert v["contrasts"][2]["match"]["property"] == "cka_start" and v["contrasts"][2]["match"]["arm"] is not None
+    # learning-curve and step-0 columns; the teacher init's step-0 features are the teacher's own
+    s = summary.set_index("init")
+    assert {"fd_at_2", "fd_auc", "steps_to_150pct", "steps_to_110pct", "plateau", "cka_start", "cka_start_s2.5"} <= set(s.columns)
+    assert s.loc["full", "cka_start"] == pytest.approx(1.0, abs=1e-6) and s.cka_start.between(-1, 1).all()
+    assert (s.fd_at_2 == s.fd_final).all()
+    step0 = pd.read_csv(out / "cka_step0.csv")
+    assert set(step0.run) == set(summary.run) and set(step0.sigma) == {0.0, 2.5}
 
     # features: teacher vs each student on the same inputs
     cka = pd.read_csv(out / "cka_teacher_student.csv")
@@ -138,13 +151,26 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert grid.external == {"teacher": str(tmp_path)} and grid.student["steps"] == 7 and grid.seeds == [3, 4]
     assert prereq_order(grid.prereqs, grid.external) == ["band_teacher", "regressed"]
     paper = load_grid("paper")
-    refs = check_grid(paper, tmp_path / "paper")   # every spec valid on the tiny teacher's architecture
-    assert set(refs) == {"teacher", "band_teacher", "regressed"}
+    refs = check_grid(paper, tmp_path / "paper")   # every spec and contrast valid on the tiny teacher's architecture
+    assert set(refs) == {"teacher", "band_teacher", "single_teacher", "regressed"}
+    assert paper.prereqs["single_teacher"]["sigma_range"] == [2.5, 2.5]
     specs = {e.spec for e in paper.inits}
-    for row in ("teacher", "random", "reinit:conv_in,conv_out,time_embedding", "keep:down_blocks.*",
-                "keep:up_blocks.*", "keep:mid_block", "shuffle", "from:@band_teacher", "from:@regressed"):
+    for row in ("teacher", "random", "reinit:conv_in,conv_out,time_embedding", "reinit:conv_in,conv_out",
+                "reinit:time_embedding", "shuffle", "from:@band_teacher", "from:@single_teacher", "from:@regressed"):
         assert row in specs
-    assert paper.seeds == [0, 1, 2] and paper.methods == ["diffratio-js"]
+    assert paper.seeds == [0, 1, 2, 3, 4] and paper.methods == ["diffratio-js"]
+    # every arm is in a declared contrast; the mapping-held-fixed ones declare their match on step-0 FD
+    contrasts = {c.name: c for c in paper.contrasts}
+    assert {e.label for e in paper.inits} == {c.arm for c in paper.contrasts} | {c.versus for c in paper.contrasts} - {"reference"}
+    for name in ("band-vs-full", "single-vs-full", "regressed-vs-full"):
+        assert contrasts[name].match["property"] == "fd_start"
+    assert not contrasts["regressed-vs-full"].in_claim and contrasts["full-vs-reference"].claim == "1"
+    partial = load_grid(str(Path(grid_path("paper")).with_name("paper-partial.toml")))
+    check_grid(partial, tmp_path / "partial")
+    assert {e.spec for e in partial.inits} >= {"keep:down_blocks.*", "keep:up_blocks.*", "keep:mid_block"}
+    for name in ("demo", "demo-quick", "methods", "random-js"):
+        grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
+        assert not grid.contrasts or {c.arm for c in grid.contrasts} <= {e.label for e in grid.inits}
 
 
 def test_aggregate_matches_its_definition():
@@ -192,3 +218,20 @@ def test_regressed_generator_fits_the_teachers_samples_and_resumes_exactly(tiny_
     assert gen.kind == "generator" and gen.generator.sigma_init == 2.5 and gen.info["init"] == "random"
     val = [r["val_mse"] for r in read_metrics(full) if "val_mse" in r]
     assert val[-1] < val[0]          # regression makes progress on held-out pairs
+
+
+def test_step0_features_rebuild_the_students_initial_weights_exactly(tiny_teacher, tmp_path):
+    """analysis/step0.py rebuilds each run's init instead of reading it: it must equal what the loop starts from."""
+    import torch
+
+    from probe.core.models import load_model
+    from probe.core.runs import load_state
+    from train.init import initialise_generator
+    from train.student.loop import StudentConfig, train_student
+
+    for spec, seed in (("random", 3), ("reinit:conv_in,conv_out", 1)):
+        out = train_student(StudentConfig(out=str(tmp_path / f"{seed}"), teacher=str(tiny_teacher), init=spec,
+                                          seed=seed, steps=0, batch=8, eval_every=0), progress=False)
+        saved = load_state(out)["generator"]
+        rebuilt = initialise_generator(spec, load_model(tiny_teacher), seed)[0].state_dict()
+        assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)

@@ -27,8 +27,23 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
     sigmas = [0.0, 0.5, 2.5]
     n_samples = 300
 
-Groups (used by analysis/verdict.py): teacher, random, features (teacher features without its I/O
-mapping), no-features (controls without multi-level features), partial, other.
+    [contrasts.band-vs-full]             # one declared contrast per table (analysis/verdict.py judges each)
+    arm = "band"                         # an init label
+    versus = "full"                      # an init label, or "reference" (the teacher's own figure)
+    isolates = "mapping held fixed, multi-level features removed"
+    predicted = "arm worse"              # "arm worse" | "arm better" | "arm no worse"
+    claim = "2"                          # "1" | "2"
+    metric = "fd_final"                  # optional summary column (default fd_final)
+    match = { property = "fd_start", tolerance = "10%" }   # optional: what the contrast holds fixed
+    in_claim = true                      # optional: false = reported but not used by the claim rule
+    method = "diffratio-js"              # optional: whose runs (default: the grid's first diffratio* method)
+    versus_method = "vsd"                # optional: the versus arm's method, when it differs
+
+Groups label what an init keeps of the teacher (teacher, random, features, no-features, partial,
+other); the verdict never pools them: it judges the declared contrasts, or, for a grid without
+[contrasts], only random vs teacher init (and the teacher init vs the teacher's figure).
+A match tolerance is a number (in the property's units), "N%" (of the versus arm's value) or
+"floor" (2 x the real-vs-real floor's standard deviation; for FD properties only).
 
 Everything is checked before any training: options, methods, every init spec (globs against the
 teacher's architecture, "@NAME" against the prerequisites). The directory holds ``grid.json``,
@@ -56,13 +71,23 @@ from train.initspec import validate_init_spec
 SHIPPED = ("paper", "quick")
 GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
 TOP_KEYS = {"teacher", "data", "methods", "seeds", "features", "reference_steps", "student", "inits", "prereq",
-            "extract"}
+            "extract", "contrasts"}
 RESERVED_STUDENT = {"out", "teacher", "init", "method", "seed", "data"}   # set per run by the grid
 EXTRACT_KEYS = {"sigmas": (0.0, 0.5, 2.5), "n_samples": 300, "layers": (), "split": "test", "noise_seed": 0,
                 "batch": 256, "probes": True}
 CURVE_METRICS = ("fd", "precision", "recall", "coverage")
 AGG_METRICS = ("fd_final", "fd_best", "precision_final", "recall_final", "coverage_final")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# contrasts (analysis/verdict.py): what a grid may declare
+PREDICTIONS = ("arm worse", "arm better", "arm no worse")
+CLAIMS = ("1", "2")
+CONTRAST_KEYS = {"arm", "versus", "isolates", "predicted", "claim", "metric", "match", "method", "versus_method",
+                 "in_claim"}
+REFERENCE_METRICS = ("fd_final", "fd_best", "precision_final", "recall_final", "coverage_final")
+# summary columns a contrast may compare or match on (analysis/ablation_summary.py writes them)
+SUMMARY_COLUMN = re.compile(r"^(fd_final|fd_best|fd_start|fd_auc|precision_final|recall_final|coverage_final|"
+                            r"cka_start|cka_start_s[0-9.]+|steps_to_(150|110)pct|fd_at_[0-9]+)$")
+_TOLERANCE = re.compile(r"^([0-9]+(\.[0-9]*)?)%$")
 
 
 @dataclass
@@ -84,6 +109,23 @@ class InitEntry:
 
 
 @dataclass
+class ContrastSpec:
+    """One declared contrast: ``arm`` against ``versus`` on ``metric``, with the paper's prediction."""
+
+    name: str                         # table name in [contrasts]
+    arm: str                          # init label
+    versus: str                       # init label, or "reference" (the teacher's own figure)
+    isolates: str                     # what the contrast holds fixed and what it removes, in words
+    predicted: str                    # one of PREDICTIONS
+    claim: str                        # one of CLAIMS
+    metric: str = "fd_final"          # summary column compared
+    match: dict | None = None         # {"property": summary column, "tolerance": number | "N%" | "floor"}
+    method: str | None = None         # method whose runs are compared; None = the verdict's default method
+    in_claim: bool = True             # used by the claim-level rule (False: reported only)
+    versus_method: str | None = None  # the versus arm's method when it differs (e.g. DiffRatio vs VSD, same init)
+
+
+@dataclass
 class Grid:
     teacher: str
     methods: list
@@ -97,6 +139,7 @@ class Grid:
     reference_steps: int = 18
     external: dict = field(default_factory=dict)  # "@NAME" refs given as paths (a --teacher override)
     source: str = ""
+    contrasts: list = field(default_factory=list)  # [ContrastSpec], declared in [contrasts]
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -124,7 +167,7 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
         if key not in raw:
             raise UserError(f"{path}: missing {key!r}")
     types = {"teacher": str, "data": str, "methods": list, "seeds": list, "features": bool, "reference_steps": int,
-             "student": dict, "inits": dict, "prereq": dict, "extract": dict}
+             "student": dict, "inits": dict, "prereq": dict, "extract": dict, "contrasts": dict}
     for key, kind in types.items():
         if key in raw and not isinstance(raw[key], kind):
             raise UserError(f"{path}: {key!r} must be a {kind.__name__}, got {type(raw[key]).__name__}")
@@ -143,7 +186,8 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
     grid = Grid(teacher=str(raw["teacher"]), methods=list(raw["methods"]), seeds=[int(s) for s in raw["seeds"]],
                 inits=inits, student=dict(raw.get("student", {})), prereqs={k: dict(v) for k, v in raw.get("prereq", {}).items()},
                 data=raw.get("data"), features=bool(raw.get("features", False)), extract=extract,
-                reference_steps=int(raw.get("reference_steps", 18)), source=str(path))
+                reference_steps=int(raw.get("reference_steps", 18)), source=str(path),
+                contrasts=[parse_contrast(name, value, str(path)) for name, value in raw.get("contrasts", {}).items()])
     if overrides is not None:
         if overrides.teacher:
             if grid.teacher.startswith("@"):  # the prerequisite it named is replaced, not built
@@ -177,6 +221,90 @@ def _init_entry(label: str, value, path: Path) -> InitEntry:
     if group not in GROUPS:
         raise UserError(f"{path}: [inits] {label}: unknown group {group!r}; choose one of {', '.join(GROUPS)}")
     return InitEntry(label, str(value["spec"]), group)
+
+
+def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
+    """A [contrasts.NAME] table (or a dict) -> ContrastSpec; field values are checked, labels are not
+    (``check_contrasts`` does that against the grid's inits)."""
+    if isinstance(value, ContrastSpec):
+        return value
+    at = f"{where}: [contrasts.{name}]"
+    if not isinstance(value, dict):
+        raise UserError(f"{at} must be a table with arm, versus, isolates, predicted, claim")
+    value = {k: v for k, v in value.items() if k != "name"}
+    extra = sorted(set(value) - CONTRAST_KEYS)
+    if extra:
+        raise UserError(f"{at}: unknown key {extra[0]!r} (allowed: {', '.join(sorted(CONTRAST_KEYS))})")
+    missing = [k for k in ("arm", "versus", "isolates", "predicted", "claim") if k not in value]
+    if missing:
+        raise UserError(f"{at}: missing {missing[0]!r}")
+    for k in ("arm", "versus", "isolates", "predicted", "metric", "method", "versus_method"):
+        if k in value and value[k] is not None and (not isinstance(value[k], str) or not value[k].strip()):
+            raise UserError(f"{at}: {k} must be a non-empty string")
+    claim = str(value["claim"])
+    if claim not in CLAIMS:
+        raise UserError(f"{at}: claim must be one of {', '.join(repr(c) for c in CLAIMS)}, got {value['claim']!r}")
+    if value["predicted"] not in PREDICTIONS:
+        raise UserError(f"{at}: predicted must be one of {', '.join(repr(p) for p in PREDICTIONS)}, "
+                        f"got {value['predicted']!r}")
+    metric = value.get("metric", "fd_final")
+    if not SUMMARY_COLUMN.match(metric):
+        raise UserError(f"{at}: metric {metric!r} is not a summary column (e.g. fd_final, fd_best, fd_auc, "
+                        f"fd_at_<step>, steps_to_150pct, steps_to_110pct, precision_final)")
+    if value["arm"] == value["versus"] and value.get("versus_method") in (None, value.get("method")):
+        raise UserError(f"{at}: arm and versus are both {value['arm']!r} (with the same method)")
+    if value["versus"] == "reference" and value.get("versus_method") is not None:
+        raise UserError(f"{at}: versus_method needs an init label in versus, not \"reference\"")
+    if value["arm"] == "reference":
+        raise UserError(f"{at}: arm must be an init label; put \"reference\" in versus")
+    if value["versus"] == "reference" and metric not in REFERENCE_METRICS:
+        raise UserError(f"{at}: the teacher's reference figure has no {metric!r}; "
+                        f"use one of {', '.join(REFERENCE_METRICS)}")
+    if "in_claim" in value and not isinstance(value["in_claim"], bool):
+        raise UserError(f"{at}: in_claim must be true or false")
+    match = value.get("match")
+    if match is not None:
+        match = _parse_match(match, at, versus_is_reference=value["versus"] == "reference")
+    return ContrastSpec(name=name, arm=value["arm"], versus=value["versus"], isolates=value["isolates"].strip(),
+                        predicted=value["predicted"], claim=claim, metric=metric, match=match,
+                        method=value.get("method"), in_claim=bool(value.get("in_claim", True)),
+                        versus_method=value.get("versus_method"))
+
+
+def _parse_match(match, at: str, versus_is_reference: bool) -> dict:
+    if not isinstance(match, dict) or set(match) != {"property", "tolerance"}:
+        raise UserError(f"{at}: match must be {{ property = \"fd_start\", tolerance = 50 | \"10%\" | \"floor\" }}")
+    if versus_is_reference:
+        raise UserError(f"{at}: a match needs two arms; the reference has no step-0 figures")
+    prop, tol = match["property"], match["tolerance"]
+    if not isinstance(prop, str) or not SUMMARY_COLUMN.match(prop):
+        raise UserError(f"{at}: match property {prop!r} is not a summary column (e.g. fd_start, cka_start)")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0
+                                     or isinstance(tol, str) and (tol == "floor" or _TOLERANCE.match(tol))):
+        raise UserError(f"{at}: match tolerance must be a number >= 0, \"N%\" or \"floor\", got {tol!r}")
+    if tol == "floor" and not prop.startswith("fd"):
+        raise UserError(f"{at}: tolerance \"floor\" is the FD floor's spread; {prop!r} is not an FD")
+    return {"property": prop, "tolerance": float(tol) if isinstance(tol, (int, float)) else tol}
+
+
+def check_contrasts(grid: Grid) -> None:
+    """Every contrast names init labels (and a method) of this grid; names are unique by construction."""
+    labels = [e.label for e in grid.inits]
+    for c in grid.contrasts:
+        for role in ("arm", "versus"):
+            label = getattr(c, role)
+            if role == "versus" and label == "reference":
+                continue
+            if label not in labels:
+                raise UserError(f"[contrasts.{c.name}]: {role} {label!r} is not an init label of this grid "
+                                f"(labels: {', '.join(labels)}{', reference' if role == 'versus' else ''})")
+        for role in ("method", "versus_method"):
+            m = getattr(c, role)
+            if m is not None and m not in grid.methods:
+                raise UserError(f"[contrasts.{c.name}]: {role} {m!r} is not one of the grid's methods "
+                                f"({', '.join(grid.methods)})")
+        if c.versus == "reference" and grid.reference_steps <= 0:
+            raise UserError(f"[contrasts.{c.name}]: versus \"reference\" needs reference_steps > 0")
 
 
 # ------------------------------------------------------------------------------ checking
@@ -291,6 +419,7 @@ def check_grid(grid: Grid, out: Path) -> dict:
         raise UserError(f"teacher = {grid.teacher!r} names no [prereq.{grid.teacher[1:]}]")
     for m in grid.methods:
         get_method(m)
+    check_contrasts(grid)
     if not grid.seeds or any(s < 0 for s in grid.seeds) or len(set(grid.seeds)) != len(grid.seeds):
         raise UserError("seeds must be distinct non-negative integers")
     student = _coerce(StudentConfig, grid.student, "[student]", reserved=RESERVED_STUDENT)
