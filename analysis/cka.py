@@ -8,15 +8,17 @@ Estimators (X is [n, d], Y is [n, e], rows are the same inputs):
                            score ~0.9 at n=64, d=512). Computed in feature space, without n x n Grams.
 - ``minibatch_cka``        unbiased HSIC averaged over aligned minibatches (Nguyen et al. 2021), streams.
 - ``rbf_cka``              Gaussian-kernel CKA, bandwidth = median pairwise distance x factor.
-- ``cknna``                centred kernel nearest-neighbour alignment (Huh et al. 2024): CKA restricted
-                           to pairs that are k-nearest neighbours in both spaces.
+- ``cknna``                centered kernel nearest-neighbour alignment (Huh et al. 2024): unbiased HSIC of
+                           linear kernels restricted to mutual k-nearest-neighbour pairs, as their
+                           reference code computes it.
 - ``permutation_null``     the same estimator with the rows of Y shuffled: what "no relation" scores.
 - ``cka_table``            tidy DataFrame over (layer, sigma) pairs of one or two feature stores.
 
-Numerics: features are centred in float64 before any product, so a large common offset cannot eat
-the float32 mantissa. Float32/float16 inputs then do their matrix products in float32 over blocks of
-rows, summed in float64 (half the time of float64 BLAS; the centred float32 values carry all the
-information the stored float32 features had). Float64 inputs stay float64 throughout.
+Numerics: features are centred in float64 before any product (CKNNA excepted: it takes the features
+as given, as published), so a large common offset cannot eat the float32 mantissa. Float32/float16
+inputs then do their matrix products in float32 over blocks of rows, summed in float64 (half the
+time of float64 BLAS; the centred float32 values carry all the information the stored float32
+features had). Float64 inputs stay float64 throughout.
 """
 
 from __future__ import annotations
@@ -147,7 +149,9 @@ def _ratio(num: float, den_x: float, den_y: float) -> float:
 
 
 def hsic_unbiased(K, L) -> float:
-    """Unbiased HSIC of two n x n kernel matrices, straight from Song et al. (2012) eq. 5 (O(n^2))."""
+    """Unbiased HSIC of two n x n kernel matrices, straight from Song et al. (2012) eq. 5 (O(n^2)):
+    [tr(K~ L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2 1'K~L~1/(n-2)] / (n(n-3)), K~ = K with zero diagonal.
+    Written with the transposes of eq. 5, so it also holds for non-symmetric (masked) kernels."""
     K = np.array(K, dtype=np.float64)
     L = np.array(L, dtype=np.float64)
     n = K.shape[0]
@@ -155,8 +159,8 @@ def hsic_unbiased(K, L) -> float:
         raise UserError(f"the unbiased HSIC needs at least 4 samples, got n={n}")
     np.fill_diagonal(K, 0.0)
     np.fill_diagonal(L, 0.0)
-    k1, l1 = K.sum(axis=1), L.sum(axis=1)
-    value = np.vdot(K, L) + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
+    k1, l1 = K.sum(axis=0), L.sum(axis=1)  # 1'K~ and L~1, so that k1 @ l1 = 1'K~L~1
+    value = np.vdot(K, L.T) + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
     return float(value / (n * (n - 3)))
 
 
@@ -225,34 +229,81 @@ class _RbfEstimator:
 
 @dataclass
 class _KnnState:
-    idx: np.ndarray   # [n, k] the k rows with the largest centred linear kernel value (self excluded)
-    val: np.ndarray   # [n, k] those kernel values, float64
+    """One side of CKNNA: each row's k neighbours in its linear kernel K = X X^T, and a self term."""
+    idx: np.ndarray   # [n, k] columns j != i with the k largest K_ij (ties: lower j first), ascending j
+    val: np.ndarray   # [n, k] those K_ij, float64
+    self_term: float  # HSIC_u(K o M, K o M) with M this side's own top-k mask
+
+
+def _hsic_u_sparse(rows_a, cols_a, a, rows_b, cols_b, b, n: int) -> float:
+    """Song et al. (2012) eq. 5 for two n x n zero-diagonal matrices given as (row, col, value) lists,
+    each (row, col) at most once; neither needs to be symmetric (k-NN masks are not):
+    [tr(A B) + (1'A1)(1'B1)/((n-1)(n-2)) - 2 (1'A B 1)/(n-2)] / (n(n-3))."""
+    # tr(A B) = sum_ij A_ij B_ji: match A's (i, j) with B's (j, i) through flat keys
+    _, ia, ib = np.intersect1d(rows_a * n + cols_a, cols_b * n + rows_b, assume_unique=True, return_indices=True)
+    trace = float(a[ia] @ b[ib])
+    a_colsum = np.bincount(cols_a, weights=a, minlength=n)  # A' 1
+    b_rowsum = np.bincount(rows_b, weights=b, minlength=n)  # B 1
+    value = trace + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * float(a_colsum @ b_rowsum) / (n - 2)
+    return float(value / (n * (n - 3)))
+
+
+def _top_k_kernel(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, val) of the k largest off-diagonal entries of each row of x x^T, in blocks of rows.
+
+    Ties at the k-th value go to the lower column index, so the neighbour sets are deterministic
+    (torch.topk in the reference leaves tie order unspecified; continuous features have no ties).
+    """
+    n = x.shape[0]
+    idx = np.empty((n, k), dtype=np.int64)
+    val = np.empty((n, k), dtype=np.float64)
+    for start in range(0, n, 1024):  # never the whole n x n kernel at once
+        rows = np.arange(start, min(start + 1024, n))
+        K = x[rows] @ x.T
+        K[np.arange(rows.size), rows] = -np.inf
+        kth = -np.partition(-K, k - 1, axis=1)[:, k - 1:k]   # the k-th largest value of each row
+        above = K > kth
+        tied = K == kth
+        need = k - above.sum(axis=1, keepdims=True)           # how many tied columns to take
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= need))
+        cols = np.nonzero(keep)[1].reshape(rows.size, k)      # exactly k per row, ascending
+        idx[rows], val[rows] = cols, np.take_along_axis(K, cols, axis=1)
+    return idx, val
 
 
 class _CknnaEstimator:
-    """Align(K, L) = sum_i sum_j alpha_ij K_ij L_ij over j that are among the k nearest neighbours of i
-    in both spaces (alpha_ij = 1), with K, L the linear kernels of centred features; CKNNA =
-    Align(K, L) / sqrt(Align(K, K) Align(L, L)) (Huh et al. 2024, Appendix). Neighbours are the largest
-    kernel values of each row, as in the paper. Hand-written: no maintained library provides it.
+    """CKNNA exactly as published with the Platonic Representation Hypothesis (Huh et al. 2024;
+    reference implementation ``AlignmentMetrics.cknna`` in github.com/minyoungg/platonic-rep,
+    metrics.py, with its defaults unbiased=True, distance_agnostic=False):
+
+    - linear kernels K = X X^T, L = Y Y^T of the features as given (no centring: the unbiased HSIC
+      centres implicitly; the paper's pipeline L2-normalises rows before calling it);
+    - M_K[i, j] = 1 if j is among the k largest K[i, :] with the diagonal excluded; M_L likewise;
+    - cross term HSIC_u(K o M_K o M_L, L o M_K o M_L), the mutual k-NN pairs of both spaces;
+      self terms HSIC_u(K o M_K, K o M_K) and HSIC_u(L o M_L, L o M_L), each with its own mask;
+    - HSIC_u is Song et al. (2012) eq. 5 literally, tr(K~ L~) and 1'K~L~1 (the masked kernels are
+      not symmetric, so the transposes matter);
+    - CKNNA = cross / (sqrt(self_K * self_L) + eps). The reference uses eps = 1e-6 as a guard;
+      the default here is 0, so the value does not depend on the scale of the features (on
+      L2-normalised rows the guard moves the value by ~2e-4; pass eps=1e-6 to reproduce it).
+    Ties at the k-th neighbour go to the lower index (torch.topk leaves their order unspecified).
+
+    Only the n*k masked entries are stored: a row permutation of Y (the null) permutes L's
+    neighbour lists and changes only the cross term; the self terms are computed once.
     """
 
-    def __init__(self, k: int = 10):
-        self.k = int(k)
+    def __init__(self, k: int = 10, eps: float = 0.0):
+        self.k, self.eps = int(k), float(eps)
 
     def prepare(self, X) -> _KnnState:
-        xc = _centre(np.asarray(X)).astype(np.float64)
-        n, k = xc.shape[0], self.k
+        x = np.asarray(X, dtype=np.float64)
+        n, k = x.shape[0], self.k
         if not 1 <= k < n:
             raise UserError(f"CKNNA needs 1 <= k < n, got k={k}, n={n}")
-        idx = np.empty((n, k), dtype=np.int64)
-        val = np.empty((n, k), dtype=np.float64)
-        for start in range(0, n, 1024):  # blocks of kernel rows: never the whole n x n at once
-            rows = np.arange(start, min(start + 1024, n))
-            K = xc[rows] @ xc.T
-            K[np.arange(rows.size), rows] = -np.inf
-            top = np.argpartition(-K, k - 1, axis=1)[:, :k]
-            idx[rows], val[rows] = top, np.take_along_axis(K, top, axis=1)
-        return _KnnState(idx, val)
+        idx, val = _top_k_kernel(x, k)
+        rows = np.repeat(np.arange(n), k)
+        cols, v = idx.ravel(), val.ravel()
+        return _KnnState(idx, val, _hsic_u_sparse(rows, cols, v, rows, cols, v, n))
 
     def score(self, sx: _KnnState, sy: _KnnState, perm=None) -> float:
         if perm is None:
@@ -261,9 +312,14 @@ class _CknnaEstimator:
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(perm.size)
             idx_y, val_y = inverse[sy.idx[perm]], sy.val[perm]
-        both = sx.idx[:, :, None] == idx_y[:, None, :]  # [n, k, k]: same neighbour in both spaces
-        align = float(np.einsum("ia,ib,iab->", sx.val, val_y, both))
-        return _ratio(align, float(np.vdot(sx.val, sx.val)), float(np.vdot(val_y, val_y)))
+        n = sx.idx.shape[0]
+        # (i, a, b) with sx.idx[i, a] == idx_y[i, b]: j = that column is a neighbour of i in both spaces
+        i, a, b = np.nonzero(sx.idx[:, :, None] == idx_y[:, None, :])
+        cols = sx.idx[i, a]
+        cross = _hsic_u_sparse(i, cols, sx.val[i, a], i, cols, val_y[i, b], n)
+        if self.eps == 0.0:
+            return _ratio(cross, sx.self_term, sy.self_term)
+        return float(cross / (np.sqrt(sx.self_term * sy.self_term) + self.eps))
 
 
 def _make_estimator(name: str, **options):
@@ -274,7 +330,7 @@ def _make_estimator(name: str, **options):
     if name == "rbf":
         return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False))
     if name == "cknna":
-        return _CknnaEstimator(options.get("k", 10))
+        return _CknnaEstimator(options.get("k", 10), options.get("eps", 0.0))
     raise UserError(f"unknown CKA estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
 
 
@@ -351,11 +407,15 @@ def rbf_cka(X, Y, *,
 
 
 def cknna(X, Y, *,
-          k: int = 10,   # neighbours per sample, 1 <= k < n
+          k: int = 10,       # neighbours per sample, 1 <= k < n
+          eps: float = 0.0,  # added to the denominator; the reference implementation uses 1e-6
           ) -> float:
-    """Centred kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024)."""
-    X, Y = _check_pair(X, Y)
-    est = _CknnaEstimator(k)
+    """Centered kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024, "The
+    Platonic Representation Hypothesis"), computed as their reference ``metrics.cknna`` does; see
+    ``_CknnaEstimator`` for the exact definition. Linear kernels of X and Y as given; needs n >= 4.
+    """
+    X, Y = _check_pair(X, Y, min_rows=4)
+    est = _CknnaEstimator(k, eps)
     return est.score(est.prepare(X), est.prepare(Y))
 
 
@@ -365,7 +425,7 @@ _BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: 
 def permutation_null(estimator: str | Callable, X, Y,
                      n_perm: int = 100,   # number of row shuffles of Y
                      seed: int = 0,       # seed of the shuffles
-                     **options,           # passed on to the estimator (form, k, sigma_factor, debiased)
+                     **options,           # passed on to the estimator (form, k, eps, sigma_factor, debiased)
                      ) -> NullDistribution:
     """Scores of ``estimator`` with the rows of Y shuffled ``n_perm`` times: the no-relation baseline.
 
@@ -495,7 +555,9 @@ def cka_table(store_a: FeatureStore,
     def state(store, which, layer, s):
         return cache.get((which, layer, s), lambda: est.prepare(store.load(layer, s, rows)))
 
-    todo = _comparisons(mode, layers_a, layers_b, sigma_idx, symmetric)
+    # One store: each unordered pair once, then mirrored; CKNNA is not symmetric, so both orders.
+    mirror = symmetric and estimator != "cknna"
+    todo = _comparisons(mode, layers_a, layers_b, sigma_idx, mirror)
     records = []
     with progress_bar(len(todo), f"CKA ({estimator}, {mode})", enabled=progress) as advance:
         for index, (la, sa, lb, sb) in enumerate(todo):
@@ -519,7 +581,7 @@ def cka_table(store_a: FeatureStore,
                        null_p95=null.p95, n_perm=n_perm, n=n_used, bandwidth_a=bw[0], bandwidth_b=bw[1],
                        k=k if estimator == "cknna" else np.nan, seed=seed)
             records.append(row)
-            if symmetric and (la, sa) != (lb, sb):  # mirror the unordered pair
+            if mirror and (la, sa) != (lb, sb):  # mirror the unordered pair
                 records.append({**row, "layer_a": lb, "sigma_a": row["sigma_b"], "layer_b": la,
                                 "sigma_b": row["sigma_a"], "bandwidth_a": bw[1], "bandwidth_b": bw[0]})
             advance(1, info=f"{la} σ={store_a.sigmas[sa]:g}")
