@@ -7,7 +7,9 @@ Estimators (X is [n, d], Y is [n, e], rows are the same inputs):
                            because the biased form is inflated at small n (independent random features
                            score ~0.9 at n=64, d=512). Computed in feature space, without n x n Grams.
 - ``minibatch_cka``        unbiased HSIC averaged over aligned minibatches (Nguyen et al. 2021), streams.
-- ``rbf_cka``              Gaussian-kernel CKA, bandwidth = median pairwise distance x factor.
+- ``rbf_cka``              Gaussian-kernel CKA, bandwidth = factor x median pairwise distance, the median
+                           taken as Kornblith et al. do (all n^2 distances, zero diagonal included) or
+                           over the off-diagonal pairs only (``bandwidth=``, see BANDWIDTH_RULES).
 - ``cknna``                centered kernel nearest-neighbour alignment (Huh et al. 2024): unbiased HSIC of
                            linear kernels restricted to mutual k-nearest-neighbour pairs, as their
                            reference code computes it.
@@ -43,6 +45,11 @@ ESTIMATOR_TITLES = {
     "minibatch": "minibatch linear CKA (unbiased HSIC)",
     "rbf": "RBF CKA",
     "cknna": "CKNNA",
+}
+# How the RBF bandwidth's median distance is taken; the first is the default.
+BANDWIDTH_RULES = {
+    "kornblith": "median of all n^2 squared distances, zero diagonal included (Kornblith et al. 2019)",
+    "offdiag": "median of the n(n-1)/2 off-diagonal squared distances",
 }
 
 
@@ -202,15 +209,30 @@ def _sq_dists(X: np.ndarray) -> np.ndarray:
     return d2
 
 
+def _check_bandwidth_rule(rule: str) -> str:
+    if rule not in BANDWIDTH_RULES:
+        raise UserError(f"unknown RBF bandwidth rule {rule!r} (choose from {', '.join(BANDWIDTH_RULES)})")
+    return rule
+
+
 class _RbfEstimator:
-    def __init__(self, sigma_factor: float = 1.0, debiased: bool = False):
+    """K_ij = exp(-|x_i - x_j|^2 / (2 bandwidth^2)), bandwidth = sigma_factor * sqrt(median d^2).
+
+    Rule "kornblith" is the reference notebook's gram_rbf(x, threshold) (Kornblith et al. 2019,
+    "Similarity of Neural Network Representations Revisited"): np.median over the full n x n
+    squared-distance matrix, its n zeros on the diagonal included, and threshold = sigma_factor.
+    Rule "offdiag" takes the median over distinct pairs only (slightly larger bandwidth).
+    """
+
+    def __init__(self, sigma_factor: float = 1.0, debiased: bool = False, bandwidth: str = "kornblith"):
         self.sigma_factor, self.debiased = float(sigma_factor), debiased
+        self.rule = _check_bandwidth_rule(bandwidth)
 
     def prepare(self, X) -> _RbfState:
         d2 = _sq_dists(np.asarray(X))
         n = d2.shape[0]
-        median = float(np.sqrt(np.median(d2[np.triu_indices(n, 1)])))
-        bandwidth = self.sigma_factor * median
+        median_sq = np.median(d2) if self.rule == "kornblith" else np.median(d2[np.triu_indices(n, 1)])
+        bandwidth = self.sigma_factor * float(np.sqrt(median_sq))
         if bandwidth <= 0:
             return _RbfState(np.zeros_like(d2), bandwidth)  # all points identical: no signal
         K = np.exp(d2 / (-2.0 * bandwidth**2))
@@ -328,7 +350,8 @@ def _make_estimator(name: str, **options):
     if name == "linear":
         return _LinearEstimator(False, options.get("form", "auto"))
     if name == "rbf":
-        return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False))
+        return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False),
+                             options.get("bandwidth", "kornblith"))
     if name == "cknna":
         return _CknnaEstimator(options.get("k", 10), options.get("eps", 0.0))
     raise UserError(f"unknown CKA estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
@@ -392,16 +415,19 @@ def minibatch_cka(batches_x: Iterable, batches_y: Iterable) -> float:
 
 
 def rbf_cka(X, Y, *,
-            sigma_factor: float = 1.0,   # bandwidth = median pairwise distance x this
-            debiased: bool = False,      # unbiased HSIC instead of Kornblith's biased one
+            sigma_factor: float = 1.0,         # bandwidth = this x median pairwise distance
+            debiased: bool = False,            # unbiased HSIC instead of Kornblith's biased one
+            bandwidth: str = "kornblith",      # how the median is taken: "kornblith" | "offdiag"
             ) -> RbfCka:
-    """Gaussian-kernel CKA; bandwidth = median off-diagonal pairwise distance x ``sigma_factor``.
+    """Gaussian-kernel CKA; bandwidth = ``sigma_factor`` x sqrt(median squared pairwise distance).
 
-    Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as in Kornblith et al. unless ``debiased``.
-    Builds n x n kernels: keep n to a few thousand.
+    ``bandwidth="kornblith"`` (default) takes the median over all n^2 entries, zero diagonal
+    included, as Kornblith et al.'s reference gram_rbf(x, threshold=sigma_factor) does;
+    ``"offdiag"`` over distinct pairs only. Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as
+    in Kornblith et al. unless ``debiased``. Builds n x n kernels: keep n to a few thousand.
     """
     X, Y = _check_pair(X, Y, min_rows=4 if debiased else 2)
-    est = _RbfEstimator(sigma_factor, debiased)
+    est = _RbfEstimator(sigma_factor, debiased, bandwidth)
     sx, sy = est.prepare(X), est.prepare(Y)
     return RbfCka(est.score(sx, sy), sx.bandwidth, sy.bandwidth)
 
@@ -425,7 +451,7 @@ _BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: 
 def permutation_null(estimator: str | Callable, X, Y,
                      n_perm: int = 100,   # number of row shuffles of Y
                      seed: int = 0,       # seed of the shuffles
-                     **options,           # passed on to the estimator (form, k, eps, sigma_factor, debiased)
+                     **options,           # passed on to the estimator (form, k, eps, sigma_factor, debiased, bandwidth)
                      ) -> NullDistribution:
     """Scores of ``estimator`` with the rows of Y shuffled ``n_perm`` times: the no-relation baseline.
 
@@ -510,6 +536,7 @@ def cka_table(store_a: FeatureStore,
               max_rows: int = 5000,                 # rbf / cknna: seeded subset of at most this many rows (n x n)
               k: int = 10,                          # neighbours for cknna
               sigma_factor: float = 1.0,            # rbf bandwidth = median distance x this
+              bandwidth: str = "kornblith",         # rbf: how that median is taken, a key of BANDWIDTH_RULES
               cache_bytes: int = 2 << 30,           # memory for prepared per-(layer, sigma) states, bytes
               ) -> pd.DataFrame:
     """Tidy table of CKA values between (layer, sigma) feature sets.
@@ -519,7 +546,7 @@ def cka_table(store_a: FeatureStore,
     mode "sigmas": every sigma against every sigma within each layer (within A, or A against B).
     ``layers`` / ``sigmas`` restrict to names / sigma values. Columns: mode, estimator, model_a,
     layer_a, sigma_a, model_b, layer_b, sigma_b, cka, null_mean, null_p95, n_perm, n, bandwidth_a,
-    bandwidth_b (rbf only), k (cknna only), seed.
+    bandwidth_b, bandwidth_rule, sigma_factor (rbf only), k (cknna only), seed.
     """
     if mode not in MODES:
         raise UserError(f"unknown CKA mode {mode!r} (choose from {', '.join(MODES)})")
@@ -549,7 +576,11 @@ def cka_table(store_a: FeatureStore,
     if n_used < 4:
         raise UserError(f"CKA needs at least 4 samples, {store_a.path} has {n_used}")
 
-    est = None if estimator == "minibatch" else _make_estimator(estimator, k=k, sigma_factor=sigma_factor)
+    rbf = estimator == "rbf"
+    if rbf:
+        _check_bandwidth_rule(bandwidth)
+    est = None if estimator == "minibatch" else _make_estimator(estimator, k=k, sigma_factor=sigma_factor,
+                                                                  bandwidth=bandwidth)
     cache = _StateCache(cache_bytes)
 
     def state(store, which, layer, s):
@@ -579,6 +610,7 @@ def cka_table(store_a: FeatureStore,
                        sigma_a=float(store_a.sigmas[sa]), model_b=store_b.name, layer_b=lb,
                        sigma_b=float(store_b.sigmas[sb]), cka=value, null_mean=null.mean,
                        null_p95=null.p95, n_perm=n_perm, n=n_used, bandwidth_a=bw[0], bandwidth_b=bw[1],
+                       bandwidth_rule=bandwidth if rbf else None, sigma_factor=sigma_factor if rbf else np.nan,
                        k=k if estimator == "cknna" else np.nan, seed=seed)
             records.append(row)
             if mirror and (la, sa) != (lb, sb):  # mirror the unordered pair

@@ -129,12 +129,44 @@ def test_minibatch_streams_from_feature_store(tmp_path, rng):
         assert value == pytest.approx(debiased_linear_cka(X, Y), abs=0.05)
 
 
-def test_rbf_bandwidth_is_median_distance_times_factor(rng):
-    X, Y = _related(rng, n=80)
-    result = rbf_cka(X, Y, sigma_factor=0.5)
-    assert result.bandwidth_x == pytest.approx(0.5 * np.median(pdist(X)), rel=1e-9)
-    assert result.bandwidth_y == pytest.approx(0.5 * np.median(pdist(Y)), rel=1e-9)
-    assert 0 < result.cka < 1
+def test_rbf_bandwidth_rules_are_medians_of_the_stated_distances(rng):
+    X, Y = _related(rng, n=83)  # 83 * 82 / 2 pairs is odd: the medians of d and of d^2 are the same pair
+    off = rbf_cka(X, Y, sigma_factor=0.5, bandwidth="offdiag")
+    assert off.bandwidth_x == pytest.approx(0.5 * np.median(pdist(X)), rel=1e-9)
+    assert off.bandwidth_y == pytest.approx(0.5 * np.median(pdist(Y)), rel=1e-9)
+    full = rbf_cka(X, Y, sigma_factor=0.5)  # default: Kornblith's, zeros of the diagonal included
+    sq = lambda F: ((F[:, None, :] - F[None, :, :]) ** 2).sum(-1)
+    assert full.bandwidth_x == pytest.approx(0.5 * np.sqrt(np.median(sq(X))), rel=1e-9)
+    assert full.bandwidth_x < off.bandwidth_x and 0 < full.cka < 1 and 0 < off.cka < 1
+    with pytest.raises(UserError, match="bandwidth rule"):
+        rbf_cka(X, Y, bandwidth="median")
+
+
+def _kornblith_rbf_cka(X, Y, threshold):
+    """Kornblith et al. (2019) as in their notebook's formulas: gram_rbf (median of the full squared
+    distance matrix, diagonal zeros included), center_gram (H K H), cka (normalised Frobenius product)."""
+    def gram_rbf(x):
+        dots = x @ x.T
+        sq_norms = np.diag(dots)
+        sq_distances = -2.0 * dots + sq_norms[:, None] + sq_norms[None, :]
+        return np.exp(-sq_distances / (2.0 * threshold**2 * np.median(sq_distances)))
+
+    def center(g):
+        n = g.shape[0]
+        H = np.eye(n) - np.ones((n, n)) / n
+        return H @ g @ H
+
+    gx, gy = center(gram_rbf(X)), center(gram_rbf(Y))
+    return np.sum(gx * gy) / (np.linalg.norm(gx) * np.linalg.norm(gy))
+
+
+def test_rbf_kornblith_rule_reproduces_the_reference_notebook_example():
+    np.random.seed(1337)  # the notebook's own example, in its order of draws
+    X = np.random.randn(100, 10)
+    Y = np.random.randn(100, 10) + X
+    ref = _kornblith_rbf_cka(X, Y, threshold=0.5)
+    assert rbf_cka(X, Y, sigma_factor=0.5, bandwidth="kornblith").cka == pytest.approx(ref, abs=1e-10)
+    assert abs(rbf_cka(X, Y, sigma_factor=0.5, bandwidth="offdiag").cka - ref) > 1e-4  # the other rule differs
 
 
 def _loop_hsic_u(A, B):
@@ -258,6 +290,11 @@ def test_cka_table_pair_mode(tmp_path, rng):
     assert np.allclose(mb.cka, 1.0)
     rbf = cka_table(a, b, mode="pair", estimator="rbf", layers=["down_blocks.1"], sigmas=[10], n_perm=0)
     assert len(rbf) == 1 and rbf.bandwidth_b.iloc[0] == pytest.approx(2.0 * rbf.bandwidth_a.iloc[0])
+    assert rbf.bandwidth_rule.iloc[0] == "kornblith" and rbf.sigma_factor.iloc[0] == 1.0  # the default, named
+    off = cka_table(a, b, mode="pair", estimator="rbf", layers=["down_blocks.1"], sigmas=[10], n_perm=0,
+                    bandwidth="offdiag")
+    assert off.bandwidth_rule.iloc[0] == "offdiag" and off.bandwidth_a.iloc[0] > rbf.bandwidth_a.iloc[0]
+    assert df.bandwidth_rule.isna().all()  # not an RBF table
 
 
 def test_cka_table_layers_and_sigmas_modes(tmp_path, rng):
@@ -289,6 +326,19 @@ def test_cka_table_user_errors(tmp_path, rng):
         cka_table(a, mode="layers", estimator="cca")
     with pytest.raises(UserError, match="did you mean"):
         cka_table(a, mode="layers", layers=["down_block.0"])
+
+
+def test_rbf_heatmap_title_names_the_bandwidth_rule(tmp_path, rng, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from analysis.heatmaps import plot_cka_heatmap
+
+    a, b, _ = _two_stores(tmp_path, rng)
+    df = cka_table(a, b, mode="pair", estimator="rbf", sigma_factor=0.5, n_perm=0)
+    titles = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    plot_cka_heatmap(df, tmp_path / "rbf.png")
+    assert "σ = 0.5 × median distance, bandwidth rule kornblith" in titles[0]
 
 
 @pytest.mark.parametrize("mode", ["pair", "layers", "sigmas"])
