@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.spatial.distance import pdist
 
@@ -312,6 +313,36 @@ def test_cka_table_layers_and_sigmas_modes(tmp_path, rng):
     assert kn.cka[("down_blocks.2", "down_blocks.0")] == pytest.approx(cknna(X2, X0, k=5), rel=1e-12)
     sig = cka_table(a, b, mode="sigmas", estimator="linear", layers=["down_blocks.0"], n_perm=0)
     assert len(sig) == 9 and np.allclose(sig[sig.sigma_a == sig.sigma_b].cka, 1.0)
+
+
+def test_cka_table_computes_each_sides_self_terms_once(tmp_path, rng, monkeypatch):
+    """The d x d self products run once per (store, layer, sigma): not per pair, not per shuffle, and
+    not again when the centred features were dropped from the cache for memory."""
+    import analysis.cka as cka_module
+
+    calls = []
+    real = cka_module._self_terms
+    monkeypatch.setattr(cka_module, "_self_terms", lambda xc, form="auto": calls.append(xc.shape) or real(xc, form))
+    a, b, _ = _two_stores(tmp_path, rng)
+    roomy = cka_table(a, mode="layers", n_perm=3)
+    assert len(calls) == 9  # 3 layers x 3 sigmas, each in 3 pairs and 3 x 3 shuffles
+    calls.clear()
+    tight = cka_table(a, mode="layers", n_perm=3, cache_bytes=1)  # room for one state: constant eviction
+    assert len(calls) == 9
+    pd.testing.assert_frame_equal(roomy, tight)
+    calls.clear()
+    cka_table(a, b, mode="pair", n_perm=5)
+    assert len(calls) == 18  # 9 per store
+
+
+def test_permuted_cross_term_equals_shuffled_copy(rng):
+    from analysis.cka import _centre, _cross_fro2
+
+    X, Y = _related(rng, n=100)
+    xc, yc = _centre(X.astype(np.float32)), _centre(Y.astype(np.float32))
+    p = rng.permutation(100)
+    for form in ("feature", "gram"):
+        assert _cross_fro2(xc, yc, form, perm=p) == pytest.approx(_cross_fro2(xc, yc[p].copy(), form), rel=1e-12)
 
 
 def test_cka_table_user_errors(tmp_path, rng):
