@@ -7,16 +7,20 @@ Estimators (X is [n, d], Y is [n, e], rows are the same inputs):
                            because the biased form is inflated at small n (independent random features
                            score ~0.9 at n=64, d=512). Computed in feature space, without n x n Grams.
 - ``minibatch_cka``        unbiased HSIC averaged over aligned minibatches (Nguyen et al. 2021), streams.
-- ``rbf_cka``              Gaussian-kernel CKA, bandwidth = median pairwise distance x factor.
-- ``cknna``                centred kernel nearest-neighbour alignment (Huh et al. 2024): CKA restricted
-                           to pairs that are k-nearest neighbours in both spaces.
+- ``rbf_cka``              Gaussian-kernel CKA, bandwidth = factor x median pairwise distance, the median
+                           taken as Kornblith et al. do (all n^2 distances, zero diagonal included) or
+                           over the off-diagonal pairs only (``bandwidth=``, see BANDWIDTH_RULES).
+- ``cknna``                centered kernel nearest-neighbour alignment (Huh et al. 2024): unbiased HSIC of
+                           linear kernels restricted to mutual k-nearest-neighbour pairs, as their
+                           reference code computes it.
 - ``permutation_null``     the same estimator with the rows of Y shuffled: what "no relation" scores.
 - ``cka_table``            tidy DataFrame over (layer, sigma) pairs of one or two feature stores.
 
-Numerics: features are centred in float64 before any product, so a large common offset cannot eat
-the float32 mantissa. Float32/float16 inputs then do their matrix products in float32 over blocks of
-rows, summed in float64 (half the time of float64 BLAS; the centred float32 values carry all the
-information the stored float32 features had). Float64 inputs stay float64 throughout.
+Numerics: features are centred in float64 before any product (CKNNA excepted: it takes the features
+as given, as published), so a large common offset cannot eat the float32 mantissa. Float32/float16
+inputs then do their matrix products in float32 over blocks of rows, summed in float64 (half the
+time of float64 BLAS; the centred float32 values carry all the information the stored float32
+features had). Float64 inputs stay float64 throughout.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from probe.core.progress import progress_bar
 from probe.features.store import FeatureStore, check_aligned
 
 _BLOCK_ROWS = 16384  # rows per matmul block: float32 partial sums stay short, float64 sums across blocks
+_NORM_ROWS = 1024    # rows per float64 block of the row norms: small blocks reuse freed memory, while
+                     # large fresh allocations page-fault on every call (0.6 s instead of 0.04 s at 50k x 1024)
 
 ESTIMATORS = ("debiased", "linear", "minibatch", "rbf", "cknna")
 MODES = ("pair", "layers", "sigmas")
@@ -41,6 +47,11 @@ ESTIMATOR_TITLES = {
     "minibatch": "minibatch linear CKA (unbiased HSIC)",
     "rbf": "RBF CKA",
     "cknna": "CKNNA",
+}
+# How the RBF bandwidth's median distance is taken; the first is the default.
+BANDWIDTH_RULES = {
+    "kornblith": "median of all n^2 squared distances, zero diagonal included (Kornblith et al. 2019)",
+    "offdiag": "median of the n(n-1)/2 off-diagonal squared distances",
 }
 
 
@@ -74,47 +85,59 @@ def _matmul_dtype(X: np.ndarray):
     return np.float32 if X.dtype in (np.float16, np.float32) else np.float64
 
 
-def _centre(X: np.ndarray) -> np.ndarray:
-    """Column-centred copy in the matmul dtype; the mean is accumulated in float64.
+def _centre(X: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Column-centred features in the matmul dtype; the mean is accumulated in float64.
 
     For float32 the float64 mean is split into a float32 head and tail and subtracted in two steps:
     each step rounds at the scale of the centred value, so the result matches float64 centring
-    followed by a cast (within an ulp) at a quarter of the memory traffic.
+    followed by a cast (within an ulp) at a quarter of the memory traffic. ``overwrite`` centres a
+    float32/float64 array in place (the caller's own copy, e.g. just read from a store).
     """
     mean = np.mean(X, axis=0, dtype=np.float64)
+    in_place = overwrite and X.dtype == _matmul_dtype(X) and X.flags.writeable
     if _matmul_dtype(X) == np.float64:
-        return np.subtract(X, mean, dtype=np.float64)
+        return np.subtract(X, mean, out=X) if in_place else np.subtract(X, mean, dtype=np.float64)
     head = mean.astype(np.float32)
     tail = (mean - head).astype(np.float32)
-    out = np.subtract(X, head, dtype=np.float32)
+    out = np.subtract(X, head, out=X) if in_place else np.subtract(X, head, dtype=np.float32)
     out -= tail
     return out
 
 
 def _row_sq_norms(Xc: np.ndarray) -> np.ndarray:
     out = np.empty(Xc.shape[0], dtype=np.float64)
-    for start in range(0, Xc.shape[0], _BLOCK_ROWS):
-        block = Xc[start:start + _BLOCK_ROWS].astype(np.float64)
-        out[start:start + _BLOCK_ROWS] = np.einsum("ij,ij->i", block, block)
+    for start in range(0, Xc.shape[0], _NORM_ROWS):
+        block = Xc[start:start + _NORM_ROWS].astype(np.float64)
+        out[start:start + _NORM_ROWS] = np.einsum("ij,ij->i", block, block)
     return out
 
 
-def _cross_fro2(Xc: np.ndarray, Yc: np.ndarray, form: str = "auto") -> float:
-    """||Xc^T Yc||_F^2 = tr(K L) for linear kernels, in feature space or via n x n Grams."""
+def _cross_fro2(Xc: np.ndarray, Yc: np.ndarray, form: str = "auto", perm=None) -> float:
+    """||Xc^T Yc[perm]||_F^2 = tr(K L) for linear kernels, in feature space or via n x n Grams.
+
+    ``perm`` (a row order of Yc, for the permutation null) is applied block by block, so no
+    shuffled copy of Yc is ever made; np.take gathers rows ~5x faster than fancy indexing.
+    """
     n, d = Xc.shape
     e = Yc.shape[1]
     if form == "auto":
         form = "feature" if d * e <= n * (d + e) else "gram"
     if form == "gram":
-        x64, y64 = Xc.astype(np.float64), Yc.astype(np.float64)  # n is small here: float64 is cheap
+        x64 = Xc.astype(np.float64)  # n is small here: float64 is cheap
+        y64 = (Yc if perm is None else np.take(Yc, perm, axis=0)).astype(np.float64)
         return float(np.vdot(x64 @ x64.T, y64 @ y64.T))
     if form != "feature":
         raise UserError(f"unknown CKA form {form!r} (use auto, feature or gram)")
     G = np.zeros((d, e), dtype=np.float64)
-    same = Xc is Yc  # lets numpy use the symmetric rank-k update (half the flops)
+    same = Xc is Yc and perm is None  # lets numpy use the symmetric rank-k update (half the flops)
     for start in range(0, n, _BLOCK_ROWS):
         xb = Xc[start:start + _BLOCK_ROWS]
-        yb = xb if same else Yc[start:start + _BLOCK_ROWS]
+        if same:
+            yb = xb
+        elif perm is None:
+            yb = Yc[start:start + _BLOCK_ROWS]
+        else:
+            yb = np.take(Yc, perm[start:start + _BLOCK_ROWS], axis=0)
         G += xb.T @ yb
     return float(np.vdot(G, G))
 
@@ -127,9 +150,17 @@ class _LinearState:
     fro2: float      # ||Xc^T Xc||_F^2 = tr(K K)
 
 
-def _linear_state(X: np.ndarray, form: str = "auto") -> _LinearState:
-    xc = _centre(np.asarray(X))
-    return _LinearState(xc, _row_sq_norms(xc), _cross_fro2(xc, xc, form))
+def _self_terms(xc: np.ndarray, form: str = "auto") -> tuple[np.ndarray, float]:
+    """(squared row norms, ||Xc^T Xc||_F^2): the per-side work, a d x d product, done once per side."""
+    return _row_sq_norms(xc), _cross_fro2(xc, xc, form)
+
+
+def _linear_state(X: np.ndarray, form: str = "auto", known: _LinearState | None = None,
+                  overwrite: bool = False) -> _LinearState:
+    """Centre X; take the self terms from ``known`` (the same features prepared before) if given."""
+    xc = _centre(np.asarray(X), overwrite)
+    a, fro2 = (known.a, known.fro2) if known is not None else _self_terms(xc, form)
+    return _LinearState(xc, a, fro2)
 
 
 def _hsic_u_from_terms(fro2: float, ab: float, sum_a: float, sum_b: float, n: int) -> float:
@@ -147,7 +178,9 @@ def _ratio(num: float, den_x: float, den_y: float) -> float:
 
 
 def hsic_unbiased(K, L) -> float:
-    """Unbiased HSIC of two n x n kernel matrices, straight from Song et al. (2012) eq. 5 (O(n^2))."""
+    """Unbiased HSIC of two n x n kernel matrices, straight from Song et al. (2012) eq. 5 (O(n^2)):
+    [tr(K~ L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2 1'K~L~1/(n-2)] / (n(n-3)), K~ = K with zero diagonal.
+    Written with the transposes of eq. 5, so it also holds for non-symmetric (masked) kernels."""
     K = np.array(K, dtype=np.float64)
     L = np.array(L, dtype=np.float64)
     n = K.shape[0]
@@ -155,25 +188,39 @@ def hsic_unbiased(K, L) -> float:
         raise UserError(f"the unbiased HSIC needs at least 4 samples, got n={n}")
     np.fill_diagonal(K, 0.0)
     np.fill_diagonal(L, 0.0)
-    k1, l1 = K.sum(axis=1), L.sum(axis=1)
-    value = np.vdot(K, L) + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
+    k1, l1 = K.sum(axis=0), L.sum(axis=1)  # 1'K~ and L~1, so that k1 @ l1 = 1'K~L~1
+    value = np.vdot(K, L.T) + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
     return float(value / (n * (n - 3)))
 
 
 # ------------------------------------------------------------------------------------ estimators
 # Each estimator is prepare(X) -> state and score(state_x, state_y, perm=None) -> float, so that a
 # permutation null and a layer x layer table reuse the per-side work (the d x d self products).
+# summary(state) is the small part of a state worth keeping when its big arrays are dropped
+# (None: nothing); prepare(X, known=that summary) then skips the per-side products.
 
-class _LinearEstimator:
+class _Estimator:
+    def prepare(self, X, known=None, overwrite: bool = False):
+        raise NotImplementedError
+
+    def summary(self, state):
+        return None
+
+
+class _LinearEstimator(_Estimator):
     def __init__(self, debiased: bool, form: str = "auto"):
         self.debiased, self.form = debiased, form
 
-    def prepare(self, X) -> _LinearState:
-        return _linear_state(X, self.form)
+    def prepare(self, X, known=None, overwrite: bool = False) -> _LinearState:
+        return _linear_state(X, self.form, known, overwrite)
+
+    def summary(self, state: _LinearState) -> _LinearState:
+        return _LinearState(None, state.a, state.fro2)
 
     def score(self, sx: _LinearState, sy: _LinearState, perm=None) -> float:
-        yc, b = (sy.xc, sy.a) if perm is None else (sy.xc[perm], sy.a[perm])
-        cross = _cross_fro2(sx.xc, yc, self.form)
+        # A row shuffle of Y changes only the cross term: the self terms (fro2, a) are reused.
+        b = sy.a if perm is None else np.take(sy.a, perm)
+        cross = _cross_fro2(sx.xc, sy.xc, self.form, perm)
         if not self.debiased:
             return _ratio(cross, sx.fro2, sy.fro2)  # the 1/(n-1)^2 of HSIC cancels
         n = sx.xc.shape[0]
@@ -198,15 +245,30 @@ def _sq_dists(X: np.ndarray) -> np.ndarray:
     return d2
 
 
-class _RbfEstimator:
-    def __init__(self, sigma_factor: float = 1.0, debiased: bool = False):
-        self.sigma_factor, self.debiased = float(sigma_factor), debiased
+def _check_bandwidth_rule(rule: str) -> str:
+    if rule not in BANDWIDTH_RULES:
+        raise UserError(f"unknown RBF bandwidth rule {rule!r} (choose from {', '.join(BANDWIDTH_RULES)})")
+    return rule
 
-    def prepare(self, X) -> _RbfState:
+
+class _RbfEstimator(_Estimator):
+    """K_ij = exp(-|x_i - x_j|^2 / (2 bandwidth^2)), bandwidth = sigma_factor * sqrt(median d^2).
+
+    Rule "kornblith" is the reference notebook's gram_rbf(x, threshold) (Kornblith et al. 2019,
+    "Similarity of Neural Network Representations Revisited"): np.median over the full n x n
+    squared-distance matrix, its n zeros on the diagonal included, and threshold = sigma_factor.
+    Rule "offdiag" takes the median over distinct pairs only (slightly larger bandwidth).
+    """
+
+    def __init__(self, sigma_factor: float = 1.0, debiased: bool = False, bandwidth: str = "kornblith"):
+        self.sigma_factor, self.debiased = float(sigma_factor), debiased
+        self.rule = _check_bandwidth_rule(bandwidth)
+
+    def prepare(self, X, known=None, overwrite: bool = False) -> _RbfState:
         d2 = _sq_dists(np.asarray(X))
         n = d2.shape[0]
-        median = float(np.sqrt(np.median(d2[np.triu_indices(n, 1)])))
-        bandwidth = self.sigma_factor * median
+        median_sq = np.median(d2) if self.rule == "kornblith" else np.median(d2[np.triu_indices(n, 1)])
+        bandwidth = self.sigma_factor * float(np.sqrt(median_sq))
         if bandwidth <= 0:
             return _RbfState(np.zeros_like(d2), bandwidth)  # all points identical: no signal
         K = np.exp(d2 / (-2.0 * bandwidth**2))
@@ -225,34 +287,81 @@ class _RbfEstimator:
 
 @dataclass
 class _KnnState:
-    idx: np.ndarray   # [n, k] the k rows with the largest centred linear kernel value (self excluded)
-    val: np.ndarray   # [n, k] those kernel values, float64
+    """One side of CKNNA: each row's k neighbours in its linear kernel K = X X^T, and a self term."""
+    idx: np.ndarray   # [n, k] columns j != i with the k largest K_ij (ties: lower j first), ascending j
+    val: np.ndarray   # [n, k] those K_ij, float64
+    self_term: float  # HSIC_u(K o M, K o M) with M this side's own top-k mask
 
 
-class _CknnaEstimator:
-    """Align(K, L) = sum_i sum_j alpha_ij K_ij L_ij over j that are among the k nearest neighbours of i
-    in both spaces (alpha_ij = 1), with K, L the linear kernels of centred features; CKNNA =
-    Align(K, L) / sqrt(Align(K, K) Align(L, L)) (Huh et al. 2024, Appendix). Neighbours are the largest
-    kernel values of each row, as in the paper. Hand-written: no maintained library provides it.
+def _hsic_u_sparse(rows_a, cols_a, a, rows_b, cols_b, b, n: int) -> float:
+    """Song et al. (2012) eq. 5 for two n x n zero-diagonal matrices given as (row, col, value) lists,
+    each (row, col) at most once; neither needs to be symmetric (k-NN masks are not):
+    [tr(A B) + (1'A1)(1'B1)/((n-1)(n-2)) - 2 (1'A B 1)/(n-2)] / (n(n-3))."""
+    # tr(A B) = sum_ij A_ij B_ji: match A's (i, j) with B's (j, i) through flat keys
+    _, ia, ib = np.intersect1d(rows_a * n + cols_a, cols_b * n + rows_b, assume_unique=True, return_indices=True)
+    trace = float(a[ia] @ b[ib])
+    a_colsum = np.bincount(cols_a, weights=a, minlength=n)  # A' 1
+    b_rowsum = np.bincount(rows_b, weights=b, minlength=n)  # B 1
+    value = trace + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * float(a_colsum @ b_rowsum) / (n - 2)
+    return float(value / (n * (n - 3)))
+
+
+def _top_k_kernel(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, val) of the k largest off-diagonal entries of each row of x x^T, in blocks of rows.
+
+    Ties at the k-th value go to the lower column index, so the neighbour sets are deterministic
+    (torch.topk in the reference leaves tie order unspecified; continuous features have no ties).
+    """
+    n = x.shape[0]
+    idx = np.empty((n, k), dtype=np.int64)
+    val = np.empty((n, k), dtype=np.float64)
+    for start in range(0, n, 1024):  # never the whole n x n kernel at once
+        rows = np.arange(start, min(start + 1024, n))
+        K = x[rows] @ x.T
+        K[np.arange(rows.size), rows] = -np.inf
+        kth = -np.partition(-K, k - 1, axis=1)[:, k - 1:k]   # the k-th largest value of each row
+        above = K > kth
+        tied = K == kth
+        need = k - above.sum(axis=1, keepdims=True)           # how many tied columns to take
+        keep = above | (tied & (np.cumsum(tied, axis=1) <= need))
+        cols = np.nonzero(keep)[1].reshape(rows.size, k)      # exactly k per row, ascending
+        idx[rows], val[rows] = cols, np.take_along_axis(K, cols, axis=1)
+    return idx, val
+
+
+class _CknnaEstimator(_Estimator):
+    """CKNNA exactly as published with the Platonic Representation Hypothesis (Huh et al. 2024;
+    reference implementation ``AlignmentMetrics.cknna`` in github.com/minyoungg/platonic-rep,
+    metrics.py, with its defaults unbiased=True, distance_agnostic=False):
+
+    - linear kernels K = X X^T, L = Y Y^T of the features as given (no centring: the unbiased HSIC
+      centres implicitly; the paper's pipeline L2-normalises rows before calling it);
+    - M_K[i, j] = 1 if j is among the k largest K[i, :] with the diagonal excluded; M_L likewise;
+    - cross term HSIC_u(K o M_K o M_L, L o M_K o M_L), the mutual k-NN pairs of both spaces;
+      self terms HSIC_u(K o M_K, K o M_K) and HSIC_u(L o M_L, L o M_L), each with its own mask;
+    - HSIC_u is Song et al. (2012) eq. 5 literally, tr(K~ L~) and 1'K~L~1 (the masked kernels are
+      not symmetric, so the transposes matter);
+    - CKNNA = cross / (sqrt(self_K * self_L) + eps). The reference uses eps = 1e-6 as a guard;
+      the default here is 0, so the value does not depend on the scale of the features (on
+      L2-normalised rows the guard moves the value by ~2e-4; pass eps=1e-6 to reproduce it).
+    Ties at the k-th neighbour go to the lower index (torch.topk leaves their order unspecified).
+
+    Only the n*k masked entries are stored: a row permutation of Y (the null) permutes L's
+    neighbour lists and changes only the cross term; the self terms are computed once.
     """
 
-    def __init__(self, k: int = 10):
-        self.k = int(k)
+    def __init__(self, k: int = 10, eps: float = 0.0):
+        self.k, self.eps = int(k), float(eps)
 
-    def prepare(self, X) -> _KnnState:
-        xc = _centre(np.asarray(X)).astype(np.float64)
-        n, k = xc.shape[0], self.k
+    def prepare(self, X, known=None, overwrite: bool = False) -> _KnnState:
+        x = np.asarray(X, dtype=np.float64)
+        n, k = x.shape[0], self.k
         if not 1 <= k < n:
             raise UserError(f"CKNNA needs 1 <= k < n, got k={k}, n={n}")
-        idx = np.empty((n, k), dtype=np.int64)
-        val = np.empty((n, k), dtype=np.float64)
-        for start in range(0, n, 1024):  # blocks of kernel rows: never the whole n x n at once
-            rows = np.arange(start, min(start + 1024, n))
-            K = xc[rows] @ xc.T
-            K[np.arange(rows.size), rows] = -np.inf
-            top = np.argpartition(-K, k - 1, axis=1)[:, :k]
-            idx[rows], val[rows] = top, np.take_along_axis(K, top, axis=1)
-        return _KnnState(idx, val)
+        idx, val = _top_k_kernel(x, k)
+        rows = np.repeat(np.arange(n), k)
+        cols, v = idx.ravel(), val.ravel()
+        return _KnnState(idx, val, _hsic_u_sparse(rows, cols, v, rows, cols, v, n))
 
     def score(self, sx: _KnnState, sy: _KnnState, perm=None) -> float:
         if perm is None:
@@ -261,9 +370,14 @@ class _CknnaEstimator:
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(perm.size)
             idx_y, val_y = inverse[sy.idx[perm]], sy.val[perm]
-        both = sx.idx[:, :, None] == idx_y[:, None, :]  # [n, k, k]: same neighbour in both spaces
-        align = float(np.einsum("ia,ib,iab->", sx.val, val_y, both))
-        return _ratio(align, float(np.vdot(sx.val, sx.val)), float(np.vdot(val_y, val_y)))
+        n = sx.idx.shape[0]
+        # (i, a, b) with sx.idx[i, a] == idx_y[i, b]: j = that column is a neighbour of i in both spaces
+        i, a, b = np.nonzero(sx.idx[:, :, None] == idx_y[:, None, :])
+        cols = sx.idx[i, a]
+        cross = _hsic_u_sparse(i, cols, sx.val[i, a], i, cols, val_y[i, b], n)
+        if self.eps == 0.0:
+            return _ratio(cross, sx.self_term, sy.self_term)
+        return float(cross / (np.sqrt(sx.self_term * sy.self_term) + self.eps))
 
 
 def _make_estimator(name: str, **options):
@@ -272,9 +386,10 @@ def _make_estimator(name: str, **options):
     if name == "linear":
         return _LinearEstimator(False, options.get("form", "auto"))
     if name == "rbf":
-        return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False))
+        return _RbfEstimator(options.get("sigma_factor", 1.0), options.get("debiased", False),
+                             options.get("bandwidth", "kornblith"))
     if name == "cknna":
-        return _CknnaEstimator(options.get("k", 10))
+        return _CknnaEstimator(options.get("k", 10), options.get("eps", 0.0))
     raise UserError(f"unknown CKA estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
 
 
@@ -318,7 +433,7 @@ def _minibatch_sums(batches_x: Iterable, batches_y: Iterable, n_perm: int = 0, s
         for j in range(n_perm):
             p = rng.permutation(n)
             b = sy.a[p]
-            null[j] += _hsic_u_from_terms(_cross_fro2(sx.xc, sy.xc[p]), float(sx.a @ b), sx.a.sum(), b.sum(), n)
+            null[j] += _hsic_u_from_terms(_cross_fro2(sx.xc, sy.xc, perm=p), float(sx.a @ b), sx.a.sum(), b.sum(), n)
         used += 1
     if used == 0:
         raise UserError("minibatch CKA got no batch with at least 4 rows")
@@ -336,26 +451,33 @@ def minibatch_cka(batches_x: Iterable, batches_y: Iterable) -> float:
 
 
 def rbf_cka(X, Y, *,
-            sigma_factor: float = 1.0,   # bandwidth = median pairwise distance x this
-            debiased: bool = False,      # unbiased HSIC instead of Kornblith's biased one
+            sigma_factor: float = 1.0,         # bandwidth = this x median pairwise distance
+            debiased: bool = False,            # unbiased HSIC instead of Kornblith's biased one
+            bandwidth: str = "kornblith",      # how the median is taken: "kornblith" | "offdiag"
             ) -> RbfCka:
-    """Gaussian-kernel CKA; bandwidth = median off-diagonal pairwise distance x ``sigma_factor``.
+    """Gaussian-kernel CKA; bandwidth = ``sigma_factor`` x sqrt(median squared pairwise distance).
 
-    Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as in Kornblith et al. unless ``debiased``.
-    Builds n x n kernels: keep n to a few thousand.
+    ``bandwidth="kornblith"`` (default) takes the median over all n^2 entries, zero diagonal
+    included, as Kornblith et al.'s reference gram_rbf(x, threshold=sigma_factor) does;
+    ``"offdiag"`` over distinct pairs only. Returns (cka, bandwidth_x, bandwidth_y). Biased HSIC as
+    in Kornblith et al. unless ``debiased``. Builds n x n kernels: keep n to a few thousand.
     """
     X, Y = _check_pair(X, Y, min_rows=4 if debiased else 2)
-    est = _RbfEstimator(sigma_factor, debiased)
+    est = _RbfEstimator(sigma_factor, debiased, bandwidth)
     sx, sy = est.prepare(X), est.prepare(Y)
     return RbfCka(est.score(sx, sy), sx.bandwidth, sy.bandwidth)
 
 
 def cknna(X, Y, *,
-          k: int = 10,   # neighbours per sample, 1 <= k < n
+          k: int = 10,       # neighbours per sample, 1 <= k < n
+          eps: float = 0.0,  # added to the denominator; the reference implementation uses 1e-6
           ) -> float:
-    """Centred kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024)."""
-    X, Y = _check_pair(X, Y)
-    est = _CknnaEstimator(k)
+    """Centered kernel nearest-neighbour alignment with ``k`` neighbours (Huh et al. 2024, "The
+    Platonic Representation Hypothesis"), computed as their reference ``metrics.cknna`` does; see
+    ``_CknnaEstimator`` for the exact definition. Linear kernels of X and Y as given; needs n >= 4.
+    """
+    X, Y = _check_pair(X, Y, min_rows=4)
+    est = _CknnaEstimator(k, eps)
     return est.score(est.prepare(X), est.prepare(Y))
 
 
@@ -365,7 +487,7 @@ _BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: 
 def permutation_null(estimator: str | Callable, X, Y,
                      n_perm: int = 100,   # number of row shuffles of Y
                      seed: int = 0,       # seed of the shuffles
-                     **options,           # passed on to the estimator (form, k, sigma_factor, debiased)
+                     **options,           # passed on to the estimator (form, k, eps, sigma_factor, debiased, bandwidth)
                      ) -> NullDistribution:
     """Scores of ``estimator`` with the rows of Y shuffled ``n_perm`` times: the no-relation baseline.
 
@@ -395,16 +517,29 @@ def _null_summary(values: np.ndarray) -> NullDistribution:
 # ------------------------------------------------------------------------------------ the table
 
 class _StateCache:
-    """Prepared per-side states, least recently used dropped beyond a memory budget."""
+    """Prepared per-side states of one estimator, prepared once per (store, layer, sigma).
 
-    def __init__(self, budget_bytes: int):
-        self.budget, self.items = budget_bytes, {}
+    Whole states (with the centred features, the big part) are kept least-recently-used within a
+    memory budget. The estimator's small summary of every state (linear: row norms and
+    ||Xc^T Xc||^2) is kept for good, so a state dropped for memory comes back by reloading and
+    centring only, never by recomputing its d x d product. ``prepared`` / ``reloaded`` count both.
+    """
 
-    def get(self, key, make):
+    def __init__(self, est: _Estimator, budget_bytes: int):
+        self.est, self.budget, self.items, self.summaries = est, budget_bytes, {}, {}
+        self.prepared = self.reloaded = 0
+
+    def get(self, key, load):
         if key in self.items:
             self.items[key] = self.items.pop(key)  # mark as recently used
             return self.items[key][0]
-        state = make()
+        known = self.summaries.get(key)
+        state = self.est.prepare(load(), known=known, overwrite=True)  # the loaded array is ours to centre
+        if known is None:
+            self.prepared += 1
+            self.summaries[key] = self.est.summary(state)
+        else:
+            self.reloaded += 1
         size = sum(v.nbytes for v in vars(state).values() if isinstance(v, np.ndarray))
         self.items[key] = (state, size)
         while len(self.items) > 1 and sum(s for _, s in self.items.values()) > self.budget:
@@ -450,6 +585,7 @@ def cka_table(store_a: FeatureStore,
               max_rows: int = 5000,                 # rbf / cknna: seeded subset of at most this many rows (n x n)
               k: int = 10,                          # neighbours for cknna
               sigma_factor: float = 1.0,            # rbf bandwidth = median distance x this
+              bandwidth: str = "kornblith",         # rbf: how that median is taken, a key of BANDWIDTH_RULES
               cache_bytes: int = 2 << 30,           # memory for prepared per-(layer, sigma) states, bytes
               ) -> pd.DataFrame:
     """Tidy table of CKA values between (layer, sigma) feature sets.
@@ -459,7 +595,7 @@ def cka_table(store_a: FeatureStore,
     mode "sigmas": every sigma against every sigma within each layer (within A, or A against B).
     ``layers`` / ``sigmas`` restrict to names / sigma values. Columns: mode, estimator, model_a,
     layer_a, sigma_a, model_b, layer_b, sigma_b, cka, null_mean, null_p95, n_perm, n, bandwidth_a,
-    bandwidth_b (rbf only), k (cknna only), seed.
+    bandwidth_b, bandwidth_rule, sigma_factor (rbf only), k (cknna only), seed.
     """
     if mode not in MODES:
         raise UserError(f"unknown CKA mode {mode!r} (choose from {', '.join(MODES)})")
@@ -489,13 +625,19 @@ def cka_table(store_a: FeatureStore,
     if n_used < 4:
         raise UserError(f"CKA needs at least 4 samples, {store_a.path} has {n_used}")
 
-    est = None if estimator == "minibatch" else _make_estimator(estimator, k=k, sigma_factor=sigma_factor)
-    cache = _StateCache(cache_bytes)
+    rbf = estimator == "rbf"
+    if rbf:
+        _check_bandwidth_rule(bandwidth)
+    est = None if estimator == "minibatch" else _make_estimator(estimator, k=k, sigma_factor=sigma_factor,
+                                                                  bandwidth=bandwidth)
+    cache = None if est is None else _StateCache(est, cache_bytes)
 
     def state(store, which, layer, s):
-        return cache.get((which, layer, s), lambda: est.prepare(store.load(layer, s, rows)))
+        return cache.get((which, layer, s), lambda: store.load(layer, s, rows))
 
-    todo = _comparisons(mode, layers_a, layers_b, sigma_idx, symmetric)
+    # One store: each unordered pair once, then mirrored; CKNNA is not symmetric, so both orders.
+    mirror = symmetric and estimator != "cknna"
+    todo = _comparisons(mode, layers_a, layers_b, sigma_idx, mirror)
     records = []
     with progress_bar(len(todo), f"CKA ({estimator}, {mode})", enabled=progress) as advance:
         for index, (la, sa, lb, sb) in enumerate(todo):
@@ -517,9 +659,10 @@ def cka_table(store_a: FeatureStore,
                        sigma_a=float(store_a.sigmas[sa]), model_b=store_b.name, layer_b=lb,
                        sigma_b=float(store_b.sigmas[sb]), cka=value, null_mean=null.mean,
                        null_p95=null.p95, n_perm=n_perm, n=n_used, bandwidth_a=bw[0], bandwidth_b=bw[1],
+                       bandwidth_rule=bandwidth if rbf else None, sigma_factor=sigma_factor if rbf else np.nan,
                        k=k if estimator == "cknna" else np.nan, seed=seed)
             records.append(row)
-            if symmetric and (la, sa) != (lb, sb):  # mirror the unordered pair
+            if mirror and (la, sa) != (lb, sb):  # mirror the unordered pair
                 records.append({**row, "layer_a": lb, "sigma_a": row["sigma_b"], "layer_b": la,
                                 "sigma_b": row["sigma_a"], "bandwidth_a": bw[1], "bandwidth_b": bw[0]})
             advance(1, info=f"{la} σ={store_a.sigmas[sa]:g}")

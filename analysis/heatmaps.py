@@ -3,8 +3,8 @@
 ``plot_probe_heatmap``  layer x sigma grid of a probe metric for one target, values written in cells.
 ``plot_cka_heatmap``    per CKA mode: pair -> layer x sigma; layers -> one layer x layer panel per
                         sigma; sigmas -> one sigma x sigma panel per layer. The title names the
-                        estimator and the permutation null; cells not above their null's 95th
-                        percentile are written in grey.
+                        estimator (for RBF its bandwidth rule) and the permutation null; cells not
+                        above their null's 95th percentile are written in grey.
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot global state) and saved without the
 "Software" metadata entry, so the same table gives the same bytes.
@@ -102,6 +102,15 @@ def _null_note(df: pd.DataFrame) -> str:
             "grey italic = not above its null")
 
 
+def _bandwidth_note(df: pd.DataFrame) -> str:
+    """For RBF tables: which bandwidth rule (the median of which distances) and which factor."""
+    if "bandwidth_rule" not in df or df["bandwidth_rule"].isna().all():
+        return ""
+    rules = ", ".join(str(r) for r in _ordered(df["bandwidth_rule"].dropna()))
+    factors = ", ".join(f"{f:g}" for f in _ordered(df["sigma_factor"].dropna())) if "sigma_factor" in df else "?"
+    return f" (σ = {factors} × median distance, bandwidth rule {rules})"
+
+
 def _cka_panels(df: pd.DataFrame, mode: str):
     """(panel title, row key, column key, sub-table) for each panel of a mode."""
     if mode == "pair":
@@ -158,6 +167,6 @@ def plot_cka_heatmap(df: pd.DataFrame, out_png, *,
     if title is None:
         a, b = (str(df["model_a"].iloc[0]), str(df["model_b"].iloc[0])) if "model_a" in df else ("", "")
         models = a if a == b else f"{a} vs {b}"
-        title = f"{ESTIMATOR_TITLES.get(estimator, estimator)}, {mode}: {models}\n{_null_note(df)}"
+        title = f"{ESTIMATOR_TITLES.get(estimator, estimator)}{_bandwidth_note(df)}, {mode}: {models}\n{_null_note(df)}"
     fig.suptitle(title, fontsize=9)
     return _save(fig, out_png)

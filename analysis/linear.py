@@ -108,14 +108,29 @@ def split_rows(sample_ids: np.ndarray, y: np.ndarray, valid: np.ndarray, stratif
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+def _pca_dim(n_features: int, n_train: int, max_dim: int) -> int | None:
+    """Components kept when features wider than ``max_dim`` are projected, else None.
+
+    Fitted on the centred training rows, which span at most n_train - 1 dimensions: more components
+    than that carry nothing (and scikit-learn refuses more than n_train), so a wide layer probed
+    with few rows keeps min(max_dim, n_train - 1, n_features) instead of failing.
+    """
+    if n_features <= max_dim:
+        return None
+    return max(1, min(max_dim, n_train - 1, n_features))
+
+
 def _prepare_features(X, train, max_dim: int, seed: int):
-    """Standardise on the training rows; above ``max_dim`` dims project with a seeded PCA."""
+    """Standardise on the training rows; above ``max_dim`` dims project with a seeded PCA.
+
+    Returns (features, PCA components kept or None)."""
     scaler = StandardScaler().fit(X[train])
     Z = scaler.transform(X)
-    if Z.shape[1] > max_dim:
-        pca = PCA(n_components=max_dim, svd_solver="randomized", random_state=seed).fit(Z[train])
+    dim = _pca_dim(Z.shape[1], len(train), max_dim)
+    if dim is not None:
+        pca = PCA(n_components=dim, svd_solver="randomized", random_state=seed).fit(Z[train])
         Z = pca.transform(Z)
-    return Z
+    return Z, dim
 
 
 def _probe_classifier(Z, y, split, C_grid, max_iter: int):
@@ -164,7 +179,7 @@ def probe_table(stores,                                      # FeatureStore or l
                 C_grid=(0.01, 0.1, 1.0),                     # inverse L2 strengths tried for logistic regression
                 alpha_grid=(0.1, 1.0, 10.0, 100.0, 1000.0),  # L2 strengths tried for ridge regression
                 max_iter: int = 200,                         # lbfgs iterations per C (warm-started)
-                max_dim: int = 512,                          # wider features are PCA-projected to this many dims
+                max_dim: int = 512,                          # wider features are PCA-projected to at most this many dims
                 max_classes: int = 50,                       # integer factors with more values count as continuous
                 ) -> pd.DataFrame:
     """Tidy table of linear-probe results, one row per (layer, sigma, target).
@@ -173,8 +188,10 @@ def probe_table(stores,                                      # FeatureStore or l
     ``layers`` / ``sigmas``: names / sigma values to restrict to (default all). ``targets``:
     "label" and/or factor names (default: label if any sample is labelled, plus every factor).
     Columns: layer, sigma, target, metric ("accuracy" or "r2"), accuracy (mean test metric),
-    accuracy_std (NaN for one store), n_seeds, C, alpha, chance, converged, n_train, n_val, n_test,
-    n_classes, dim, model, seed.
+    accuracy_std (NaN for one store), n_seeds, C (chosen on validation, the most frequent over
+    stores), alpha, chance, converged, n_train, n_val, n_test (rows of each split, this cell's
+    target), n_classes, dim (dimensions the probe was fit on), feature_dim (stored width),
+    pca_dim (PCA components kept, NaN when the layer was not projected), model, seed.
     """
     stores = _as_store_list(stores)
     first = stores[0]
@@ -191,7 +208,6 @@ def probe_table(stores,                                      # FeatureStore or l
                                   val_fraction, test_fraction)
 
     results = defaultdict(list)
-    dims = {}
     total = len(stores) * len(layers) * len(sigma_idx)
     # One BLAS thread: the products here are small (n x d by d x classes), and on a busy two-core
     # machine OpenBLAS threads spinning on them made each lbfgs fit ~40x slower than one thread.
@@ -202,12 +218,12 @@ def probe_table(stores,                                      # FeatureStore or l
                     X = store.load(layer, s)
                     for name, (values, _, kind) in chosen.items():
                         split = splits[name]
-                        Z = _prepare_features(X, split[0], max_dim, seed)
-                        dims[layer] = Z.shape[1]
+                        Z, pca_dim = _prepare_features(X, split[0], max_dim, seed)
                         if kind == "classification":
                             res = _probe_classifier(Z, values, split, C_grid, max_iter)
                         else:
                             res = _probe_regressor(Z, values.astype(np.float64), split, alpha_grid)
+                        res.update(feature_dim=X.shape[1], pca_dim=pca_dim, dim=Z.shape[1])
                         results[(layer, s, name)].append(res)
                     advance(1, info=f"{layer} σ={first.sigmas[s]:g}")
 
@@ -228,5 +244,7 @@ def probe_table(stores,                                      # FeatureStore or l
             chance=_chance(values, split, kind), converged=all(r["converged"] for r in runs),
             n_train=len(split[0]), n_val=len(split[1]), n_test=len(split[2]),
             n_classes=int(np.unique(values[split[0]]).size) if kind == "classification" else 0,
-            dim=dims[layer], model=first.name, seed=seed))
+            dim=runs[0]["dim"], feature_dim=runs[0]["feature_dim"],
+            pca_dim=np.nan if runs[0]["pca_dim"] is None else runs[0]["pca_dim"],
+            model=first.name, seed=seed))
     return pd.DataFrame.from_records(records)

@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import KNeighborsClassifier
 
 from probe.core.errors import UserError
 from probe.core.progress import progress_bar
@@ -71,20 +71,31 @@ def knn_accuracy(embedding: np.ndarray, y: np.ndarray,
     return float(cross_val_score(KNeighborsClassifier(n_neighbors=max(k, 1)), embedding, y, cv=cv).mean())
 
 
-def _embed(X: np.ndarray, pca_dims: int, n_neighbors: int, min_dist: float, n_epochs, seed: int) -> np.ndarray:
+def _reduce(X: np.ndarray, pca_dims: int, seed: int) -> np.ndarray:
+    """The matrix UMAP receives: a seeded PCA to ``pca_dims`` (float64), or X itself if not wider."""
+    n_comp = min(pca_dims, X.shape[1], X.shape[0] - 1)
+    return PCA(n_components=n_comp, random_state=seed).fit_transform(X.astype(np.float64)) if n_comp < X.shape[1] else X
+
+
+def _fit_umap(Z: np.ndarray, n_neighbors: int, min_dist: float, n_epochs, seed: int):
+    """Fitted umap-learn reducer on ``Z``; its neighbour graph is umap-learn's own (``graph_``).
+
+    umap-learn finds the neighbours itself (exact pairwise distances below 4096 rows, NN-descent
+    above), so ``graph_`` is exactly ``umap.UMAP(same parameters).fit(Z).graph_``. An earlier
+    version passed scikit-learn neighbours in: their self-distances came out as ~1e-6 instead of 0,
+    which shifted umap's local connectivity (rho) and changed nearly every row of the fuzzy graph.
+    """
     import umap  # slow import (numba); see the module docstring
 
-    n_comp = min(pca_dims, X.shape[1], X.shape[0] - 1)
-    Z = PCA(n_components=n_comp, random_state=seed).fit_transform(X.astype(np.float64)) if n_comp < X.shape[1] else X
-    k = min(n_neighbors, X.shape[0] - 1)
-    # Exact neighbours from scikit-learn (each point first, as umap-learn expects), handed to UMAP:
-    # the same graph umap builds itself for small data, with half of its numba compilation skipped.
-    dist, idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors(Z)
-    reducer = umap.UMAP(n_neighbors=k, min_dist=min_dist, n_epochs=n_epochs, random_state=seed, n_jobs=1,
-                        precomputed_knn=(idx, dist, None))
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, Z.shape[0] - 1), metric="euclidean", min_dist=min_dist,
+                        n_epochs=n_epochs, random_state=seed, n_jobs=1)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="umap")  # "no search index for transform"
-        return reducer.fit_transform(Z)
+        warnings.filterwarnings("ignore", category=UserWarning, module="umap")  # "n_jobs overridden by random_state"
+        return reducer.fit(Z)
+
+
+def _embed(X: np.ndarray, pca_dims: int, n_neighbors: int, min_dist: float, n_epochs, seed: int) -> np.ndarray:
+    return _fit_umap(_reduce(X, pca_dims, seed), n_neighbors, min_dist, n_epochs, seed).embedding_
 
 
 def umap_panels(store: FeatureStore,

@@ -127,3 +127,24 @@ def test_probe_heatmap_png_is_reproducible(tmp_path):
     plot_probe_heatmap(df, "size", tmp_path / "size.png")  # r2 target: colour range may go below 0
     with pytest.raises(UserError, match="no probe results for target 'colour'"):
         plot_probe_heatmap(df, "colour", tmp_path / "x.png")
+
+
+def test_wide_layer_with_few_rows_clamps_pca_and_records_it(tmp_path):
+    """600 features > max_dim 512 > 36 training rows: PCA keeps n_train - 1 components, no crash."""
+    rng = np.random.default_rng(0)
+    n, d = 60, 600
+    y = np.arange(n) % 3
+    wide = rng.standard_normal((1, n, d))
+    wide[0, :, :3] += 4.0 * np.eye(3)[y]  # class signal in three of the 600 dims
+    narrow = rng.standard_normal((1, n, 8))
+    st = FeatureStore.open(write_store(tmp_path / "w.h5", {"wide": wide, "narrow": narrow}, [0.0], y))
+    df = probe_table(st).set_index("layer")
+    assert {"feature_dim", "pca_dim", "dim", "C", "n_train", "n_test"} <= set(df.columns)
+    n_train = df.loc["wide", "n_train"]
+    assert n_train == 36 and df.loc["wide", "n_test"] == 12 and df.loc["wide", "n_val"] == 12
+    assert df.loc["wide", "feature_dim"] == 600
+    assert df.loc["wide", "pca_dim"] == n_train - 1 == df.loc["wide", "dim"]
+    assert df.loc["wide", "C"] in (0.01, 0.1, 1.0) and df.loc["wide", "accuracy"] > 0.6
+    assert df.loc["narrow", "feature_dim"] == 8 == df.loc["narrow", "dim"] and np.isnan(df.loc["narrow", "pca_dim"])
+    capped = probe_table(st, layers=["wide"], max_dim=16).iloc[0]
+    assert capped.pca_dim == 16 == capped.dim  # fewer than the rows allow: max_dim wins

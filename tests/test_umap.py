@@ -1,10 +1,12 @@
 """UMAP panels on a tiny file: separable classes score high, pure noise scores near chance, seeded runs repeat."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 from _store_fixture import write_store
-from analysis.umap_view import knn_accuracy, umap_panels
+from analysis.umap_view import _fit_umap, _reduce, knn_accuracy, umap_panels
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
 
@@ -52,3 +54,20 @@ def test_panels_per_layer_and_colour_options(store, tmp_path):
         umap_panels(store, "mid_block", out_png=tmp_path / "x.png", color_by="shape")
     with pytest.raises(UserError, match="either a layer"):
         umap_panels(store, "mid_block", layers=["mid_block"], out_png=tmp_path / "x.png")
+
+
+def test_neighbour_graph_is_umaps_own_on_the_matrix_umap_receives():
+    """Our fuzzy k-NN graph equals the one umap-learn builds from the same (post-PCA) matrix."""
+    import umap
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:300].astype(np.float32)
+    Z = _reduce(X, pca_dims=50, seed=0)  # the exact matrix our pipeline hands to UMAP
+    assert Z.shape == (300, 50)
+    ours = _fit_umap(Z, n_neighbors=15, min_dist=0.1, n_epochs=5, seed=0).graph_.tocsr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref = umap.UMAP(n_neighbors=15, metric="euclidean", min_dist=0.1, n_epochs=5, random_state=0,
+                        n_jobs=1).fit(Z).graph_.tocsr()
+    assert ours.shape == ref.shape == (300, 300)
+    assert abs(ours - ref).max() == 0.0
