@@ -39,6 +39,9 @@ def test_drop_classes_never_draws_them():
     kept = ~np.isin(labels[base], [2])
     assert np.array_equal(idx[kept], base[kept])  # only the dropped class's images are replaced
     assert drop_classes(base, labels, np.array([0, 1, 2]), np.random.default_rng(1)) is None  # too few left
+    # a short pool: a few repeats of the other classes are allowed (here 10 of 60 images may repeat)
+    short = drop_classes(base, labels, np.array([0, 1, 2]), np.random.default_rng(1), max_repeats=1.0)
+    assert np.all(labels[short] == 3) and len(short) == 60
 
 
 def test_every_metric_ranks_the_ladder_on_digits():

@@ -10,7 +10,8 @@ degradation) and degrades it along four families:
 - ``colour``      a colour shift: +0.1, +0.2, +0.4 on every channel of grey images, or along
                   (+1, 0, -1) (redder and less blue) on RGB images;
 - ``drop``        a mode-dropping sampler: the images of one class (and then of half the classes)
-                  replaced by held-out images of the other classes, so the sample never shows them.
+                  replaced by held-out images of the other classes, so the sample never shows them
+                  (a rung is left out when the held-out pool has too few images of the other classes).
 
 Every metric (FD, KID, FD-infinity) must rise with each rung, starting from the clean sample;
 ``monotone`` records whether it does. The report also holds the real-vs-real floor with its spread,
@@ -55,16 +56,21 @@ def add_noise(images: torch.Tensor, std: float, seed: int) -> torch.Tensor:
     return (images + std * noise).clamp(-1, 1)
 
 
-def drop_classes(base_idx: np.ndarray, labels: np.ndarray, dropped: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray | None:
+def drop_classes(base_idx: np.ndarray, labels: np.ndarray, dropped: np.ndarray, rng: np.random.Generator,
+                 max_repeats: float = 0.1) -> np.ndarray | None:
     """Indices like ``base_idx`` with every image of a ``dropped`` class replaced by an unused image
-    of another class (None when the pool has too few of them)."""
+    of another class. When the pool runs short, up to ``max_repeats`` x n replacements repeat an
+    image of the other classes; beyond that (or with no other class left) None: no such rung."""
     keep = ~np.isin(labels[base_idx], dropped)
-    spare = np.setdiff1d(np.flatnonzero(~np.isin(labels, dropped)), base_idx[keep])
-    if len(spare) < (~keep).sum():
+    others = np.flatnonzero(~np.isin(labels, dropped) & (labels >= 0))
+    spare = np.setdiff1d(others, base_idx[keep])
+    missing = int((~keep).sum())
+    if len(others) == 0 or missing - len(spare) > max_repeats * len(base_idx):
         return None
+    fresh = rng.choice(spare, min(missing, len(spare)), replace=False)
+    repeats = rng.choice(others, missing - len(fresh), replace=True)
     out = base_idx.copy()
-    out[~keep] = rng.choice(spare, (~keep).sum(), replace=False)
+    out[~keep] = np.concatenate([fresh, repeats]).astype(out.dtype)
     return out
 
 
