@@ -207,23 +207,40 @@ def _print_eval(run: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    model: Optional[Path] = typer.Argument(None, help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
     data: Optional[str] = typer.Option(None, help="Data set to compare with (default: the model's own)."),
-    n_samples: int = typer.Option(500, help="Generated images per score; the floor uses as many."),
+    n_samples: Optional[int] = typer.Option(None, help="Generated images per score; the floor uses as many "
+                                            "(default: measured per data set, see docs/metric.md)."),
+    draws: int = typer.Option(3, help="Batches of latents scored: the model's own spread."),
     steps: int = typer.Option(18, help="Heun steps for multi-step models."),
     seed: int = typer.Option(0, help="Seed of the latents and the reference choice."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     inception_weights: Optional[Path] = typer.Option(None, help="Local Inception-v3 file for Inception FID."),
     out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
     grid: Optional[Path] = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
+    health: Optional[str] = typer.Option(None, help="No model: print the metric's health on this data set "
+                                         "(degradation ladder, floor and spread, sample counts)."),
 ):
     """Sample quality of a teacher (multi-step Heun) or a one-step generator, next to the real-vs-real floor."""
-    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
-    from probe.core.images import save_grid
     from probe.core.runs import write_json
 
-    cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, steps=steps, seed=seed, device=device,
-                     inception_weights=str(inception_weights) if inception_weights else None)
+    if health is not None:
+        from probe.quality.health import format_health, metric_health
+
+        if model is not None:
+            raise UserError("--health takes a data set and no model")
+        report = metric_health(health, n_samples=n_samples, seed=seed, progress=True)
+        typer.echo(format_health(report))
+        if out:
+            write_json(out, report)
+        return
+    if model is None:
+        raise UserError("give a model to evaluate, or --health DATA")
+    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
+    from probe.core.images import save_grid
+
+    cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, draws=draws, steps=steps, seed=seed,
+                     device=device, inception_weights=str(inception_weights) if inception_weights else None)
     result, samples = evaluate_model(cfg, progress=True)
     typer.echo(f"classifier held-out accuracy {result['evaluator']['classifier_test_accuracy']:.4f}")
     typer.echo(format_quality(result))

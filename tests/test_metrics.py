@@ -12,9 +12,11 @@ from torch import nn
 from probe.core.errors import UserError
 from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, random_shift, train_classifier
 from probe.core.data import load_dataset
-from probe.quality.metrics import (QualityEvaluator, class_coverage, class_entropy, feature_stats,
-                           frechet_distance, inception_fid, knn_radii, precision_recall,
-                           to_inception_input)
+from probe.quality.evaluate import format_quality, summarise_draws
+from probe.quality.memorisation import memorisation
+from probe.quality.metrics import (QualityEvaluator, class_coverage, class_entropy, fd_infinity, feature_stats,
+                                   frechet_distance, inception_fid, kid, knn_radii, mmd2_unbiased,
+                                   polynomial_kernel, precision_recall, to_inception_input)
 
 
 def random_spd(rng, d):
@@ -66,6 +68,121 @@ def test_feature_stats_recover_gaussian_distance():
     x, y = rng.standard_normal((20000, 3)), rng.standard_normal((20000, 3)) + shift
     fd = frechet_distance(*feature_stats(x), *feature_stats(y))
     assert fd == pytest.approx(shift @ shift, rel=0.05)  # covariances equal (I): FD = ||shift||^2
+
+
+# ----------------------------------------------------------------------------------- KID
+# torchmetrics warns that it buffers every feature: irrelevant at these sizes
+pytestmark_kid = pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`:UserWarning")
+
+
+@pytestmark_kid
+def test_kid_equals_torchmetrics_poly_mmd_on_whole_sets():
+    # Equal set sizes and one subset covering both sets: torchmetrics' random permutations then
+    # cannot change the value, so the two implementations must agree to round-off. The features go
+    # through KernelInceptionDistance itself, with an identity `feature` module standing in for
+    # Inception (the inputs *are* the features).
+    tm_kid = pytest.importorskip("torchmetrics.image.kid")
+    rng = np.random.default_rng(7)
+    real = np.abs(rng.standard_normal((300, 32))) * 2.0       # ReLU-like, as the classifier's features
+    fake = np.abs(rng.standard_normal((300, 32)) + 0.2) * 2.0
+    metric = tm_kid.KernelInceptionDistance(feature=nn.Identity(), subsets=1, subset_size=300)
+    metric.update(torch.from_numpy(real), real=True)
+    metric.update(torch.from_numpy(fake), real=False)
+    theirs, their_std = metric.compute()
+    ours, our_std = kid(fake, real, subsets=1, subset_size=300)
+    assert ours == pytest.approx(float(theirs), rel=1e-9) and our_std == 0.0 == float(their_std)
+    # and the bare function on other sizes (ours allows unequal sets; theirs needs equal ones)
+    direct = float(tm_kid.poly_mmd(torch.from_numpy(real[:120]), torch.from_numpy(fake[:120])))
+    assert mmd2_unbiased(polynomial_kernel(fake[:120], fake[:120]), polynomial_kernel(real[:120], real[:120]),
+                         polynomial_kernel(fake[:120], real[:120])) == pytest.approx(direct, rel=1e-9)
+
+
+@pytestmark_kid
+def test_kid_subset_average_agrees_with_torchmetrics():
+    # With subsets smaller than the sets the two draw different random subsets: the means must agree
+    # within their standard errors, and the spreads over subsets must be alike.
+    tm_kid = pytest.importorskip("torchmetrics.image.kid")
+    rng = np.random.default_rng(8)
+    real = np.abs(rng.standard_normal((1000, 16))) * 2.0
+    fake = np.abs(rng.standard_normal((600, 16)) + 1.0) * 2.0
+    torch.manual_seed(0)
+    metric = tm_kid.KernelInceptionDistance(feature=nn.Identity(), subsets=200, subset_size=200)
+    metric.update(torch.from_numpy(real), real=True)
+    metric.update(torch.from_numpy(fake), real=False)
+    theirs, their_std = (float(v) for v in metric.compute())
+    ours, our_std = kid(fake, real, subsets=200, subset_size=200, seed=1)
+    assert abs(ours - theirs) < 4 * math.hypot(our_std, their_std) / math.sqrt(200)
+    assert 0.7 < our_std / their_std < 1.4
+    assert ours > 20 * our_std / math.sqrt(200)  # a real difference, not noise around 0
+
+
+def test_kid_is_unbiased_where_fd_is_not():
+    # Two samples of one Gaussian: the mean KID over many draws is ~0 at n = 40 and at n = 400,
+    # whereas FD's mean falls about tenfold between the two sample sizes (its bias ~ 1/n).
+    d = 8
+
+    def mean_scores(n, draws=60):
+        k, f = [], []
+        for s in range(draws):
+            rng = np.random.default_rng([n, s])
+            x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+            k.append(kid(x, y, subsets=1, subset_size=n)[0])
+            f.append(frechet_distance(*feature_stats(x), *feature_stats(y)))
+        return np.mean(k), np.std(k) / math.sqrt(draws), np.mean(f)
+
+    kid_small, se_small, fd_small = mean_scores(40)
+    kid_large, se_large, fd_large = mean_scores(400)
+    assert abs(kid_small) < 3 * se_small and abs(kid_large) < 3 * se_large
+    assert 7 < fd_small / fd_large < 14
+    # a real shift is seen at both sizes
+    rng = np.random.default_rng(9)
+    assert kid(rng.standard_normal((400, d)) + 1.0, rng.standard_normal((400, d)))[0] > 50 * se_large
+
+
+# --------------------------------------------------------------------------- FD-infinity
+def fd_bias(d, n, m):
+    """First-order bias of FD between samples of sizes n, m of N(mu, I_d): the mean term
+    d (1/n + 1/m) plus the covariance term: the Bures distance near I is ||dS||_F^2 / 4 and
+    E ||S_n - I||_F^2 = d (d + 1) / (n - 1) for a sample covariance (ddof 1)."""
+    return d * (1 / n + 1 / m) + d * (d + 1) / 4 * (1 / (n - 1) + 1 / (m - 1))
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_fd_infinity_removes_the_known_bias_on_gaussians(shift):
+    d, n, m, draws = 8, 600, 1200, 30
+    true = shift ** 2 * d / d  # mean shifted by `shift` along one axis, equal covariances
+    fd, inf = [], []
+    for s in range(draws):
+        rng = np.random.default_rng([s, int(shift)])
+        fake = rng.standard_normal((n, d))
+        fake[:, 0] += shift
+        real = rng.standard_normal((m, d))
+        fd.append(frechet_distance(*feature_stats(fake), *feature_stats(real)))
+        r = fd_infinity(fake, real, seed=s)
+        inf.append(r["fd_inf"])
+    bias, fd, inf = fd_bias(d, n, m), np.array(fd), np.array(inf)
+    # What FD-infinity removes (paired, so the draws' common noise cancels) is the bias law...
+    assert np.mean(fd - inf) == pytest.approx(bias, rel=0.25)
+    # ...and what is left is the true distance, up to the noise of the mean over draws.
+    assert abs(np.mean(inf) - true) < 3 * np.std(inf) / math.sqrt(draws) + 0.1 * bias
+    if shift == 0:  # identical distributions: plain FD's mean is the bias itself
+        assert np.mean(fd) == pytest.approx(bias, rel=0.1) and abs(np.mean(inf)) < 0.2 * bias
+
+
+def test_fd_infinity_recovers_the_slope_of_the_bias_law():
+    # Sub-samples of both sets at share t: E FD = true + (bias at full size) / t, i.e. slope = bias * n.
+    d, n, m = 6, 800, 800
+    slopes = [fd_infinity(*(np.random.default_rng([s, k]).standard_normal((size, d))
+                            for k, size in enumerate((n, m))), draws=4, seed=s)["slope"] for s in range(20)]
+    assert np.mean(slopes) == pytest.approx(fd_bias(d, n, m) * n, rel=0.3)
+
+
+def test_fd_infinity_rejects_bad_fractions():
+    x = np.zeros((10, 2))
+    with pytest.raises(ValueError):
+        fd_infinity(x, x, fractions=(1.0,))
+    with pytest.raises(ValueError):
+        fd_infinity(x, x, fractions=(0.0, 1.0))
 
 
 # ----------------------------------------------------------------------- precision / recall
@@ -175,6 +292,28 @@ def test_floor_real_and_noise(evaluator):
     bad = evaluator.evaluate(noise)
     assert bad["fd"] > 20 * floor["fd"] and bad["precision"] < 0.5
 
+    # The unbiased figures: KID's floor is ~0 within its spread, FD-infinity's far below FD's
+    # (most of FD's floor is its small-sample bias); both see the noise.
+    assert abs(floor["kid"]) < 3 * floor["kid_std"] and floor["fd_inf"] < 0.5 * floor["fd"]
+    assert bad["kid"] > 20 * floor["kid_std"] and bad["fd_inf"] > 20 * floor["fd_std"]
+    assert scores["kid_subset_std"] > 0
+
+
+def test_model_spread_and_floor_are_both_printed():
+    draws = [{"fd": 12.0 + i, "kid": 0.5 * i, "kid_subset_std": 0.1, "fd_inf": 3.0 + i, "precision": 0.9,
+              "recall": 0.8, "coverage": 1.0, "class_entropy": 0.99, "n": 500} for i in range(3)]
+    r = summarise_draws(draws)
+    assert r["fd"] == 13.0 and r["fd_std"] == pytest.approx(1.0) and r["draws"] == 3
+    assert "kid_subset_std_std" not in r and r["kid_subset_std"] == pytest.approx(0.1)
+    floor = {"fd": 10.5, "fd_std": 1.25, "kid": -0.07, "kid_std": 1.2, "fd_inf": 1.2, "fd_inf_std": 2.5,
+             "precision": 0.91, "precision_std": 0.01, "recall": 0.89, "recall_std": 0.01,
+             "coverage": 1.0, "coverage_std": 0.0, "n_resamples": 5}
+    text = format_quality({**r, "floor": floor, "sampler": "heun-18"})
+    assert "13.00 +- 1.00   (floor 10.50 +- 1.25)" in text and "FD-infinity" in text and "3 latent draws" in text
+    old = {"fd": 9.0, "precision": 0.9, "recall": 0.9, "coverage": 1.0, "n": 500, "sampler": "heun-18",
+           "floor": {k: v for k, v in floor.items() if not k.startswith(("kid", "fd_inf"))}}
+    assert "9.00   (floor 10.50 +- 1.25)" in format_quality(old)  # eval.json of older runs still prints
+
 
 def test_half_the_classes_loses_recall_and_coverage(evaluator):
     train = load_dataset("digits", "train")
@@ -191,6 +330,32 @@ def test_evaluate_rejects_bad_input(evaluator):
         evaluator.evaluate(torch.zeros(500, 3, 8, 8))       # wrong channels
     scores = evaluator.evaluate(torch.full((600, 1, 8, 8), float("nan")))  # diverged: scored, not crashing
     assert scores["n"] == 500 and math.isfinite(scores["fd"])
+
+
+# -------------------------------------------------------------------------- memorisation
+def test_memorisation_tells_copies_from_fresh_samples(evaluator):
+    # The "model" trained on the first 1000 train images; the test split is the held-out set (359,
+    # so the training reference is 359 of the 1000); the other 438 train images are fresh samples
+    # of the same distribution that neither reference contains.
+    train, test = load_dataset("digits", "train").images, load_dataset("digits", "test").images
+    seen, fresh = train[:1000], train[1000:]
+    copies = seen[torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:400]]
+    feats = {name: evaluator.classifier.features_and_predictions(x)[0]
+             for name, x in (("seen", seen), ("fresh", fresh), ("copies", copies), ("test", test))}
+    for space, get in (("pixel", lambda name, x: x.numpy()), ("features", lambda name, x: feats[name])):
+        copied = memorisation(get("copies", copies), get("seen", seen), get("test", test))
+        clean = memorisation(get("fresh", fresh), get("seen", seen), get("test", test))
+        assert copied["n_reference"] == clean["n_reference"] == len(test)
+        # a pure copier: ~1 - 359/1000 = 0.64, every sample closer than 99% of unseen images
+        assert copied["nn_ratio"] < 0.8 and copied["copy_share"] > 0.95, (space, copied)
+        assert 0.9 < clean["nn_ratio"] < 1.1 and clean["copy_share"] < 0.05, (space, clean)
+
+
+def test_evaluator_memorisation_reports_both_spaces(evaluator):
+    train = load_dataset("digits", "train").images
+    m = evaluator.memorisation(train[:500])  # a model that returns training images
+    assert set(m) == {"pixel", "features"}
+    assert all(m[s]["nn_ratio"] < 0.85 and m[s]["copy_share"] > 0.95 for s in m)
 
 
 # ---------------------------------------------------------------------------- Inception FID

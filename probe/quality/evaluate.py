@@ -2,13 +2,17 @@
 
 ``evaluate_model(EvalConfig(...))`` is what ``probe eval MODEL`` calls. It always returns the
 real-vs-real floor (and its spread over resamplings) next to the model's figures, because on a
-data set as small as digits a difference smaller than that spread means nothing.
+data set as small as digits a difference smaller than that spread means nothing. The model is
+scored on ``draws`` independent batches of latents: its own sampling spread is reported too
+(``value +- model std (floor mean +- std)``), and so is a memorisation check (nearest-neighbour
+distance of the samples to the training split vs the held-out split).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from probe.core.errors import UserError
@@ -20,7 +24,8 @@ from probe.core.models import LoadedModel, load_model
 class EvalConfig:
     model: str                       # run directory or diffusers model directory
     data: str | None = None          # data set to compare with; None = the one the model was trained on
-    n_samples: int = 500             # generated images per score (also the floor's sample count)
+    n_samples: int | None = None     # generated images per score (also the floor's); None = default_n_samples(data)
+    draws: int = 3                   # batches of latents scored (seeds seed, seed+1, ...): the model's own spread
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
@@ -44,7 +49,7 @@ def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int 
 def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     """Scores of ``cfg.model`` plus the floor; raises ``UserError`` on a data/model mismatch."""
     from probe.core.data import load_dataset
-    from probe.quality.metrics import QualityEvaluator
+    from probe.quality.metrics import QualityEvaluator, default_n_samples
 
     model = load_model(cfg.model, cfg.device)
     data = cfg.data or model.dataset
@@ -54,28 +59,71 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     if (ref.channels, ref.resolution) != (model.channels, model.resolution):
         raise UserError(f"{cfg.model} makes {model.channels}x{model.resolution}x{model.resolution} images but "
                         f"{data} has {ref.channels}x{ref.resolution}x{ref.resolution}")
-    samples = generate(model, cfg.n_samples, cfg.seed, cfg.steps, cfg.batch, cfg.device)
-    evaluator = QualityEvaluator(data, n_samples=cfg.n_samples, seed=cfg.seed, progress=progress)
-    result = {**evaluator.evaluate(samples), "floor": evaluator.floor(), "evaluator": evaluator.info,
+    if cfg.draws < 1:
+        raise UserError(f"draws must be at least 1, got {cfg.draws}")
+    n = cfg.n_samples if cfg.n_samples is not None else default_n_samples(data)
+    evaluator = QualityEvaluator(data, n_samples=n, seed=cfg.seed, progress=progress)
+    # Each draw has its own latent seed, so draw 0 is the batch a single-draw evaluation would score.
+    batches = [generate(model, n, cfg.seed + i, cfg.steps, cfg.batch, cfg.device) for i in range(cfg.draws)]
+    result = {**summarise_draws([evaluator.evaluate(b) for b in batches]),
+              "memorisation": evaluator.memorisation(batches[0]),
+              "floor": evaluator.floor(), "evaluator": evaluator.info,
               "sampler": "one-step" if model.generator is not None else f"heun-{cfg.steps}",
               "nfe": 1 if model.generator is not None else 2 * cfg.steps - 1, "model_kind": model.kind}
+    samples = torch.cat(batches)
     if cfg.inception_weights:
         from probe.quality.metrics import inception_fid, load_inception_extractor
 
         extractor = load_inception_extractor(cfg.inception_weights, cfg.device)
         real = load_dataset(data, "train").images
-        result["inception_fid"] = inception_fid(samples, real[: max(cfg.n_samples, 1000)], extractor=extractor)
+        result["inception_fid"] = inception_fid(batches[0], real[: max(n, 1000)], extractor=extractor)
     return result, samples
 
 
+def summarise_draws(scores: list[dict]) -> dict:
+    """Mean of each figure over latent draws, its std over draws (``<key>_std``, the model's own
+    spread; 0 for one draw) and the per-draw scores (``per_draw``)."""
+    out: dict = {"n": scores[0]["n"], "draws": len(scores), "per_draw": scores}
+    for key in (k for k in scores[0] if k != "n"):
+        values = np.array([s[key] for s in scores], np.float64)
+        out[key] = float(values.mean())
+        if not key.endswith("_std"):  # a within-draw spread (KID's over subsets) is only averaged
+            out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+QUALITY_ROWS = (("fd", "Frechet distance", 2), ("kid", "KID", 3), ("fd_inf", "FD-infinity", 2),
+                ("precision", "precision", 3), ("recall", "recall", 3), ("coverage", "class coverage", 2))
+
+
 def format_quality(r: dict) -> str:
-    """Two lines: the model's figures, then the floor with its spread."""
+    """One line per figure: ``value +- model std (floor mean +- std)``, then the memorisation check.
+
+    Also reads older eval.json files (one draw, FD / precision / recall / coverage only).
+    """
     f = r.get("floor") or {}
-    line = (f"{r.get('sampler', '')}: Frechet distance {r['fd']:.2f}   precision {r['precision']:.3f}   "
-            f"recall {r['recall']:.3f}   class coverage {r['coverage']:.2f}   (n={r['n']})")
+    draws = r.get("draws", 1)
+    lines = [f"{r.get('sampler', '')}: n = {r['n']} samples per score, {draws} latent draw{'s' * (draws > 1)}; "
+             f"value +- model std over draws (real-vs-real floor mean +- std over "
+             f"{f.get('n_resamples', '?')} resamples)"]
+    for key, name, digits in QUALITY_ROWS:
+        if key not in r:
+            continue
+        text = f"  {name:<17}{r[key]:>10.{digits}f}"
+        if f"{key}_std" in r:
+            text += f" +- {r[f'{key}_std']:.{digits}f}"
+        if key in f:
+            text += f"   (floor {f[key]:.{digits}f} +- {f[f'{key}_std']:.{digits}f})"
+        lines.append(text)
     if f:
-        line += (f"\nreal-vs-real floor: Frechet distance {f['fd']:.2f} +- {f['fd_std']:.2f} over "
-                 f"{f['n_resamples']} resamplings (a difference below that spread means nothing)")
+        lines.append("  a difference below the larger of the two spreads means nothing")
+    m = r.get("memorisation")
+    if m:
+        p, q = m["pixel"], m["features"]
+        lines.append(f"memorisation: nearest-neighbour distance to train / to held-out ({p['n_reference']} images "
+                     f"each) {p['nn_ratio']:.3f} +- {p['nn_ratio_std']:.3f} in pixels, {q['nn_ratio']:.3f} +- "
+                     f"{q['nn_ratio_std']:.3f} in features (1 = no copying); closer to train than 99% of "
+                     f"held-out images: {p['copy_share']:.1%} / {q['copy_share']:.1%} (fresh data ~1%)")
     if "inception_fid" in r:
-        line += f"\nInception FID {r['inception_fid']:.2f}"
-    return line
+        lines.append(f"Inception FID {r['inception_fid']:.2f}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Sample-quality metrics of generators: Fréchet distance, precision/recall, class coverage.
+"""Sample-quality metrics of generators: Fréchet distance, KID, FD-infinity, precision/recall, class coverage.
 
 Measured in the feature space of a small per-data-set classifier (``probe.quality.classifier``), because an
 ImageNet Inception network means little on 8x8 digits and its weights cannot be downloaded here.
@@ -8,7 +8,10 @@ user has the weights file locally.
 
 Every figure is reported next to a *real-vs-real floor*: real images that the reference set does
 not contain, in the same number as the generated samples, scored exactly like a model. A generator
-cannot be expected to go below that floor; the distance above it is what matters.
+cannot be expected to go below that floor; the distance above it is what matters. FD's floor is
+mostly its own small-sample bias (it falls like 1/n), so next to it come two figures that are not
+dominated by it: KID, an unbiased estimate (floor ~ 0 at any n), and FD-infinity, the FD
+extrapolated to n -> infinity. docs/metric.md explains the figures and their measured resolution.
 
     ev = QualityEvaluator("digits")          # trains/loads the classifier, precomputes the reference
     ev.floor()                               # {"fd": ..., "fd_std": ..., "precision": ..., ...}
@@ -33,7 +36,7 @@ from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from probe.core.errors import UserError
 from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, progress_bar
 
-METRIC_KEYS = ("fd", "precision", "recall", "coverage", "class_entropy")
+METRIC_KEYS = ("fd", "kid", "fd_inf", "precision", "recall", "coverage", "class_entropy")
 
 
 # ------------------------------------------------------------------------- Fréchet distance
@@ -93,6 +96,100 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, strict: bool = True,
             return None
         covmean = covmean.real
     return float(np.trace(covmean))
+
+
+# ---------------------------------------------------------------------- KID and FD-infinity
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,
+                      coef: float = 1.0) -> np.ndarray:
+    """k(x, y) = (gamma x.y + coef)^degree for all pairs of rows, [len(x), len(y)]; gamma None = 1/D."""
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (np.asarray(x, np.float64) @ np.asarray(y, np.float64).T * gamma + coef) ** degree
+
+
+def mmd2_unbiased(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    """Unbiased MMD^2 from kernel matrices (Gretton et al. 2012, eq. 3): the within-set means leave
+    out the diagonal (k(x_i, x_i) is no sample of E k(x, x') for independent x, x'); sets may differ in size."""
+    m, n = len(k_xx), len(k_yy)
+    if m < 2 or n < 2:
+        raise ValueError(f"unbiased MMD needs at least 2 points per set, got {m} and {n}")
+    xx = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+    yy = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+    return float(xx + yy - 2.0 * k_xy.mean())
+
+
+def kid(fake: np.ndarray, real: np.ndarray,
+        subsets: int = 100,                  # random subset pairs averaged (Binkowski et al. use 100)
+        subset_size: int = 1000,             # points per subset; capped at the smaller set
+        seed: int = 0,                       # subset choice
+        real_kernel: np.ndarray | None = None,  # precomputed polynomial_kernel(real, real), to reuse
+        ) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018) on given features: mean and std of MMD^2.
+
+    Each of ``subsets`` rounds draws ``subset_size`` points of each set without replacement and
+    computes the unbiased MMD^2 with the cubic kernel (x.y/D + 1)^3; returns the mean over rounds
+    and their (population) std, as Binkowski et al. and torchmetrics do. Unbiased: its expectation
+    is the population MMD^2 whatever the sample size (so 0 for two samples of one distribution; a
+    single value may be negative). When ``subset_size`` covers a whole set, that set is the same
+    in every round and the std measures only the other set's resampling.
+    """
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    m, n = len(fake), len(real)
+    s = min(int(subset_size), m, n)
+    if s < 2:
+        raise ValueError(f"KID needs at least 2 points per set, got {m} and {n}")
+    k_ff = polynomial_kernel(fake, fake)
+    k_rr = polynomial_kernel(real, real) if real_kernel is None else real_kernel
+    k_fr = polynomial_kernel(fake, real)
+    rng = np.random.default_rng(seed)
+    # Subsets as 0/1 indicator columns: a subset's kernel sum is then s^T K s, so all rounds cost
+    # three matrix products instead of `subsets` copies of sub-matrices.
+    sel_f, sel_r = np.zeros((m, subsets)), np.zeros((n, subsets))
+    for j in range(subsets):
+        sel_f[rng.choice(m, s, replace=False) if s < m else slice(None), j] = 1.0
+        sel_r[rng.choice(n, s, replace=False) if s < n else slice(None), j] = 1.0
+    ff = np.einsum("ij,ij->j", sel_f, k_ff @ sel_f) - np.diag(k_ff) @ sel_f
+    rr = np.einsum("ij,ij->j", sel_r, k_rr @ sel_r) - np.diag(k_rr) @ sel_r
+    fr = np.einsum("ij,ij->j", sel_f, k_fr @ sel_r)
+    values = (ff + rr) / (s * (s - 1)) - 2.0 * fr / (s * s)
+    return float(values.mean()), float(values.std())
+
+
+FD_INF_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def fd_infinity(fake: np.ndarray, real: np.ndarray,
+                fractions: tuple[float, ...] = FD_INF_FRACTIONS,  # sub-sample sizes, share of each set
+                draws: int = 2,                  # random sub-samples per fraction below 1 (FD averaged)
+                seed: int = 0,                   # sub-sample choice
+                ) -> dict:
+    """FD extrapolated to infinitely many samples (Chong & Forsyth 2020, "FID-infinity").
+
+    The FD of finite samples is biased upwards by a term that, to first order, falls like 1/n for
+    each set (E FD_n ~ FD_inf + a/n_fake + b/n_real). Here both sets are sub-sampled to the same
+    share t of their size, so the bias is (a/N_fake + b/N_real)/t, linear in 1/n_fake = 1/(t N_fake);
+    an ordinary least-squares line of FD against 1/n_fake over ``fractions`` is extrapolated to
+    1/n -> 0. Chong & Forsyth keep the (50k-image) reference whole; sub-sampling it too removes the
+    reference's own bias, which is not small with a reference of about a thousand images.
+    The 1/n law holds when n is well above the feature dimension (n >= 2 D is a reasonable floor).
+
+    Returns ``{"fd_inf", "slope", "ns", "fds"}`` (slope: FD units x samples).
+    """
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    if len(fractions) < 2 or not all(0 < t <= 1 for t in fractions):
+        raise ValueError(f"fractions must be at least two shares in (0, 1], got {fractions}")
+    rng = np.random.default_rng(seed)
+    ns, fds = [], []
+    for t in sorted(fractions):
+        n_f, n_r = max(2, round(t * len(fake))), max(2, round(t * len(real)))
+        values = []
+        for _ in range(1 if t >= 1 else draws):
+            f = fake if n_f >= len(fake) else fake[rng.choice(len(fake), n_f, replace=False)]
+            r = real if n_r >= len(real) else real[rng.choice(len(real), n_r, replace=False)]
+            values.append(frechet_distance(*feature_stats(f), *feature_stats(r)))
+        ns.append(n_f)
+        fds.append(float(np.mean(values)))
+    slope, intercept = np.polyfit(1.0 / np.array(ns, np.float64), np.array(fds), 1)
+    return {"fd_inf": float(intercept), "slope": float(slope), "ns": ns, "fds": fds}
 
 
 # ----------------------------------------------------------------------- precision / recall
@@ -160,6 +257,24 @@ def class_entropy(predicted: np.ndarray, num_classes: int) -> float:
 
 
 # -------------------------------------------------------------------------------- evaluator
+MAX_DEFAULT_SAMPLES = 2000      # measured floor spreads, docs/metric.md and benchmarks/RESULTS.md
+SAMPLE_STEP = 250
+
+
+def default_n_samples(dataset_name: str) -> int:
+    """Samples per score for ``probe eval`` and the health check when the user gives none.
+
+    ``MAX_DEFAULT_SAMPLES`` (2000) where the data set allows it, else the largest multiple of 250
+    that still leaves a reference of at least n train images and a held-out pool of 1.5 n (digits:
+    1797 images, so 500). The measured floor spreads behind the 2000 are in docs/metric.md.
+    """
+    from probe.core.data import load_dataset
+
+    n_train, n_test = len(load_dataset(dataset_name, "train")), len(load_dataset(dataset_name, "test"))
+    fit = min(n_train, (n_train + n_test) / 2.5)  # n_reference >= n and a pool of 1.5 n
+    return int(max(SAMPLE_STEP, min(MAX_DEFAULT_SAMPLES, fit // SAMPLE_STEP * SAMPLE_STEP)))
+
+
 class QualityEvaluator:
     """Scores generated images against a fixed real reference set, in classifier feature space.
 
@@ -168,8 +283,8 @@ class QualityEvaluator:
       statistics, k-NN radii and the train class frequencies are precomputed once.
     - held-out pool: every other real image (the rest of the train split plus the whole test
       split), never part of the reference.
-    - a score uses exactly ``n_samples`` images: FD between their features and the reference's,
-      precision/recall (k-NN, ``k``) against the reference, class coverage and entropy of their
+    - a score uses exactly ``n_samples`` images: FD, KID and FD-infinity between their features and
+      the reference's, precision/recall (k-NN, ``k``) against the reference, class coverage and entropy of their
       predicted classes. ``floor()`` scores ``n_samples`` held-out real images instead of samples,
       ``n_resamples`` times, and reports mean and std.
 
@@ -211,12 +326,17 @@ class QualityEvaluator:
                             f"n_samples={self.n_samples}; lower n_samples or n_reference")
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(train)))
         self.heldout = torch.cat([train.images[order[self.n_reference:]], test.images])
+        self.heldout_labels = torch.cat([train.labels[order[self.n_reference:]], test.labels])
         reference = train.images[order[:self.n_reference]]
+        # Whole splits, for the memorisation check: a model trains on the train split, never on test.
+        self.train_images, self.test_images = train.images, test.images
+        self._split_features: tuple[np.ndarray, np.ndarray] | None = None
 
         self.ref_features, _ = self.classifier.features_and_predictions(reference)
         with threadpool_limits(1):  # see _score
             self.ref_mu, self.ref_sigma = feature_stats(self.ref_features)
             self.ref_radii = knn_radii(self.ref_features, self.k)
+            self.ref_kernel = polynomial_kernel(self.ref_features, self.ref_features)
         self.class_prior = class_histogram(train.labels[train.labels >= 0].numpy(), self.num_classes)
         self._floors: dict[int, dict] = {}
 
@@ -247,17 +367,40 @@ class QualityEvaluator:
         with threadpool_limits(1):
             mu, sigma = feature_stats(feats)
             fd = frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
+            # Fixed subset seed: every model is scored on the same reference subsets (common random numbers).
+            kid_value, kid_subset_std = kid(feats, self.ref_features, seed=self.seed, real_kernel=self.ref_kernel)
+            fd_inf = fd_infinity(feats, self.ref_features, seed=self.seed)["fd_inf"]
             precision, recall = precision_recall(self.ref_features, feats, self.k, self.ref_radii)
-        return {"fd": fd, "precision": precision, "recall": recall,
+        return {"fd": fd, "kid": kid_value, "kid_subset_std": kid_subset_std, "fd_inf": fd_inf,
+                "precision": precision, "recall": recall,
                 "coverage": class_coverage(preds, self.num_classes, self.class_prior),
                 "class_entropy": class_entropy(preds, self.num_classes), "n": len(images)}
 
     def evaluate(self, samples: torch.Tensor) -> dict:
         """Scores of generated images [n >= n_samples, C, H, W] in [-1, 1] (the first n_samples are used).
 
-        Returns ``{"fd", "precision", "recall", "coverage", "class_entropy", "n"}``.
+        Returns ``{"fd", "kid", "kid_subset_std", "fd_inf", "precision", "recall", "coverage",
+        "class_entropy", "n"}``; ``kid_subset_std`` is KID's std over reference subsets (see ``kid``).
         """
         return self._score(self._check(samples))
+
+    def memorisation(self, samples: torch.Tensor, n_subsets: int = 5) -> dict:
+        """Nearest-neighbour copy check of samples against the train split vs the test split.
+
+        ``{"pixel": {...}, "features": {...}}`` with the figures of ``probe.quality.memorisation``
+        (nn_ratio ~ 1 and copy_share ~ 0.01: no copying), in pixel space and classifier feature space.
+        """
+        from probe.quality.memorisation import memorisation
+
+        x = self._check(samples)
+        if self._split_features is None:
+            self._split_features = (self.classifier.features_and_predictions(self.train_images)[0],
+                                    self.classifier.features_and_predictions(self.test_images)[0])
+        feats = self.classifier.features_and_predictions(x)[0]
+        with threadpool_limits(1):
+            return {"pixel": memorisation(x.numpy(), self.train_images.numpy(), self.test_images.numpy(),
+                                          n_subsets, seed=self.seed),
+                    "features": memorisation(feats, *self._split_features, n_subsets, seed=self.seed)}
 
     def floor(self, n_resamples: int = 5) -> dict:
         """Real-vs-real floor: held-out real images scored like a model, mean and std over resamples.
