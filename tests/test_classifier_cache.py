@@ -93,3 +93,32 @@ def test_two_processes_racing_for_an_empty_cache(tmp_path):
     weights, meta = _entry(tmp_path, RACE)
     assert json.loads(meta.read_text())["weights_sha256"] == file_sha256(weights) == results[0][1]
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".lock", ".safetensors"]
+
+
+def test_dataset_download_holds_a_lock_on_the_data_root(tmp_path, monkeypatch):
+    # torchvision downloads and unpacks in place: a second process must wait, not write beside it.
+    import numpy as np
+    from filelock import FileLock, Timeout
+
+    import probe.core.data as data
+
+    seen = []
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            try:  # another process (here: another lock handle) must not get the lock meanwhile
+                FileLock(str(tmp_path / ".mnist.download.lock")).acquire(timeout=0)
+                seen.append("free")
+            except Timeout:
+                seen.append("held")
+            self.data = torch.zeros(4, 28, 28, dtype=torch.uint8)
+            self.targets = torch.arange(4)
+
+    class FakeTorchvision:
+        class datasets:
+            MNIST = FakeMNIST
+
+    monkeypatch.setattr(data, "_torchvision_or_none", lambda: FakeTorchvision)
+    ds = data.load_dataset("mnist", "test", root=tmp_path)
+    assert seen == ["held"] and len(ds) == 4 and np.all(ds.labels.numpy() == np.arange(4))
+    FileLock(str(tmp_path / ".mnist.download.lock")).acquire(timeout=0)  # released afterwards
