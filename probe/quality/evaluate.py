@@ -24,8 +24,21 @@ class EvalConfig:
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
-    device: str = "cpu"              # "cpu" | "cuda"
+    device: str = "auto"             # "auto" (CUDA when present) | "cpu" | "cuda"
     inception_weights: str | None = None  # a local Inception-v3 file (torch-fidelity format): also report Inception FID
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad numbers before any model is loaded or file written; runs on construction."""
+        from probe.core import checks as c
+
+        c.integer(self.n_samples, "n_samples", minimum=4)  # precision/recall use 3 neighbours
+        c.positive_int(self.steps, "steps")
+        c.positive_int(self.batch, "batch")
+        c.seed(self.seed)
+        c.device(self.device)
 
 
 @torch.no_grad()
@@ -46,7 +59,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     from probe.core.data import load_dataset
     from probe.quality.metrics import QualityEvaluator
 
-    model = load_model(cfg.model, cfg.device)
+    from probe.core.runs import pick_device
+
+    cfg.validate()
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, device)
     data = cfg.data or model.dataset
     if data is None:
         raise UserError(f"{cfg.model} does not record its data set; pass --data")
@@ -54,7 +71,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     if (ref.channels, ref.resolution) != (model.channels, model.resolution):
         raise UserError(f"{cfg.model} makes {model.channels}x{model.resolution}x{model.resolution} images but "
                         f"{data} has {ref.channels}x{ref.resolution}x{ref.resolution}")
-    samples = generate(model, cfg.n_samples, cfg.seed, cfg.steps, cfg.batch, cfg.device)
+    samples = generate(model, cfg.n_samples, cfg.seed, cfg.steps, cfg.batch, device)
     evaluator = QualityEvaluator(data, n_samples=cfg.n_samples, seed=cfg.seed, progress=progress)
     result = {**evaluator.evaluate(samples), "floor": evaluator.floor(), "evaluator": evaluator.info,
               "sampler": "one-step" if model.generator is not None else f"heun-{cfg.steps}",
@@ -62,7 +79,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     if cfg.inception_weights:
         from probe.quality.metrics import inception_fid, load_inception_extractor
 
-        extractor = load_inception_extractor(cfg.inception_weights, cfg.device)
+        extractor = load_inception_extractor(cfg.inception_weights, device)
         real = load_dataset(data, "train").images
         result["inception_fid"] = inception_fid(samples, real[: max(cfg.n_samples, 1000)], extractor=extractor)
     return result, samples
