@@ -1,4 +1,4 @@
-# Both targets build their own virtual environment, so a fresh clone needs only Python 3.10+.
+# Both targets build their own virtual environment, so a fresh clone needs only Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

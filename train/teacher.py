@@ -172,7 +172,7 @@ def _finish(out: Path, denoiser, cfg: TeacherConfig, device, log: MetricsLog, pr
     if cfg.eval_samples > 0:
         from probe.quality.metrics import QualityEvaluator
 
-        evaluator = QualityEvaluator(cfg.data, seed=cfg.seed, progress=progress)
+        evaluator = QualityEvaluator(cfg.data, n_samples=cfg.eval_samples, seed=cfg.seed, progress=progress)
         result = {**evaluator.evaluate(samples[: cfg.eval_samples]), "floor": evaluator.floor(),
                   "sampler": f"heun-{cfg.sample_steps}", "nfe": 2 * cfg.sample_steps - 1}
         write_json(out / "eval.json", result)
