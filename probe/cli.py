@@ -1,18 +1,28 @@
 """The ``probe`` command line: thin typer commands over plain functions that take a config.
 
 Every command turns its options into one dataclass config (saved with its results) and calls a
-library function. Errors the user can cause raise ``UserError``; ``main`` prints them as one line
-on stderr and exits with code 2.
+library function. Option defaults are read from those configs (or, for the analyses, from the
+library functions' keyword defaults), so a default is written once; tests/test_cli_contract.py
+fails when one drifts. They are read from the source files rather than by importing the modules,
+which would load torch, diffusers and matplotlib for every ``--help`` and usage error. Numbers are checked by the configs' ``validate()`` (probe/core/checks.py)
+before anything is created. Errors the user can cause raise ``UserError``; ``main`` prints them,
+and typer's usage errors (``--steps abc``), as one line on stderr and exits with code 2.
 """
 
 from __future__ import annotations
 
+import ast
+import errno
+import functools
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from probe.core import checks
 from probe.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,39 +31,145 @@ train_app = typer.Typer(no_args_is_help=True, help="Train a teacher, a one-step 
 app.add_typer(train_app, name="train")
 
 
-def _floats(text: str) -> list[float]:
+# Where each command's defaults live ("module:Class" of a config dataclass, or "module:function").
+T, S, R = "train.teacher:TeacherConfig", "train.student.loop:StudentConfig", "train.regress:RegressConfig"
+E, EV, A = "probe.features.extract:ExtractConfig", "probe.quality.evaluate:EvalConfig", "train.ablation.grid:AblationConfig"
+REP, DEMO = "analysis.report:ReportConfig", "probe.demo:DemoConfig"
+CKA, LIN, UMAP = "analysis.cka:cka_table", "analysis.linear:probe_table", "analysis.umap_view:umap_panels"
+
+
+def _d(source: str, name: str):
+    """The default of field ``name`` of a config dataclass, or of keyword ``name`` of a function,
+    ``source`` = "module:Name": the one place each CLI default is written."""
+    module, owner = source.split(":")
+    try:
+        return _literal(module, _default_node(module, owner, name))
+    except LookupError:  # not a plain literal or constant (a default_factory ...): import and ask
+        import dataclasses
+        import inspect
+
+        obj = getattr(importlib.import_module(module), owner)
+        if dataclasses.is_dataclass(obj):
+            f = {f.name: f for f in dataclasses.fields(obj)}[name]
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return inspect.signature(obj).parameters[name].default
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(module: str) -> ast.Module:
+    spec = importlib.util.find_spec(module)  # imports the (light) parent packages only
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+
+
+def _default_node(module: str, owner: str, name: str) -> ast.expr:
+    for node in _tree(module).body:
+        if isinstance(node, ast.ClassDef) and node.name == owner:
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name \
+                        and stmt.value is not None:
+                    return stmt.value
+        if isinstance(node, ast.FunctionDef) and node.name == owner:
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            for arg, default in pairs:
+                if arg.arg == name:
+                    return default
+    raise LookupError(f"{module}:{owner}.{name}")
+
+
+def _literal(module: str, node: ast.expr):
+    """A literal, or a module-level constant (followed through ``from X import NAME``)."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        pass
+    if not isinstance(node, ast.Name):
+        raise LookupError(ast.dump(node))
+    for stmt in _tree(module).body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.id for t in stmt.targets):
+            return _literal(module, stmt.value)
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == node.id:
+            return _literal(module, stmt.value)
+        if isinstance(stmt, ast.ImportFrom) and stmt.level == 0:
+            for alias in stmt.names:
+                if (alias.asname or alias.name) == node.id:
+                    return _literal(stmt.module, ast.Name(id=alias.name))
+    raise LookupError(node.id)
+
+
+def _floats(text: str, option: str = "the list") -> list[float]:
     try:
         return [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"expected a comma-separated list of numbers, got {text!r}") from None
+        raise UserError(f"{option} expects a comma-separated list of numbers, got {text!r}") from None
+
+
+def _sigmas(text: Optional[str], option: str = "--sigmas") -> Optional[list]:
+    """None (all / the default) when not given; else a non-empty list of finite sigmas >= 0."""
+    if text is None:
+        return None
+    return list(checks.sigma_list(_floats(text, option), option))
+
+
+def _ints(text: Optional[str], option: str) -> Optional[tuple]:
+    """Distinct non-negative integers (seeds), or None when not given."""
+    if text is None:
+        return None
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{option} expects comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise UserError(f"{option} expects distinct integers such as 0,1,2, got {text!r}")
+    return tuple(checks.seed(v, option) for v in values)
 
 
 def _band(text: Optional[str]) -> Optional[tuple]:
-    if not text:
+    """'LO,HI' as two numbers (their rules are TeacherConfig's), or None."""
+    if text is None:
         return None
-    vals = _floats(text)
-    if len(vals) != 2 or not 0 < vals[0] <= vals[1]:
+    vals = _floats(text, "--sigma-range")
+    if len(vals) != 2:
         raise UserError(f"--sigma-range takes 'LO,HI' with 0 < LO <= HI, got {text!r}")
     return tuple(vals)
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    """A run / working directory that can be created (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a directory")
+    return checks.writable_output(path, option)
+
+
+def _out_file(path: Optional[Path], option: str = "--out") -> Optional[Path]:
+    """An output file that can be written (checked before any work); None passes."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    return checks.writable_output(path, option)
 
 
 # ------------------------------------------------------------------------------- training
 @train_app.command("teacher")
 def train_teacher_cmd(
     out: Path = typer.Option(..., help="Run directory to write."),
-    data: str = typer.Option("digits", help="digits | shapes | mnist | cifar10 | folder:PATH"),
-    preset: str = typer.Option("tiny", help="UNet preset: tiny | small | cifar | test"),
-    steps: int = typer.Option(1600, help="Optimiser steps."),
-    batch: int = typer.Option(64, help="Images per step (global: across every process)."),
-    accum: int = typer.Option(1, help="Gradient-accumulation rounds per step and process."),
-    lr: float = typer.Option(2e-3, help="Adam learning rate."),
-    ema_halflife: float = typer.Option(12_500, help="EMA half-life in training images."),
-    sigma_range: Optional[str] = typer.Option(None, help="'LO,HI': train only on sigmas in this band."),
-    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints."),
-    sample_steps: int = typer.Option(18, help="Heun steps for samples and evaluation."),
-    eval_samples: int = typer.Option(500, help="Samples for the final quality figure (0 = skip)."),
-    seed: int = typer.Option(0, help="Seed of every random draw."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    data: str = typer.Option(_d(T, "data"), help="digits | shapes | mnist | cifar10 | folder:PATH"),
+    preset: str = typer.Option(_d(T, "preset"), help="UNet preset: tiny | small | cifar | test"),
+    steps: int = typer.Option(_d(T, "steps"), help="Optimiser steps."),
+    batch: int = typer.Option(_d(T, "batch"), help="Images per step (global: across every process)."),
+    accum: int = typer.Option(_d(T, "accum"), help="Gradient-accumulation rounds per step and process."),
+    lr: float = typer.Option(_d(T, "lr"), help="Adam learning rate."),
+    ema_halflife: float = typer.Option(_d(T, "ema_halflife_images"), help="EMA half-life in training images."),
+    sigma_range: Optional[str] = typer.Option(_d(T, "sigma_range"),
+                                              help="'LO,HI': train only on sigmas in this band."),
+    checkpoint_every: int = typer.Option(_d(T, "checkpoint_every"), help="Steps between checkpoints."),
+    sample_steps: int = typer.Option(_d(T, "sample_steps"), help="Heun steps for samples and evaluation."),
+    eval_samples: int = typer.Option(_d(T, "eval_samples"), help="Samples for the final quality figure (0 = skip)."),
+    seed: int = typer.Option(_d(T, "seed"), help="Seed of every random draw."),
+    device: str = typer.Option(_d(T, "device"), help="auto | cpu | cuda"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ):
     """Train an EDM teacher on a diffusers UNet2DModel."""
@@ -63,6 +179,7 @@ def train_teacher_cmd(
                         ema_halflife_images=ema_halflife, sigma_range=_band(sigma_range),
                         checkpoint_every=checkpoint_every, sample_steps=sample_steps,
                         eval_samples=eval_samples, seed=seed, device=device)
+    _out_dir(out)
     run = train_teacher(cfg, resume=resume)
     if _is_main():
         _print_eval(run)
@@ -73,27 +190,30 @@ def train_teacher_cmd(
 def train_student_cmd(
     teacher: Path = typer.Option(..., help="Teacher: run directory or diffusers UNet2DModel / DDPMPipeline directory."),
     out: Path = typer.Option(..., help="Run directory to write."),
-    method: str = typer.Option("diffratio-js", help="diffratio-js | diffratio-kl | diffratio-fkl | vsd | sid | gan"),
-    init: str = typer.Option("teacher", help="Init spec: teacher | random | keep:GLOBS | reinit:GLOBS | shuffle[:GLOBS] "
-                                             "| from:PATH, joined with '+' (see train/initspec.py)."),
-    data: Optional[str] = typer.Option(None, help="Real data (default: the teacher's data set)."),
-    sigma_init: float = typer.Option(2.5, help="G(z) = D(sigma_init z; sigma_init)."),
-    steps: int = typer.Option(2000, help="Generator steps."),
-    batch: int = typer.Option(64, help="Generated (and real) images per step (global: across every process)."),
-    accum: int = typer.Option(1, help="Gradient-accumulation rounds per step and process."),
-    lr_g: float = typer.Option(1e-4, help="Generator learning rate."),
-    lr_aux: float = typer.Option(1e-4, help="Ratio classifier / fake-score learning rate."),
-    aux_steps: int = typer.Option(1, help="Auxiliary updates per generator update."),
-    ratio_net: str = typer.Option("encoder", help="encoder (teacher's, default) | encoder-random | cnn"),
-    sigma_dist: str = typer.Option("lognormal", help="lognormal | karras"),
-    weighting: str = typer.Option("none", help="w(sigma): none | sigma2 | snr | edm"),
-    sid_alpha: float = typer.Option(1.2, help="SiD's alpha."),
-    fkl_clip: float = typer.Option(10.0, help="diffratio-fkl: upper clip of exp(-l)."),
-    grad_clip: float = typer.Option(0.0, help="Max gradient norm, 0 = off."),
-    eval_every: int = typer.Option(100, help="Steps between sample-quality rows in metrics.jsonl, 0 = off."),
-    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints."),
-    seed: int = typer.Option(0, help="Seed of every random draw."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    method: str = typer.Option(_d(S, "method"), help="diffratio-js | diffratio-kl | diffratio-fkl | vsd | sid | gan"),
+    init: str = typer.Option(_d(S, "init"), help="Init spec: teacher | random | keep:GLOBS | reinit:GLOBS "
+                                                 "| shuffle[:GLOBS] | from:PATH, joined with '+' "
+                                                 "(see train/initspec.py)."),
+    data: Optional[str] = typer.Option(_d(S, "data"), help="Real data (default: the teacher's data set)."),
+    sigma_init: float = typer.Option(_d(S, "sigma_init"), help="G(z) = D(sigma_init z; sigma_init)."),
+    steps: int = typer.Option(_d(S, "steps"), help="Generator steps (0 = write the initialised generator)."),
+    batch: int = typer.Option(_d(S, "batch"), help="Generated (and real) images per step (global: across every process)."),
+    accum: int = typer.Option(_d(S, "accum"), help="Gradient-accumulation rounds per step and process."),
+    lr_g: float = typer.Option(_d(S, "lr_g"), help="Generator learning rate."),
+    lr_aux: float = typer.Option(_d(S, "lr_aux"), help="Ratio classifier / fake-score learning rate."),
+    aux_steps: int = typer.Option(_d(S, "aux_steps"), help="Auxiliary updates per generator update."),
+    ratio_net: str = typer.Option(_d(S, "ratio_net"), help="encoder (teacher's, default) | encoder-random | cnn"),
+    sigma_dist: str = typer.Option(_d(S, "sigma_dist"), help="lognormal | karras"),
+    weighting: str = typer.Option(_d(S, "weighting"), help="w(sigma): none | sigma2 | snr | edm"),
+    sid_alpha: float = typer.Option(_d(S, "sid_alpha"), help="SiD's alpha."),
+    fkl_clip: float = typer.Option(_d(S, "fkl_clip"), help="diffratio-fkl: upper clip of exp(-l)."),
+    grad_clip: float = typer.Option(_d(S, "grad_clip"), help="Max gradient norm, 0 = off."),
+    eval_every: int = typer.Option(_d(S, "eval_every"), help="Steps between sample-quality rows in metrics.jsonl, "
+                                                             "0 = off (and no eval.json)."),
+    eval_samples: int = typer.Option(_d(S, "eval_samples"), help="Samples per quality evaluation."),
+    checkpoint_every: int = typer.Option(_d(S, "checkpoint_every"), help="Steps between checkpoints."),
+    seed: int = typer.Option(_d(S, "seed"), help="Seed of every random draw."),
+    device: str = typer.Option(_d(S, "device"), help="auto | cpu | cuda"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ):
     """Train a one-step generator G(z) = D(sigma_init z; sigma_init) with one of the methods."""
@@ -102,8 +222,9 @@ def train_student_cmd(
     cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
                         steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
                         sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha, fkl_clip=fkl_clip,
-                        grad_clip=grad_clip, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-                        device=device)
+                        grad_clip=grad_clip, eval_every=eval_every, eval_samples=eval_samples,
+                        checkpoint_every=checkpoint_every, seed=seed, device=device)
+    _out_dir(out)
     run = train_student(cfg, resume=resume)
     if _is_main():
         _print_eval(run)
@@ -114,21 +235,24 @@ def train_student_cmd(
 def train_regress_cmd(
     teacher: Path = typer.Option(..., help="Teacher whose multi-step samples the generator regresses onto."),
     out: Path = typer.Option(..., help="Run directory to write."),
-    sigma_init: float = typer.Option(2.5, help="G(z) = D(sigma_init z; sigma_init)."),
-    n_pairs: int = typer.Option(2000, help="(z, teacher sample) pairs."),
-    sample_steps: int = typer.Option(18, help="Heun steps of the teacher sampler."),
-    steps: int = typer.Option(2000, help="Optimiser steps."),
-    batch: int = typer.Option(64, help="Pairs per step."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    seed: int = typer.Option(0, help="Seed of the pairs, the initialisation and training."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    sigma_init: float = typer.Option(_d(R, "sigma_init"), help="G(z) = D(sigma_init z; sigma_init)."),
+    n_pairs: int = typer.Option(_d(R, "n_pairs"), help="(z, teacher sample) pairs."),
+    sample_steps: int = typer.Option(_d(R, "sample_steps"), help="Heun steps of the teacher sampler."),
+    steps: int = typer.Option(_d(R, "steps"), help="Optimiser steps."),
+    batch: int = typer.Option(_d(R, "batch"), help="Pairs per step."),
+    lr: float = typer.Option(_d(R, "lr"), help="Adam learning rate."),
+    eval_samples: int = typer.Option(_d(R, "eval_samples"), help="Samples for the final quality figure (0 = skip)."),
+    seed: int = typer.Option(_d(R, "seed"), help="Seed of the pairs, the initialisation and training."),
+    device: str = typer.Option(_d(R, "device"), help="auto | cpu | cuda"),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
 ):
     """A generator regressed from random init onto the teacher's samples: the mapping without the features."""
     from train.regress import RegressConfig, regress_generator
 
     cfg = RegressConfig(out=str(out), teacher=str(teacher), sigma_init=sigma_init, n_pairs=n_pairs,
-                        sample_steps=sample_steps, steps=steps, batch=batch, lr=lr, seed=seed, device=device)
+                        sample_steps=sample_steps, steps=steps, batch=batch, lr=lr, eval_samples=eval_samples,
+                        seed=seed, device=device)
+    _out_dir(out)
     run = regress_generator(cfg, resume=resume)
     _print_eval(run)
     typer.echo(f"regressed generator written to {run}; use it with --init from:{run}")
@@ -138,19 +262,24 @@ def train_regress_cmd(
 def train_ablation_cmd(
     config: str = typer.Option(..., help="Grid TOML file, or a shipped grid: paper | quick"),
     out: Path = typer.Option(..., help="Ablation directory; rerunning skips finished runs and resumes partial ones."),
-    teacher: Optional[Path] = typer.Option(None, help="Use this teacher instead of the grid's."),
-    steps: Optional[int] = typer.Option(None, help="Override the grid's generator steps."),
-    seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, e.g. 0,1,2"),
-    features: Optional[bool] = typer.Option(None, "--features/--no-features", help="Extract features, CKA, probes."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    teacher: Optional[Path] = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),
+    steps: Optional[int] = typer.Option(_d(A, "steps"), help="Override the grid's generator steps."),
+    seeds: Optional[str] = typer.Option(_d(A, "seeds"), help="Override the grid's seeds, e.g. 0,1,2"),
+    features: Optional[bool] = typer.Option(_d(A, "features"), "--features/--no-features",
+                                            help="Extract features, CKA, probes."),
+    device: Optional[str] = typer.Option(_d(A, "device"), help="auto | cpu | cuda"),
 ):
     """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict."""
-    from train.ablation.grid import AblationConfig
     from probe.pipeline import run_ablation
+    from train.ablation.grid import AblationConfig
 
+    if steps is not None:
+        checks.nonneg_int(steps, "--steps")
+    if device is not None:
+        checks.device(device, "--device")
     cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
-                         seeds=tuple(int(v) for v in _floats(seeds)) if seeds else None, features=features,
-                         device=device)
+                         seeds=_ints(seeds, "--seeds"), features=features, device=device)
+    _out_dir(out)
     result = run_ablation(cfg)
     verdict = Path(result) / "verdict.txt"
     if verdict.exists():
@@ -161,14 +290,19 @@ def train_ablation_cmd(
 @app.command("report")
 def report_cmd(
     inputs: List[Path] = typer.Argument(..., help="Run, ablation and analysis directories to gather."),
-    out: Path = typer.Option(Path("reports/report.pdf"), help="The PDF; figures and tables go to <stem>_files/."),
-    title: str = typer.Option("onestep-probe report", help="Title of the first page."),
-    umap: bool = typer.Option(True, "--umap/--no-umap", help="Draw UMAP panels (needs feature files)."),
-    seed: int = typer.Option(0, help="UMAP seed."),
+    out: Path = typer.Option(Path(_d(REP, "out")), help="The PDF; figures and tables go to <stem>_files/."),
+    title: str = typer.Option(_d(REP, "title"), help="Title of the first page."),
+    umap: bool = typer.Option(_d(REP, "umap"), "--umap/--no-umap", help="Draw UMAP panels (needs feature files)."),
+    seed: int = typer.Option(_d(REP, "seed"), help="UMAP seed."),
 ):
     """A PDF with samples, quality curves, the verdict, probes, CKA maps and UMAP."""
     from analysis.report import ReportConfig, build_report
 
+    checks.seed(seed, "--seed")
+    for p in inputs:
+        if not p.exists():
+            raise UserError(f"input {p} does not exist")
+    _out_file(out)
     pdf = build_report(ReportConfig(inputs=[str(p) for p in inputs], out=str(out), title=title, umap=umap, seed=seed),
                        progress=True)
     typer.echo(f"report written to {pdf}")
@@ -176,16 +310,20 @@ def report_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("runs/demo"), help="Working directory of every stage (reused when rerun)."),
-    report: Path = typer.Option(Path("reports/demo.pdf"), help="The PDF written at the end."),
-    quick: bool = typer.Option(False, help="Tiny models and few steps (seconds; for tests, numbers mean nothing)."),
-    seed: int = typer.Option(0, help="Teacher seed."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    out: Path = typer.Option(Path(_d(DEMO, "out")), help="Working directory of every stage (reused when rerun)."),
+    report: Path = typer.Option(Path(_d(DEMO, "report")), help="The PDF written at the end."),
+    quick: bool = typer.Option(_d(DEMO, "quick"), help="Tiny models and few steps (seconds; for tests, "
+                                                            "numbers mean nothing; evaluation stays on)."),
+    seed: int = typer.Option(_d(DEMO, "seed"), help="Teacher seed."),
+    device: str = typer.Option(_d(DEMO, "device"), help="auto | cpu | cuda"),
 ):
     """The main job end to end on the embedded digits data: teacher, students, features, analyses, report."""
     from probe.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=str(out), report=str(report), quick=quick, seed=seed, device=device))
+    cfg = DemoConfig(out=str(out), report=str(report), quick=quick, seed=seed, device=device)
+    _out_dir(out)
+    _out_file(report, "--report")
+    run_demo(cfg)
 
 
 def _is_main() -> bool:
@@ -208,14 +346,15 @@ def _print_eval(run: Path) -> None:
 @app.command("eval")
 def eval_cmd(
     model: Optional[Path] = typer.Argument(None, help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
-    data: Optional[str] = typer.Option(None, help="Data set to compare with (default: the model's own)."),
-    n_samples: Optional[int] = typer.Option(None, help="Generated images per score; the floor uses as many "
-                                            "(default: measured per data set, see docs/metric.md)."),
-    draws: int = typer.Option(3, help="Batches of latents scored: the model's own spread."),
-    steps: int = typer.Option(18, help="Heun steps for multi-step models."),
-    seed: int = typer.Option(0, help="Seed of the latents and the reference choice."),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
-    inception_weights: Optional[Path] = typer.Option(None, help="Local Inception-v3 file for Inception FID."),
+    data: Optional[str] = typer.Option(_d(EV, "data"), help="Data set to compare with (default: the model's own)."),
+    n_samples: Optional[int] = typer.Option(_d(EV, "n_samples"), help="Generated images per score; the floor uses as "
+                                            "many (default: measured per data set, see docs/metric.md)."),
+    draws: int = typer.Option(_d(EV, "draws"), help="Batches of latents scored: the model's own spread."),
+    steps: int = typer.Option(_d(EV, "steps"), help="Heun steps for multi-step models."),
+    seed: int = typer.Option(_d(EV, "seed"), help="Seed of the latents and the reference choice."),
+    device: str = typer.Option(_d(EV, "device"), help="auto | cpu | cuda"),
+    inception_weights: Optional[Path] = typer.Option(_d(EV, "inception_weights"),
+                                                     help="Local Inception-v3 file for Inception FID."),
     out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
     grid: Optional[Path] = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
     health: Optional[str] = typer.Option(None, help="No model: print the metric's health on this data set "
@@ -241,6 +380,8 @@ def eval_cmd(
 
     cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, draws=draws, steps=steps, seed=seed,
                      device=device, inception_weights=str(inception_weights) if inception_weights else None)
+    _out_file(out)
+    _out_file(grid, "--grid")
     result, samples = evaluate_model(cfg, progress=True)
     typer.echo(f"classifier held-out accuracy {result['evaluator']['classifier_test_accuracy']:.4f}")
     typer.echo(format_quality(result))
@@ -261,7 +402,11 @@ def layers_cmd(
     from probe.features.hooks import list_layers
     from probe.core.models import load_model
 
-    rows = [info.as_row() for info in list_layers(load_model(model), _list(layers), depth)]
+    if depth is not None:
+        checks.positive_int(depth, "--depth")
+    rows = [info.as_row() for info in list_layers(load_model(model), _names(layers, "--layers"), depth)]
+    if not rows:
+        raise UserError(f"no module of {model} matches --layers {layers!r} at --depth {depth}")
     width = max(len(r["layer"]) for r in rows) + 2
     typer.echo(f"{'layer':<{width}}{'type':<26}{'output (C x H x W)':<20}default  extractable")
     for r in rows:  # plain text, not a table widget: full module paths must stay copyable
@@ -273,31 +418,31 @@ def layers_cmd(
 def extract_cmd(
     model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
     out: Path = typer.Option(..., help="Feature file (.h5); an interrupted one is resumed."),
-    data: str = typer.Option("digits", help="digits | shapes | mnist | cifar10 | folder:PATH"),
+    data: str = typer.Option(_d(E, "data"), help="digits | shapes | mnist | cifar10 | folder:PATH"),
     layers: Optional[str] = typer.Option(None, help="Comma-separated module paths or globs (default: down blocks, "
                                                     "mid block, up blocks)."),
     sigmas: Optional[str] = typer.Option(None, help="Comma-separated EDM sigmas, 0 = clean input "
                                                     "(default 0,0.1,0.5,2,10)."),
-    pooling: str = typer.Option("mean", help="mean | flatten | avgK (K x K average pool)"),
-    dtype: str = typer.Option("float32", help="float32 | float16 on disk"),
-    batch: int = typer.Option(256, help="Samples per forward pass (per process under torchrun)."),
-    split: str = typer.Option("test", help="train | test"),
-    n_samples: Optional[int] = typer.Option(None, help="First N samples of the split (default: all)."),
-    noise_seed: int = typer.Option(0, "--noise-seed", "--seed", help="Seed of the per-sample noise."),
-    source: str = typer.Option("denoiser", help="denoiser (noised real images) | generation (G's own input)."),
-    compression: str = typer.Option("lzf", help="lzf | gzip | none"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    pooling: str = typer.Option(_d(E, "pooling"), help="mean | flatten | avgK (K x K average pool)"),
+    dtype: str = typer.Option(_d(E, "dtype"), help="float32 | float16 on disk"),
+    batch: int = typer.Option(_d(E, "batch"), help="Samples per forward pass (per process under torchrun)."),
+    split: str = typer.Option(_d(E, "split"), help="train | test"),
+    n_samples: Optional[int] = typer.Option(_d(E, "n_samples"), help="First N samples of the split (default: all)."),
+    noise_seed: int = typer.Option(_d(E, "noise_seed"), "--noise-seed", "--seed", help="Seed of the per-sample noise."),
+    source: str = typer.Option(_d(E, "source"), help="denoiser (noised real images) | generation (G's own input)."),
+    compression: str = typer.Option(_d(E, "compression"), help="lzf | gzip | none"),
+    device: str = typer.Option(_d(E, "device"), help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Replace an existing file made with other arguments."),
 ):
     """Features of named modules at several noise levels, streamed into the HDF5 feature store."""
     from probe.features.extract import ExtractConfig, extract
 
-    if sigmas is not None and not _floats(sigmas):
-        raise UserError("--sigmas is empty; give at least one noise level")
-    cfg = ExtractConfig(model=str(model), out=str(out), data=data, layers=tuple(_list(layers) or ()),
-                        sigmas=tuple(_floats(sigmas)) if sigmas is not None else None, pooling=pooling, dtype=dtype,
+    sig = _sigmas(sigmas)
+    cfg = ExtractConfig(model=str(model), out=str(out), data=data, layers=tuple(_names(layers, "--layers") or ()),
+                        sigmas=tuple(sig) if sig is not None else None, pooling=pooling, dtype=dtype,
                         batch=batch, split=split, n_samples=n_samples, noise_seed=noise_seed, source=source,
                         device=device, compression=compression)
+    _out_file(out)
     path = extract(cfg, progress=True, overwrite=overwrite)
     if _is_main():
         typer.echo(f"wrote {path}")
@@ -308,6 +453,30 @@ def _list(text: Optional[str]) -> Optional[list]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _names(text: Optional[str], option: str) -> Optional[list]:
+    """None when not given; else a non-empty list of comma-separated names."""
+    if text is None:
+        return None
+    names = _list(text)
+    if not names:
+        raise UserError(f"{option} is empty; give comma-separated names")
+    return names
+
+
+def _open_stores(files) -> list:
+    from probe.features.store import FeatureStore
+
+    stores = []
+    try:
+        for f in files:
+            stores.append(FeatureStore.open(f))
+    except BaseException:
+        for s in stores:
+            s.close()
+        raise
+    return stores
+
+
 @app.command("linear")
 def linear_cmd(
     files: List[Path] = typer.Argument(..., help="Feature files; several = several noise seeds (mean and std)."),
@@ -316,17 +485,19 @@ def linear_cmd(
     sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated targets: label and/or factor names."),
     fig: Optional[Path] = typer.Option(None, help="Heatmap PNG (one per target: the target's name is appended)."),
-    seed: int = typer.Option(0, help="Seed of the train/validation/test split."),
+    seed: int = typer.Option(_d(LIN, "seed"), help="Seed of the train/validation/test split."),
 ):
     """Linear probes (logistic regression, C chosen on a validation split) per layer and sigma."""
     from analysis.heatmaps import plot_probe_heatmap
     from analysis.linear import probe_table
-    from probe.features.store import FeatureStore
 
-    stores = [FeatureStore.open(f) for f in files]
+    checks.seed(seed, "--seed")
+    sig, names, tnames = _sigmas(sigmas), _names(layers, "--layers"), _names(targets, "--targets")
+    _out_file(out)
+    _out_file(fig, "--fig")
+    stores = _open_stores(files)
     try:
-        df = probe_table(stores, layers=_list(layers), sigmas=_floats(sigmas) if sigmas else None,
-                         targets=_list(targets), seed=seed, progress=True)
+        df = probe_table(stores, layers=names, sigmas=sig, targets=tnames, seed=seed, progress=True)
     finally:
         for s in stores:
             s.close()
@@ -347,32 +518,37 @@ def cka_cmd(
     out: Path = typer.Option(..., help="Tidy CSV: layer_a, sigma_a, layer_b, sigma_b, estimator, cka, null_mean, ..."),
     mode: Optional[str] = typer.Option(None, help="pair (A vs B, same layer and sigma) | layers | sigmas. "
                                                   "Default: pair with two files, layers with one."),
-    estimator: str = typer.Option("debiased", help="debiased | linear | minibatch | rbf | cknna"),
+    estimator: str = typer.Option(_d(CKA, "estimator"), help="debiased | linear | minibatch | rbf | cknna"),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
     sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
-    n_perm: int = typer.Option(10, help="Permutations of the null (rows of one side shuffled)."),
-    k: int = typer.Option(10, help="Neighbours for CKNNA."),
-    sigma_factor: float = typer.Option(1.0, help="RBF bandwidth = median distance x this."),
+    n_perm: int = typer.Option(_d(CKA, "n_perm"), help="Permutations of the null (rows of one side shuffled); "
+                                                             "0 = none."),
+    k: int = typer.Option(_d(CKA, "k"), help="Neighbours for CKNNA."),
+    sigma_factor: float = typer.Option(_d(CKA, "sigma_factor"), help="RBF bandwidth = median distance x this."),
     fig: Optional[Path] = typer.Option(None, help="Heatmap PNG."),
-    seed: int = typer.Option(0, help="Seed of the null and of subsampling."),
+    seed: int = typer.Option(_d(CKA, "seed"), help="Seed of the null and of subsampling."),
 ):
     """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
     from analysis.cka import cka_table
     from analysis.heatmaps import plot_cka_heatmap
-    from probe.features.store import FeatureStore
 
+    checks.nonneg_int(n_perm, "--n-perm")
+    checks.positive_int(k, "--k")
+    checks.positive_float(sigma_factor, "--sigma-factor")
+    checks.seed(seed, "--seed")
+    sig, names = _sigmas(sigmas), _names(layers, "--layers")
     mode = mode or ("pair" if file_b else "layers")
     if mode == "pair" and file_b is None:
         raise UserError("--mode pair compares two files: give FILE_A and FILE_B")
-    with FeatureStore.open(file_a) as a:
-        b = FeatureStore.open(file_b) if file_b else None
-        try:
-            df = cka_table(a, b, mode=mode, estimator=estimator, layers=_list(layers),
-                           sigmas=_floats(sigmas) if sigmas else None, n_perm=n_perm, seed=seed, progress=True,
-                           k=k, sigma_factor=sigma_factor)
-        finally:
-            if b is not None:
-                b.close()
+    _out_file(out)
+    _out_file(fig, "--fig")
+    stores = _open_stores([file_a] + ([file_b] if file_b else []))
+    try:
+        df = cka_table(stores[0], stores[1] if file_b else None, mode=mode, estimator=estimator, layers=names,
+                       sigmas=sig, n_perm=n_perm, seed=seed, progress=True, k=k, sigma_factor=sigma_factor)
+    finally:
+        for s in stores:
+            s.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     if fig:
@@ -386,23 +562,29 @@ def cka_cmd(
 def umap_cmd(
     file: Path = typer.Argument(..., help="Feature file."),
     out: Path = typer.Option(..., help="PNG with one panel per sigma (or per layer with --layers)."),
-    layer: Optional[str] = typer.Option(None, help="Layer to embed (one panel per sigma)."),
+    layer: Optional[str] = typer.Option(_d(UMAP, "layer"), help="Layer to embed (one panel per sigma)."),
     sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
     layers: Optional[str] = typer.Option(None, help="Instead: these layers at --sigma, one panel each."),
-    sigma: Optional[float] = typer.Option(None, help="The sigma for --layers."),
-    color_by: str = typer.Option("label", help="label or a factor name."),
-    max_points: int = typer.Option(2000, help="Points per panel (seeded subset)."),
+    sigma: Optional[float] = typer.Option(_d(UMAP, "sigma"), help="The sigma for --layers."),
+    color_by: str = typer.Option(_d(UMAP, "color_by"), help="label or a factor name."),
+    max_points: int = typer.Option(_d(UMAP, "max_points"), help="Points per panel (seeded subset)."),
     csv: Optional[Path] = typer.Option(None, help="Also write the k-NN accuracy per panel as CSV."),
-    seed: int = typer.Option(0, help="UMAP seed."),
+    seed: int = typer.Option(_d(UMAP, "seed"), help="UMAP seed."),
 ):
     """2-D UMAP views coloured by label, each panel with the k-NN accuracy of its embedding."""
     from analysis.umap_view import umap_panels
     from probe.features.store import FeatureStore
 
+    checks.integer(max_points, "--max-points", minimum=4)  # UMAP and its k-NN score need a few points
+    checks.seed(seed, "--seed")
+    if sigma is not None:
+        checks.sigma(sigma, "--sigma")
+    sig, names = _sigmas(sigmas), _names(layers, "--layers")
+    _out_file(out)
+    _out_file(csv, "--csv")
     with FeatureStore.open(file) as store:
-        df = umap_panels(store, layer, sigmas=_floats(sigmas) if sigmas else None, out_png=str(out),
-                         layers=_list(layers), sigma=sigma, seed=seed, color_by=color_by, max_points=max_points,
-                         progress=True)
+        df = umap_panels(store, layer, sigmas=sig, out_png=str(out), layers=names, sigma=sigma, seed=seed,
+                         color_by=color_by, max_points=max_points, progress=True)
     if csv:
         df.to_csv(csv, index=False)
     for _, r in df.iterrows():
@@ -410,17 +592,48 @@ def umap_cmd(
     typer.echo(f"wrote {out}")
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+# Errors from the operating system that the user causes and can fix (a path, a full disk).
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC,
+                  errno.EDQUOT, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# click's base of usage errors: typer >= 0.22 vendors click, older typer uses it as a dependency
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors (ours and typer's) become one line on stderr, exit code 2."""
     try:
-        app()
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        code = app(args=argv, prog_name="probe", standalone_mode=False)
+    except _CLICK_ERROR as e:  # --steps abc, a missing option, an unknown command ...
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `probe` or `probe train`: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except UserError as e:
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {_one_line(e.strerror or e)}{where}", err=True)
+        sys.exit(2)
+    except RuntimeError as e:  # click's / typer's Abort (EOF at a prompt)
+        if type(e).__name__ != "Abort":
+            raise
+        typer.echo("error: aborted", err=True)
+        sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
         typer.echo("interrupted; rerun the same command with --resume (training) or as is (extract) to continue",
                    err=True)
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

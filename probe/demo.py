@@ -12,7 +12,9 @@ with its own progress bar and each resumable (rerunning the demo reuses what is 
 3. the teacher's own CKA maps, sigma x sigma and layer x layer (``analysis/``);
 4. the PDF report (``analysis/report.py``), by default ``reports/demo.pdf``.
 
-``quick=True`` shrinks every stage to seconds for the tests; its numbers mean nothing.
+``quick=True`` shrinks every stage to seconds for the tests; its numbers mean nothing. It keeps
+every evaluation on (teacher and students, 100 samples each), so a quick demo on a fresh machine
+goes through the same lazy training of the metric classifier as the full one.
 """
 
 from __future__ import annotations
@@ -34,12 +36,30 @@ class DemoConfig:
     teacher_steps: int = 1600            # teacher optimiser steps (quick: 4)
     student_steps: int = 400             # generator steps per student (quick: 3)
     seeds: tuple = (0,)                  # student seeds
+    teacher_eval_samples: int = 500      # samples of the teacher's end-of-run quality figure, 0 = skip (quick: 100)
     seed: int = 0                        # teacher seed
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad numbers before any stage starts (one-line UserError); runs on construction."""
+        from probe.core import checks as c
+        from probe.core.errors import UserError
+
+        c.positive_int(self.teacher_steps, "teacher_steps")
+        c.positive_int(self.student_steps, "student_steps")
+        seeds = [c.seed(s, "seeds") for s in self.seeds]
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
+        c.eval_samples(self.teacher_eval_samples, "teacher_eval_samples")
+        c.seed(self.seed)
+        c.device(self.device)
+
 
 def _quick(cfg: DemoConfig) -> DemoConfig:
-    return DemoConfig(**{**asdict(cfg), "teacher_steps": 4, "student_steps": 3})
+    return DemoConfig(**{**asdict(cfg), "teacher_steps": 4, "student_steps": 3, "teacher_eval_samples": 100})
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = None) -> Path:
@@ -61,7 +81,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = N
     tcfg = TeacherConfig(out=str(out / "teacher"), data="digits", preset="test" if cfg.quick else "tiny",
                          steps=cfg.teacher_steps, batch=16 if cfg.quick else 64,
                          checkpoint_every=max(2, cfg.teacher_steps // 4), sample_steps=3 if cfg.quick else 18,
-                         eval_samples=0 if cfg.quick else 500, seed=cfg.seed, device=cfg.device)
+                         eval_samples=cfg.teacher_eval_samples, seed=cfg.seed, device=cfg.device)
     teacher = _reuse_or_train(tcfg, train_teacher, progress)
 
     stage(2, "DiffRatio students from teacher / random / re-initialised-I/O weights, features, CKA, probes")

@@ -16,7 +16,7 @@ from train.student.loop import StudentConfig, train_student
 
 
 def _cfg(out, teacher, **kw):
-    base = dict(out=str(out), teacher=str(teacher), steps=3, batch=8, checkpoint_every=2, log_every=1,
+    base = dict(out=str(out), teacher=str(teacher), steps=3, batch=8, checkpoint_every=2, log_every=1, eval_every=0,
                 lr_g=1e-3, lr_aux=1e-3, seed=1)
     return StudentConfig(**{**base, **kw})
 

@@ -65,17 +65,30 @@ class RegressConfig:
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad numbers before anything is written (one-line UserError); runs on construction."""
+        from probe.core import checks as c
+
+        c.positive_float(self.sigma_init, "sigma_init")
+        for name in ("n_pairs", "n_val", "sample_steps", "batch", "log_every", "checkpoint_every"):
+            c.positive_int(getattr(self, name), name)
+        c.nonneg_int(self.steps, "steps")  # 0 = write the random initialisation (a baseline)
+        c.nonneg_int(self.lr_warmup, "lr_warmup")
+        c.positive_float(self.lr, "lr")
+        c.betas(self.betas)
+        c.positive_float(self.ema_halflife_images, "ema_halflife_images")
+        c.nonneg_float(self.grad_clip, "grad_clip")
+        c.eval_samples(self.eval_samples)
+        c.seed(self.eval_seed, "eval_seed")
+        c.seed(self.seed)
+        c.device(self.device)
+
 
 def _check(cfg: RegressConfig) -> None:
-    checks = [(cfg.sigma_init > 0, "--sigma-init must be positive"),
-              (cfg.n_pairs >= 1 and cfg.n_val >= 1, "n_pairs and n_val must be >= 1"),
-              (cfg.sample_steps >= 1, "sample_steps must be >= 1"),
-              (cfg.steps >= 0 and cfg.batch >= 1, "steps >= 0 and batch >= 1"),
-              (cfg.checkpoint_every > 0 and cfg.log_every > 0, "checkpoint_every and log_every must be positive"),
-              (cfg.eval_samples >= 0 and cfg.seed >= 0, "eval_samples and seed must be >= 0")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    cfg.validate()
 
 
 @torch.no_grad()

@@ -57,6 +57,27 @@ class TeacherConfig:
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad numbers before anything is written (one-line UserError); runs on construction."""
+        from probe.core import checks as c
+
+        for name in ("steps", "batch", "accum", "checkpoint_every", "sample_steps"):
+            c.positive_int(getattr(self, name), name)
+        c.nonneg_int(self.lr_warmup, "lr_warmup")
+        c.positive_float(self.lr, "lr")
+        c.betas(self.betas)
+        c.positive_float(self.ema_halflife_images, "ema_halflife_images")
+        c.finite(self.p_mean, "p_mean")
+        c.positive_float(self.p_std, "p_std")
+        c.sigma_range(self.sigma_range)
+        c.nonneg_float(self.grad_clip, "grad_clip")
+        c.eval_samples(self.eval_samples)
+        c.seed(self.seed)
+        c.device(self.device)
+
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = True,
                   stop_after: int | None = None) -> Path:
@@ -151,7 +172,7 @@ def _finish(out: Path, denoiser, cfg: TeacherConfig, device, log: MetricsLog, pr
     if cfg.eval_samples > 0:
         from probe.quality.metrics import QualityEvaluator
 
-        evaluator = QualityEvaluator(cfg.data, seed=cfg.seed, progress=progress)
+        evaluator = QualityEvaluator(cfg.data, n_samples=cfg.eval_samples, seed=cfg.seed, progress=progress)
         result = {**evaluator.evaluate(samples[: cfg.eval_samples]), "floor": evaluator.floor(),
                   "sampler": f"heun-{cfg.sample_steps}", "nfe": 2 * cfg.sample_steps - 1}
         write_json(out / "eval.json", result)

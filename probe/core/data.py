@@ -151,6 +151,31 @@ def _torchvision_or_none():
         return None
 
 
+class _download_lock:
+    """One downloader per data root: torchvision writes and unpacks its files in place, so two
+    processes fetching the same data set at once would overwrite each other's half-written files.
+    The others wait, then find the files complete. No lock where the root cannot be created."""
+
+    def __init__(self, root: Path, name: str):
+        self.path = Path(root) / f".{name}.download.lock"
+
+    def __enter__(self):
+        from filelock import FileLock
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.path))
+            self._lock.acquire()
+        except OSError:  # read-only root: torchvision will fail to download and we read what is there
+            self._lock = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.release()
+        return False
+
+
 def _offline_message(name: str, root: Path, expected: str, err: Exception | None) -> str:
     why = f" ({type(err).__name__}: {err})" if err else ""
     return (f"{name} not found under {root} (expected {expected}) and could not be downloaded{why}; "
@@ -161,7 +186,8 @@ def _mnist(split: str, root: Path) -> ImageDataset:
     tv, err = _torchvision_or_none(), None
     if tv is not None:
         try:
-            ds = tv.datasets.MNIST(str(root), train=split == "train", download=True)
+            with _download_lock(root, "mnist"):
+                ds = tv.datasets.MNIST(str(root), train=split == "train", download=True)
             images, labels = ds.data.numpy(), ds.targets.numpy()
             return _mnist_like(images, labels, split)
         except Exception as e:  # offline or corrupt: fall back to reading the files ourselves
@@ -201,7 +227,8 @@ def _cifar10(split: str, root: Path) -> ImageDataset:
     tv, err = _torchvision_or_none(), None
     if tv is not None:
         try:
-            ds = tv.datasets.CIFAR10(str(root), train=split == "train", download=True)
+            with _download_lock(root, "cifar10"):
+                ds = tv.datasets.CIFAR10(str(root), train=split == "train", download=True)
             return _cifar_like(ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets), split)
         except Exception as e:
             err = e

@@ -79,6 +79,28 @@ class ExtractConfig:
     compression: str = "lzf"            # "lzf" (+ shuffle; fast, bundled with h5py) | "gzip" (level 1 + shuffle;
                                         # any HDF5 reader, ~3x slower) | "none"
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad option values before any model is loaded or file written; runs on construction."""
+        from probe.core import checks as c
+
+        c.one_of(self.source, "source", SOURCES)
+        if self.sigmas is not None:
+            c.sigma_list(self.sigmas)
+        if isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers):
+            raise UserError(f"layers must be a list of module paths or globs, got {self.layers!r}")
+        parse_pooling(self.pooling)
+        c.one_of(self.dtype, "dtype", tuple(DTYPES))
+        c.one_of(self.compression, "compression", COMPRESSIONS)
+        c.one_of(self.split, "split", ("train", "test"))
+        c.positive_int(self.batch, "batch")
+        if self.n_samples is not None:
+            c.positive_int(self.n_samples, "n_samples")
+        c.seed(self.noise_seed, "noise_seed")
+        c.device(self.device)
+
 
 # ------------------------------------------------------------------------------------- noise
 def sample_noise(noise_seed: int, sample_ids, shape: tuple) -> torch.Tensor:
@@ -132,26 +154,7 @@ class _Plan:
 
 def check_config(cfg: ExtractConfig) -> None:
     """Refuse bad arguments before any model is loaded."""
-    if cfg.source not in SOURCES:
-        raise UserError(f"unknown source {cfg.source!r}; choose {' or '.join(SOURCES)}")
-    if cfg.sigmas is not None:
-        sigmas = [float(s) for s in cfg.sigmas]
-        if not sigmas:
-            raise UserError("the sigma list is empty; give at least one noise level (0 = clean input)")
-        bad = [s for s in sigmas if not math.isfinite(s) or s < 0]
-        if bad:
-            raise UserError(f"sigmas must be finite and >= 0 (EDM units, 0 = clean input), got {bad[0]:g}")
-    parse_pooling(cfg.pooling)
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.dtype!r}; choose float32 or float16")
-    if cfg.compression not in COMPRESSIONS:
-        raise UserError(f"unknown compression {cfg.compression!r}; choose {', '.join(COMPRESSIONS)}")
-    if int(cfg.batch) < 1:
-        raise UserError(f"batch must be >= 1, got {cfg.batch}")
-    if cfg.n_samples is not None and int(cfg.n_samples) < 1:
-        raise UserError(f"n_samples must be >= 1, got {cfg.n_samples}")
-    if int(cfg.noise_seed) < 0:
-        raise UserError(f"noise_seed must be >= 0, got {cfg.noise_seed}")
+    cfg.validate()  # again: fields may have been changed after construction
     if Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a directory; give a file name such as features.h5")
 

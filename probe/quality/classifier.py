@@ -8,10 +8,18 @@ Inception's pool3) is where Fréchet distance and precision/recall are measured,
 predictions give the class coverage of generated samples.
 
 Cache: ``<cache_dir>/<dataset>-<hash>.safetensors`` (weights) plus ``.json`` (config, test
-accuracy). The hash covers the config, the architecture version and a fingerprint of the training
-data, so a changed data set or config trains a new classifier instead of reusing a stale one.
-``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or
+accuracy, the weights' sha256). The hash covers the config, the architecture version and a
+fingerprint of the training data, so a changed data set or config trains a new classifier instead
+of reusing a stale one. ``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or
 ``~/.cache/onestep-probe/classifiers``.
+
+Training is lazy: the first evaluation on a fresh machine trains the classifier, from whatever
+context it is called in (the teacher's end-of-run evaluation runs under ``torch.no_grad``), so
+training switches gradients on itself. Several processes may ask for the same entry at once (an
+ablation grid, two terminals): a file lock beside the entry lets one train while the others wait
+and then load its result. Both files are written to a temporary name, fsynced and renamed; the
+``.json`` goes last and records the weights' sha256, so a pair that does not match (a kill between
+the two renames, a damaged file) is never loaded: it is trained again.
 """
 
 from __future__ import annotations
@@ -138,29 +146,33 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num
                      config: ClassifierConfig = ClassifierConfig(), progress: bool = False,
                      ) -> FeatureClassifier:
     """Train a FeatureClassifier from scratch; same config and data give the same weights on CPU."""
-    images, labels = labelled(train_images, train_labels)
-    if num_classes < 2 or len(images) < config.batch_size:
-        raise UserError(f"the quality classifier needs labelled training images of at least 2 classes "
-                        f"(got {len(images)} labelled images, {num_classes} classes)")
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(config.seed)
-        model = FeatureClassifier(images.shape[1], images.shape[-1], num_classes,
-                                  config.width, config.feature_dim)
-    gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps)))
-    model.train()
-    with single_thread(), progress_bar(progress, "training quality classifier", config.steps) as advance:
-        for _ in range(config.steps):
-            idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
-            x = random_shift(images[idx], config.max_shift, gen)
-            loss = F.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            advance()
+    # Callers may hold torch.no_grad() or torch.inference_mode() (an end-of-run evaluation does):
+    # training needs autograd, so it is switched on here, and inputs made under inference mode
+    # are copied into ordinary tensors that autograd may save.
+    with torch.inference_mode(False), torch.enable_grad():
+        images, labels = labelled(train_images.clone(), train_labels.clone())
+        if num_classes < 2 or len(images) < config.batch_size:
+            raise UserError(f"the quality classifier needs labelled training images of at least 2 classes "
+                            f"(got {len(images)} labelled images, {num_classes} classes)")
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(config.seed)
+            model = FeatureClassifier(images.shape[1], images.shape[-1], num_classes,
+                                      config.width, config.feature_dim)
+        gen = torch.Generator().manual_seed(config.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / config.steps)))
+        model.train()
+        with single_thread(), progress_bar(progress, "training quality classifier", config.steps) as advance:
+            for _ in range(config.steps):
+                idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
+                x = random_shift(images[idx], config.max_shift, gen)
+                loss = F.cross_entropy(model(x), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance()
     return model.eval()
 
 
@@ -204,10 +216,56 @@ def cache_paths(cache_dir: Path, dataset_name: str, key: str) -> tuple[Path, Pat
 
 
 def _write_atomic(path: Path, write) -> None:
-    # Write beside the target and rename, so a killed run never leaves a half-written cache entry.
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    """Write through ``write(tmp)`` to a temporary file beside ``path``, fsync it, rename it over
+    ``path`` and fsync the directory: a killed or crashed run never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # makes the rename itself durable; not every file system lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_cached(weights_path: Path, info_path: Path, key: str, config: ClassifierConfig
+                 ) -> tuple[FeatureClassifier, dict] | None:
+    """The cached model and info, or None when the entry is missing, incomplete or inconsistent."""
+    from safetensors.torch import load_file
+
+    try:
+        info = json.loads(info_path.read_text())
+        if info.get("key") != key or info.get("weights_sha256") != file_sha256(weights_path):
+            return None  # torn pair (kill between the two renames), stale format or a damaged file
+        with torch.inference_mode(False):  # ordinary parameters even when the caller is in inference mode
+            model = FeatureClassifier(info["channels"], info["resolution"], info["num_classes"],
+                                      config.width, config.feature_dim)
+            model.load_state_dict(load_file(str(weights_path)))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None  # unreadable: treated as absent and trained again
+    return model.eval(), info
 
 
 def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None = None,
@@ -218,8 +276,10 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
     Returns ``(model, info)``; ``info`` holds ``test_accuracy`` (held-out, on the test split),
     ``train_seconds``, ``path``, ``cached`` (True when loaded from disk) and the config.
     ``train``/``test`` may pass already loaded splits (ImageDataset) to avoid loading them twice.
+    Safe under any grad mode and with several processes sharing ``cache_dir`` (module docstring).
     """
-    from safetensors.torch import load_file, save_file
+    from filelock import FileLock, Timeout
+    from safetensors.torch import save_file
 
     from probe.core.data import dataset_fingerprint, load_dataset
 
@@ -228,25 +288,40 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
     key = cache_key(dataset_name, config, dataset_fingerprint(train))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights_path, info_path = cache_paths(cache_dir, dataset_name, key)
-    if weights_path.exists() and info_path.exists():
-        info = json.loads(info_path.read_text())
-        model = FeatureClassifier(info["channels"], info["resolution"], info["num_classes"],
-                                  config.width, config.feature_dim)
-        model.load_state_dict(load_file(str(weights_path)))
-        return model.eval(), {**info, "path": str(weights_path), "cached": True}
+    found = _load_cached(weights_path, info_path, key, config)
+    if found is not None:
+        return found[0], {**found[1], "path": str(weights_path), "cached": True}
 
-    test = test if test is not None else load_dataset(dataset_name, "test")
-    start = time.perf_counter()
-    model = train_classifier(train.images, train.labels, train.num_classes, config, progress)
-    seconds = time.perf_counter() - start
-    test_images, test_labels = labelled(test.images, test.labels)
-    info = {"dataset": dataset_name, "key": key, "config": asdict(config), "arch": ARCH_VERSION,
-            "channels": train.channels, "resolution": train.resolution, "num_classes": train.num_classes,
-            "n_train": int((train.labels >= 0).sum()), "n_test": len(test_labels),
-            "test_accuracy": accuracy(model, test_images, test_labels) if len(test_labels) else None,
-            "train_seconds": round(seconds, 2)}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(weights_path, lambda p: save_file(state, str(p)))
-    _write_atomic(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the classifier cache {cache_dir}: {e.strerror or e} "
+                        f"(set ONESTEP_PROBE_CACHE to a writable directory)") from None
+    lock = FileLock(str(weights_path.with_suffix(".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"waiting for another process training the quality classifier ({lock.lock_file})", flush=True)
+        lock.acquire()
+    try:
+        found = _load_cached(weights_path, info_path, key, config)  # the process we waited for wrote it
+        if found is not None:
+            return found[0], {**found[1], "path": str(weights_path), "cached": True}
+        test = test if test is not None else load_dataset(dataset_name, "test")
+        start = time.perf_counter()
+        model = train_classifier(train.images, train.labels, train.num_classes, config, progress)
+        seconds = time.perf_counter() - start
+        test_images, test_labels = labelled(test.images, test.labels)
+        info = {"dataset": dataset_name, "key": key, "config": asdict(config), "arch": ARCH_VERSION,
+                "channels": train.channels, "resolution": train.resolution, "num_classes": train.num_classes,
+                "n_train": int((train.labels >= 0).sum()), "n_test": len(test_labels),
+                "test_accuracy": accuracy(model, test_images, test_labels) if len(test_labels) else None,
+                "train_seconds": round(seconds, 2)}
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        _write_atomic(weights_path, lambda p: save_file(state, str(p)))
+        info["weights_sha256"] = file_sha256(weights_path)
+        _write_atomic(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))  # last: it vouches for the pair
+    finally:
+        lock.release()
     return model, {**info, "path": str(weights_path), "cached": False}

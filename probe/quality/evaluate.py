@@ -29,8 +29,23 @@ class EvalConfig:
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
-    device: str = "cpu"              # "cpu" | "cuda"
+    device: str = "auto"             # "auto" (CUDA when present) | "cpu" | "cuda"
     inception_weights: str | None = None  # a local Inception-v3 file (torch-fidelity format): also report Inception FID
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad numbers before any model is loaded or file written; runs on construction."""
+        from probe.core import checks as c
+
+        if self.n_samples is not None:
+            c.integer(self.n_samples, "n_samples", minimum=4)  # precision/recall use 3 neighbours
+        c.positive_int(self.draws, "draws")
+        c.positive_int(self.steps, "steps")
+        c.positive_int(self.batch, "batch")
+        c.seed(self.seed)
+        c.device(self.device)
 
 
 @torch.no_grad()
@@ -51,7 +66,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     from probe.core.data import load_dataset
     from probe.quality.metrics import QualityEvaluator, default_n_samples
 
-    model = load_model(cfg.model, cfg.device)
+    from probe.core.runs import pick_device
+
+    cfg.validate()
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, device)
     data = cfg.data or model.dataset
     if data is None:
         raise UserError(f"{cfg.model} does not record its data set; pass --data")
@@ -59,12 +78,10 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     if (ref.channels, ref.resolution) != (model.channels, model.resolution):
         raise UserError(f"{cfg.model} makes {model.channels}x{model.resolution}x{model.resolution} images but "
                         f"{data} has {ref.channels}x{ref.resolution}x{ref.resolution}")
-    if cfg.draws < 1:
-        raise UserError(f"draws must be at least 1, got {cfg.draws}")
     n = cfg.n_samples if cfg.n_samples is not None else default_n_samples(data)
     evaluator = QualityEvaluator(data, n_samples=n, seed=cfg.seed, progress=progress)
     # Each draw has its own latent seed, so draw 0 is the batch a single-draw evaluation would score.
-    batches = [generate(model, n, cfg.seed + i, cfg.steps, cfg.batch, cfg.device) for i in range(cfg.draws)]
+    batches = [generate(model, n, cfg.seed + i, cfg.steps, cfg.batch, device) for i in range(cfg.draws)]
     result = {**summarise_draws([evaluator.evaluate(b) for b in batches]),
               "memorisation": evaluator.memorisation(batches[0]),
               "floor": evaluator.floor(), "evaluator": evaluator.info,
@@ -74,7 +91,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     if cfg.inception_weights:
         from probe.quality.metrics import inception_fid, load_inception_extractor
 
-        extractor = load_inception_extractor(cfg.inception_weights, cfg.device)
+        extractor = load_inception_extractor(cfg.inception_weights, device)
         real = load_dataset(data, "train").images
         result["inception_fid"] = inception_fid(batches[0], real[: max(n, 1000)], extractor=extractor)
     return result, samples

@@ -427,6 +427,14 @@ def check_grid(grid: Grid, out: Path) -> dict:
         raise UserError("[student] eval_every must be > 0: the ablation compares sample quality over training")
     for m in grid.methods:
         validate(StudentConfig(out="", teacher="", method=m, **student))
+    if grid.features:  # [extract] is used only after every student is trained: check it now
+        from probe.features.extract import ExtractConfig
+
+        e = grid.extract
+        if not all(isinstance(e[k], list | tuple) for k in ("sigmas", "layers")) or not isinstance(e["probes"], bool):
+            raise UserError("[extract] sigmas and layers must be lists and probes true or false")
+        ExtractConfig(model="", out="", layers=tuple(e["layers"]), sigmas=tuple(e["sigmas"]), split=e["split"],
+                      n_samples=e["n_samples"], noise_seed=e["noise_seed"], batch=e["batch"])
     for name in prereq_order(grid.prereqs, grid.external):
         _prereq_config(name, grid.prereqs[name], out, refs)
     if grid.teacher.startswith("@") and grid.prereqs[grid.teacher[1:]].get("kind") != "teacher":

@@ -80,7 +80,7 @@ class StudentConfig:
     ema_rampup: float = 0.0                    # EDM's ramp-up (0.05 there): half-life <= this x images so far; 0 = off
     grad_clip: float = 0.0                     # max gradient norm for both optimisers, 0 = off
     log_every: int = 25                        # steps between metrics.jsonl rows (means over the interval)
-    eval_every: int = 0                        # steps between sample-quality evaluations, 0 = off
+    eval_every: int = 100                      # steps between sample-quality evaluations, 0 = off
     eval_samples: int = 500                    # samples per evaluation (train.metrics.QualityEvaluator)
     eval_seed: int = 0                         # seed of the fixed eval z and of the evaluator's reference
     checkpoint_every: int = 500                # steps between checkpoints (and sample grids)
@@ -88,24 +88,42 @@ class StudentConfig:
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse bad options before anything is written (one-line UserErrors); runs on construction."""
+        from probe.core import checks as c
+
+        get_method(self.method)
+        c.one_of(self.ratio_net, "ratio network", RATIO_NETS)
+        c.one_of(self.sigma_dist, "sigma distribution", SIGMA_DISTS)
+        c.one_of(self.weighting, "weighting", WEIGHTINGS)
+        c.positive_float(self.sigma_init, "sigma_init")
+        c.nonneg_int(self.steps, "steps")  # 0 = write the initialised generator as it is
+        for name in ("batch", "accum", "aux_steps", "cnn_width", "log_every", "checkpoint_every"):
+            c.positive_int(getattr(self, name), name)
+        for name in ("lr_g", "lr_aux", "p_std", "fkl_clip", "ema_halflife_images"):
+            c.positive_float(getattr(self, name), name)
+        c.betas(self.betas)
+        c.finite(self.p_mean, "p_mean")
+        c.finite(self.sid_alpha, "sid_alpha")
+        lo, hi = c.positive_float(self.sigma_min, "sigma_min"), c.positive_float(self.sigma_max, "sigma_max")
+        if not lo < hi:
+            raise UserError(f"need sigma_min < sigma_max, got {lo:g} and {hi:g}")
+        for name in ("ema_rampup", "grad_clip"):
+            c.nonneg_float(getattr(self, name), name)
+        c.nonneg_int(self.eval_every, "eval_every")
+        if c.eval_samples(self.eval_samples) == 0 and self.eval_every > 0:
+            raise UserError("eval_samples is 0 but eval_every asks for evaluations; set eval_every = 0 to skip them")
+        c.seed(self.eval_seed, "eval_seed")
+        c.seed(self.seed)
+        c.device(self.device)
+
 
 def validate(cfg: StudentConfig) -> None:
-    """Refuse bad options before anything is written (one-line UserErrors)."""
-    get_method(cfg.method)
-    def choose(kind: str, value, allowed) -> tuple:
-        return value in allowed, f"unknown {kind} {value!r}; choose one of {', '.join(allowed)}"
-
-    checks = [choose("ratio network", cfg.ratio_net, RATIO_NETS),
-              choose("sigma distribution", cfg.sigma_dist, SIGMA_DISTS),
-              choose("weighting", cfg.weighting, WEIGHTINGS),
-              (cfg.sigma_init > 0, "--sigma-init must be positive"),
-              (0 < cfg.sigma_min < cfg.sigma_max, "need 0 < sigma_min < sigma_max"),
-              (cfg.steps >= 0 and cfg.batch > 0 and cfg.aux_steps >= 1, "steps >= 0, batch >= 1, aux_steps >= 1"),
-              (cfg.checkpoint_every > 0 and cfg.log_every > 0, "checkpoint_every and log_every must be positive"),
-              (cfg.eval_every >= 0, "eval_every must be >= 0 (0 = off)")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    """Refuse bad options before anything is written (kept for callers: ``cfg.validate()``)."""
+    cfg.validate()
 
 
 # ------------------------------------------------------------------------------- pieces

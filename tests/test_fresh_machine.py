@@ -1,0 +1,66 @@
+"""The main job on a fresh machine: `probe demo --quick` with an empty home and an empty cache.
+
+Runs the installed `probe` entry point in a subprocess, so nothing this test session has trained or
+cached (the session's classifier cache, imported modules, torch's grad mode) can help it: the metric
+classifier is trained from scratch inside the teacher's end-of-run evaluation (under no_grad), as
+on a new user's machine.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def probe_command() -> list[str]:
+    """The installed console script beside this interpreter; the module only if it is missing."""
+    script = Path(sys.executable).parent / "probe"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "probe.cli"]
+
+
+def fresh_env(tmp_path: Path) -> dict:
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ONESTEP_PROBE_", "MPLCONFIGDIR"))}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout first, whatever is installed
+    env.update(HOME=str(home), ONESTEP_PROBE_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p))
+    return env
+
+
+@pytest.mark.slow
+def test_quick_demo_with_evaluation_on_an_empty_cache(tmp_path):
+    from pypdf import PdfReader
+
+    env = fresh_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(probe_command() + ["demo", "--quick"], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+    # the classifier was trained here, once, and cached as a consistent pair
+    entries = sorted(p.name for p in (tmp_path / "cache" / "classifiers").iterdir())
+    assert [n.rsplit(".", 1)[1] for n in entries] == ["json", "lock", "safetensors"], entries
+    info = json.loads((tmp_path / "cache" / "classifiers" / entries[0]).read_text())
+    assert info["test_accuracy"] > 0.9 and len(info["weights_sha256"]) == 64
+    assert not (tmp_path / "home" / ".cache" / "onestep-probe" / "classifiers").exists()  # the variable is obeyed
+
+    # the teacher's own end-of-run evaluation ran (it is what failed under no_grad on a fresh cache)
+    teacher_eval = json.loads((work / "runs" / "demo" / "teacher" / "eval.json").read_text())
+    assert math.isfinite(teacher_eval["fd"]) and teacher_eval["n"] == 100 and teacher_eval["floor"]["fd"] > 0
+    reference = json.loads((work / "runs" / "demo" / "ablation" / "reference.json").read_text())
+
+    pdf = work / "reports" / "demo.pdf"
+    assert pdf.exists() and pdf.stat().st_size > 10_000
+    text = "\n".join(page.extract_text() for page in PdfReader(pdf).pages)
+    for section in ("Samples", "Sample quality", "Verdict", "Linear probes", "CKA", "UMAP"):
+        assert f"{section}: included" in text, section
+    assert f"teacher (Heun) {reference['fd']:.1f}" in text  # the teacher's FD, drawn in the quality figure
+    assert f"real-vs-real floor {reference['floor']['fd']:.1f}" in text
