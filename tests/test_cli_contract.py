@@ -50,7 +50,8 @@ CONVERTED = {"layers": "text 'a,b' -> a tuple / list", "sigmas": "text 'a,b' -> 
              "targets": "text list", "sigma_range": "text 'LO,HI' -> (lo, hi)", "seeds": "text '0,1' -> a tuple",
              "mode": "cka: None = pair with two files, layers with one"}
 # Options of the call that are no setting of the config (the only other exceptions).
-EXTRAS = {"resume", "overwrite", "fig", "csv", "grid", "out"}
+EXTRAS = {"resume", "overwrite", "fig", "csv", "grid", "out",
+          "health", "model"}  # eval: --health DATA replaces the (then optional) model argument
 
 
 def _commands(group=None, prefix=""):
