@@ -394,12 +394,12 @@ def umap_cmd(
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    """Console-script entry point: user errors become one line on stderr and exit code 2 (3: run diverged)."""
     try:
         app()
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command with --resume (training) or as is (extract) to continue",
                    err=True)
