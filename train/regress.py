@@ -143,7 +143,7 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
 
 
 def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, stop_after: int | None) -> Path:
-    if resume and (Path(cfg.out) / PAIRS_FILE).exists():
+    if (Path(cfg.out) / PAIRS_FILE).exists():
         verify_files(cfg.out, [PAIRS_FILE])  # checked with the rest before the run directory changes
     out, state = start_run(Path(cfg.out), cfg, resume, STATE_KEYS)
     pairs = load_or_make_pairs(out, cfg, teacher, device, progress)
@@ -197,7 +197,7 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
             loss.backward()
             # a NaN/inf loss or gradient skips the step (probe/core/nonfinite.py)
             _, ok = guarded_step(opt, params, cfg.grad_clip, is_finite(loss.detach()))
-            guard.update(ok, step + 1, str(out))
+            guard.update(ok, step + 1, str(out), log)
             ema.update(net, cfg.batch)
             step += 1
             seconds += time.perf_counter() - t0
@@ -206,11 +206,11 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
                 log.log(step=step, seconds=seconds, loss=running / n, lr=opt.param_groups[0]["lr"], **guard.metrics())
                 running = 0.0
+            test_point(f"step:{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 log.log(step=step, seconds=seconds, **validate())
                 checkpoint()
             advance(info=f"mse {float(loss.detach()):.4f}")
-            test_point(f"step:{step}")
             if stop_after is not None and step >= stop_after:
                 return out
     if state is None and cfg.steps == 0:

@@ -144,18 +144,18 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
             loss_value = all_reduce_mean({"loss": float(loss)}, comm)["loss"]  # global-batch mean
             # a NaN/inf loss or gradient skips the step: Adam's moments are never poisoned
             _, ok = guarded_step(opt, params, cfg.grad_clip, is_finite(loss_value))
-            guard.update(ok, step + 1, str(out))
+            guard.update(ok, step + 1, str(out), log)
             ema.update(net, cfg.batch)
             step += 1
             if log is not None and (step % 50 == 0 or step == cfg.steps):
                 log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0,
                         **guard.metrics())
             advance(info=f"loss {loss_value:.4f}")
+            test_point(f"step:{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 barrier()
                 if is_main():
                     _checkpoint(out, net, ema, opt, rng, step, cfg, guard, log)
-            test_point(f"step:{step}")
             if stop_after is not None and step >= stop_after:
                 return out
     if is_main():

@@ -68,10 +68,11 @@ class NonFiniteGuard:
         self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.last_good_checkpoint = state.get("last_good_checkpoint")
 
-    def update(self, ok: bool, step: int, where: str) -> None:
+    def update(self, ok: bool, step: int, where: str, log=None) -> None:
         """Record step ``step`` (1-based) as good or bad; raises RunDiverged after too many bad ones.
 
         where : the run directory, named in the message
+        log   : a MetricsLog that gets a last row (step, counters, ``diverged``) before the stop (default None)
         """
         if ok:
             self.in_a_row = 0
@@ -79,6 +80,8 @@ class NonFiniteGuard:
         self.skipped_steps += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_in_a_row:
+            if log is not None:
+                log.log(step=step, diverged=True, **self.metrics())
             kept = (f"the last checkpoint (step {self.last_good_checkpoint}) is kept"
                     if self.last_good_checkpoint is not None else "no checkpoint was written")
             raise RunDiverged(f"run diverged: {self.in_a_row} steps in a row (up to step {step}) had a non-finite "

@@ -358,8 +358,9 @@ def start_run(out, config, resume: bool, state_keys: tuple = ()) -> tuple[Path, 
     else:
         if (out / CONFIG_FILE).exists():
             old = read_config(out)
-            # steps may grow on resume; a field missing from an older run's config took its default then
-            changed = sorted(k for k in cfg if k not in ("steps", "resume") and k in old and old[k] != cfg[k])
+            # steps may grow on resume; a run directory may have been moved (out); a field missing from
+            # an older run's config took its default then
+            changed = sorted(k for k in cfg if k not in ("steps", "resume", "out") and k in old and old[k] != cfg[k])
             if changed:
                 raise UserError(f"--resume with a different config ({', '.join(changed)}) than the run in {out}")
         state = load_state(out, state_keys)
@@ -370,16 +371,28 @@ def start_run(out, config, resume: bool, state_keys: tuple = ()) -> tuple[Path, 
     except OSError as err:
         raise UserError(f"cannot create --out {out}: {err.strerror or err}") from None
     _remove_stale_tmp(out)
-    m = read_manifest(out) if state is not None else None
-    if state is None and (out / MANIFEST_FILE).exists():
-        _remove(out / MANIFEST_FILE)  # a fresh start: nothing recorded before belongs to this run
-    elif m is not None and "finished" in m:
-        del m["finished"]
-        _write_manifest(out, m)
+    m = read_manifest(out)  # entries of files still on disk stay valid; they are rewritten as the run goes
+    if m is not None:
+        settled = _settle(out, m)
+        if "finished" in settled or settled != m:
+            settled.pop("finished", None)
+            _write_manifest(out, settled)
     record = {"config": cfg, "versions": versions(), "argv": sys.argv,
               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(out / CONFIG_FILE, record, manifest=out)
     return out, state
+
+
+def _settle(root: Path, m: dict) -> dict:
+    """The manifest with each pending entry (a write killed before its commit) reduced to the
+    version that is on disk; an entry no version matches is kept as it is, so it still fails its check."""
+    files = {}
+    for rel, digests in m.get("files", {}).items():
+        if len(digests) > 1 and (root / rel).exists():
+            on_disk = file_digest(root / rel)
+            digests = [d for d in digests if d == on_disk] or digests
+        files[rel] = digests
+    return {**m, "files": files}
 
 
 def _remove_stale_tmp(out: Path) -> None:

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,8 @@ def _extract_locked(cfg: ExtractConfig, plan: _Plan, device, progress: bool, sto
     state, done = on_main(_prepare_file, out, cfg, plan, overwrite)  # rank 0 owns the file
     if state == "complete":
         return out
+    if state == "resume" and is_main():
+        print(f"resumed from row {done} of {len(plan.sample_ids)} ({out})", file=sys.stderr)
     n, batch, me = len(plan.sample_ids), int(cfg.batch), rank()
     per_round = batch * world_size()
     np_dtype = DTYPES[cfg.dtype]

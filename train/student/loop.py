@@ -277,7 +277,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         while step < cfg.steps:
             t0 = time.perf_counter()
             stats, ok = student_step(parts, rng, counts)
-            guard.update(ok, step + 1, str(out))
+            guard.update(ok, step + 1, str(out), log)
             ema.halflife_images = ema_halflife(cfg, step + 1)
             ema.update(gen_net, cfg.batch)
             step += 1
@@ -285,12 +285,12 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
             acc.add(**stats)
             if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.log(step=step, seconds=seconds, **acc.pop(), **counts, **guard.metrics())
+            test_point(f"step:{step}")
             if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
             advance(info=f"loss_g {stats['loss_g']:.4f}  loss_aux {stats['loss_aux']:.4f}")
-            test_point(f"step:{step}")
             if stop_after is not None and step >= stop_after:
                 return out
     if state is None and cfg.steps == 0:
