@@ -67,7 +67,7 @@ def _table():
     t0 = time.time()
     yield
     print(f"\nkill -9 battery ({time.time() - t0:.0f} s):")
-    print("| command | kills | resumed bit-identical | steps lost at most | files compared |")
+    print("| command | kills | resumed bit-identical | steps (rows) lost at most | files (datasets) compared |")
     for name, r in RESULTS.items():
         print(f"| {name} | {r['kills']} | {r['kills'] if r['identical'] else 0} | {r['lost_max']} | {r['files']} |")
     if os.environ.get("RELIABILITY_RESULTS"):  # for the closing note's table
@@ -93,7 +93,6 @@ def test_teacher_survives_kill_9_anywhere(tmp_path):
         "write:state.pt:tmp@1",                                     # checkpoint: temporary file written
         "write:state.pt:renamed@1",                                 # renamed, manifest not committed
         "write:unet/diffusion_pytorch_model.safetensors:pending@1",  # manifest pending, weights not renamed
-        "write:model.json:tmp@1",
         "random",
         "write:samples.png:renamed@1",                              # final outputs, not marked finished
     ])
@@ -121,7 +120,6 @@ def test_student_survives_kill_9_anywhere(tiny_teacher, tmp_path):
         "step:3@1",
         "write:state.pt:tmp@1",
         "write:model.safetensors:pending@1",     # the ratio classifier (ratio/, its own manifest)
-        "write:state.pt:renamed@1",
         "random",
         "write:samples.png:tmp@1",
     ])

@@ -235,9 +235,9 @@ def _record(root: Path, rel: str, digest: dict, pending: bool) -> None:
 def verify_files(root, names=None, _retry: bool = True) -> None:
     """Check files of ``root`` against its manifest; a one-line UserError names the first mismatch.
 
-    names : relative paths to check (default: every recorded file); a name not recorded in an
-            existing manifest is refused too. Without a manifest (a run written before manifests,
-            a diffusers directory) nothing is checked.
+    names : relative paths to check (default: every recorded file). A file the manifest does not
+            record (written before this toolkit kept manifests, or by hand), and any file of a
+            directory without a manifest (a diffusers model), is not checked.
     """
     root = Path(root)
     m = read_manifest(root)
@@ -251,7 +251,7 @@ def verify_files(root, names=None, _retry: bool = True) -> None:
                 raise UserError(f"{p} is missing but {root / MANIFEST_FILE} records it; the run is incomplete")
             continue
         if rel not in files:
-            raise UserError(f"{p} is not recorded in {root / MANIFEST_FILE}; it was not written by this run")
+            continue
         actual = file_digest(p)
         if actual not in files[rel]:
             if _retry:  # a writer may have replaced the file between our two reads: look again once
@@ -267,10 +267,8 @@ def _verified_bytes(root: Path, rel: str) -> bytes:
     p = root / rel
     data = p.read_bytes()
     m = read_manifest(root)
-    if m is not None:
-        files = m.get("files", {})
-        if rel not in files:
-            raise UserError(f"{p} is not recorded in {root / MANIFEST_FILE}; it was not written by this run")
+    files = (m or {}).get("files", {})
+    if rel in files:
         digest = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         if digest not in files[rel]:
             want = files[rel][0]
