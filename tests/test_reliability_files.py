@@ -22,7 +22,6 @@ import shutil
 import socket
 
 import h5py
-import numpy as np
 import pytest
 import torch
 

@@ -58,6 +58,13 @@ def _chain(tmp, name: str, argv_for, kills: list) -> dict:
     return {"kills": killed, "reached": reached, "resumed_from": resumed, "lost_max": max(lost)}
 
 
+def _reference(tmp, argv: list) -> None:
+    """The uninterrupted run, in a fresh process like the killed ones (an in-process run can differ in
+    float rounding after other tests changed global torch state)."""
+    ref = Proc(argv, tmp / "reference.trace")
+    assert ref.finish() == 0, ref.stderr()[-3000:]
+
+
 def _record(name: str, chain: dict, identical: bool, files: int) -> None:
     RESULTS[name] = {**chain, "identical": identical, "files": files}
 
@@ -79,15 +86,13 @@ TEACHER = dict(preset="test", batch=8, steps=12, checkpoint_every=2, eval_sample
 
 
 def test_teacher_survives_kill_9_anywhere(tmp_path):
-    from train.teacher import TeacherConfig, train_teacher
-
-    ref = train_teacher(TeacherConfig(out=str(tmp_path / "ref"), **TEACHER), progress=False)
-    out = tmp_path / "killed"
+    ref, out = tmp_path / "ref", tmp_path / "killed"
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in TEACHER.items()]
 
-    def argv(resume):
-        return cli_argv("train", "teacher", "--out", out, *opts, *(["--resume"] if resume else []))
+    def argv(resume, where=out):
+        return cli_argv("train", "teacher", "--out", where, *opts, *(["--resume"] if resume else []))
 
+    _reference(tmp_path, argv(False, ref))
     chain = _chain(tmp_path, "teacher", argv, [
         "step:3@1",                                                 # between checkpoints
         "write:state.pt:tmp@1",                                     # checkpoint: temporary file written
@@ -106,16 +111,14 @@ STUDENT = dict(steps=8, batch=8, checkpoint_every=2, eval_every=0, lr_g=1e-3, lr
 
 
 def test_student_survives_kill_9_anywhere(tiny_teacher, tmp_path):
-    from train.student.loop import StudentConfig, train_student
-
-    ref = train_student(StudentConfig(out=str(tmp_path / "ref"), teacher=str(tiny_teacher), **STUDENT), progress=False)
-    out = tmp_path / "killed"
+    ref, out = tmp_path / "ref", tmp_path / "killed"
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in STUDENT.items()]
 
-    def argv(resume):
-        return cli_argv("train", "student", "--teacher", tiny_teacher, "--out", out, *opts,
+    def argv(resume, where=out):
+        return cli_argv("train", "student", "--teacher", tiny_teacher, "--out", where, *opts,
                         *(["--resume"] if resume else []))
 
+    _reference(tmp_path, argv(False, ref))
     chain = _chain(tmp_path, "student", argv, [
         "step:3@1",
         "write:state.pt:tmp@1",
@@ -130,16 +133,14 @@ def test_student_survives_kill_9_anywhere(tiny_teacher, tmp_path):
 
 # ------------------------------------------------------------------------------- regression
 def test_regression_survives_kill_9_anywhere(tiny_teacher, tmp_path):
-    from train.regress import RegressConfig, regress_generator
-
     cfg = dict(teacher=str(tiny_teacher), n_pairs=32, n_val=16, sample_steps=2, steps=8, batch=8, log_every=2,
                checkpoint_every=2, eval_samples=0, device="cpu")
-    ref = regress_generator(RegressConfig(out=str(tmp_path / "ref"), **cfg), progress=False)
-    out = tmp_path / "killed"
+    ref, out = tmp_path / "ref", tmp_path / "killed"
 
-    def argv(resume):
-        return runner_argv("regress", {"out": str(out), **cfg}, resume)
+    def argv(resume, where=out):
+        return runner_argv("regress", {"out": str(where), **cfg}, resume)
 
+    _reference(tmp_path, argv(False, ref))
     chain = _chain(tmp_path, "regress", argv, [
         "write:pairs.pt:renamed@1",     # the cached teacher samples, before the first step
         "step:3@1",
@@ -156,17 +157,13 @@ def test_extraction_survives_kill_9_between_row_blocks(tiny_teacher, tmp_path):
     """Kills right after a block of rows is flushed (the counter says what is on disk). A kill in the
     middle of an HDF5 flush can leave a file HDF5 cannot open: it is then refused as damaged
     (tests/test_reliability_files.py), never analysed."""
-    from probe.features.extract import ExtractConfig, extract
+    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
 
-    opts = dict(data="digits", n_samples=48, batch=8, sigmas=(0.0, 1.0), layers=("down_blocks.0", "mid_block"),
-                device="cpu")
-    ref = extract(ExtractConfig(model=str(tiny_teacher), out=str(tmp_path / "ref.h5"), **opts), progress=False)
-    out = tmp_path / "killed.h5"
-
-    def argv(resume):
-        return cli_argv("extract", tiny_teacher, "--out", out, "--n-samples", 48, "--batch", 8, "--sigmas", "0,1",
+    def argv(resume, where=out):   # resuming an extraction is running the same command again
+        return cli_argv("extract", tiny_teacher, "--out", where, "--n-samples", 48, "--batch", 8, "--sigmas", "0,1",
                         "--layers", "down_blocks.0,mid_block", "--device", "cpu")
 
+    _reference(tmp_path, argv(False, ref))
     chain = _chain(tmp_path, "extract", argv, ["rows:16@1", "rows:32@1", "rows:40@1"])
     with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
         assert bool(b.attrs["complete"]) and int(b.attrs["rows_done"]) == 48

@@ -141,13 +141,13 @@ def _install(tmp: Path, path: Path, digest: dict, manifest: Path | None) -> None
     rel = _relative(path, manifest) if manifest is not None else None
     test_point(f"write:{rel or path.name}:tmp")
     try:
-        if rel is not None:
+        if manifest is not None and rel is not None:
             _record(manifest, rel, digest, pending=True)
             test_point(f"write:{rel}:pending")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         test_point(f"write:{rel or path.name}:renamed")
-        if rel is not None:
+        if manifest is not None and rel is not None:
             _record(manifest, rel, digest, pending=False)
     except OSError as err:
         _remove(tmp)

@@ -27,27 +27,29 @@ the step counts as bad for the run's NaN policy when any of its updates was skip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from probe.core.distributed import Micro, all_reduce_mean, micro_generator, no_sync, step_seed, swap_attr
 from probe.core.nonfinite import guarded_step, is_finite
+from train.student.methods.base import Method
 
 
 @dataclass
 class StepParts:
     """What a student step works on; built once per run."""
 
-    cfg: object                         # StudentConfig (batch, aux_steps, grad_clip)
-    method: object                      # the Method (losses, .aux)
+    cfg: Any                            # StudentConfig (batch, aux_steps, grad_clip); Any: loop.py imports this
+    method: Method                      # the method (losses, .aux)
     generator: nn.Module                # OneStepGenerator (unwrapped)
     ddp_generator: nn.Module            # its DDP wrapper, or the generator itself in one process
     ddp_aux: nn.Module                  # the aux net's DDP wrapper, or the aux net itself
     images: torch.Tensor | None         # real images [N, C, H, W] (None for data-free methods)
     shape: tuple                        # (batch, C, H, W) of the global z
     device: torch.device
-    autocast: object                    # autocast context (bf16 on CUDA, disabled on CPU)
+    autocast: Any                       # autocast context (bf16 on CUDA, disabled on CPU)
     opt_g: torch.optim.Optimizer
     opt_aux: torch.optim.Optimizer
     micros: list[Micro]                 # this process's micro-batches (split_batch)
@@ -87,7 +89,8 @@ def student_step(parts: StepParts, rng: torch.Generator, counts: dict) -> tuple[
         for k, m in enumerate(micros):
             with torch.no_grad(), autocast:
                 x = parts.generator(z_aux[i][m.rows].to(device))
-            real = images[idx[i][m.rows].to(images.device)] if images is not None else None
+            rows = idx[i]
+            real = images[rows[m.rows].to(images.device)] if images is not None and rows is not None else None
             with no_sync(parts.ddp_aux, enabled=k < last), swap_attr(method, "aux", parts.ddp_aux):
                 with autocast:
                     loss_a, stats = method.aux_loss(x, real, micro_generator(seed + i, m))
