@@ -254,7 +254,14 @@ def verdict_lines(ablation: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------- driver
 def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
-    """Write the PDF (and its files dir); returns the PDF path."""
+    """Write the PDF (and its files dir); returns the PDF path. One writer per PDF (probe/core/locks.py)."""
+    from probe.core.locks import exclusive
+
+    with exclusive(cfg.out, "report"):
+        return _build_report(cfg, progress)
+
+
+def _build_report(cfg: ReportConfig, progress: bool) -> Path:
     from analysis.heatmaps import plot_cka_heatmap, plot_probe_heatmap
 
     found = discover(cfg.inputs)

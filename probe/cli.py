@@ -606,7 +606,8 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: user errors (ours and typer's) become one line on stderr, exit code 2."""
+    """Console-script entry point: user errors (ours and typer's) become one line on stderr, exit code 2
+    (3: a run diverged)."""
     try:
         code = app(args=argv, prog_name="probe", standalone_mode=False)
     except _CLICK_ERROR as e:  # --steps abc, a missing option, an unknown command ...
@@ -615,9 +616,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         typer.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(2)
-    except UserError as e:
+    except UserError as e:  # exit code 2, or 3 for a run that diverged (RunDiverged)
         typer.echo(f"error: {_one_line(e)}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except OSError as e:
         if e.errno not in USER_OS_ERRORS:
             raise

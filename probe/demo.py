@@ -27,6 +27,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from probe.core.runs import run_status
+
 
 @dataclass
 class DemoConfig:
@@ -106,8 +108,7 @@ def _reuse_or_train(tcfg, train_teacher, progress: bool) -> Path:
     cfg_file = out / "config.json"
     if cfg_file.exists():
         same = json.loads(cfg_file.read_text())["config"] == json.loads(json.dumps(asdict(tcfg), default=str))
-        finished = (out / "samples.png").exists() and (tcfg.eval_samples == 0 or (out / "eval.json").exists())
-        if same and finished:
+        if same and run_status(out, tcfg.steps) == "done":
             return out
         return train_teacher(tcfg, resume=True, progress=progress)
     return train_teacher(tcfg, progress=progress)

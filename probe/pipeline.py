@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from analysis.ablation_summary import analyse_grid, write_tables
+from probe.core.locks import exclusive
 from train.ablation.grid import AblationConfig
 from train.ablation.run import run_grid
 
@@ -19,8 +20,9 @@ def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None) -> P
     progress : progress bars and one line per run                                        (default True)
     train_fn : see ``train.ablation.run.run_grid``                                        (default None)
     """
-    out, grid, refs = run_grid(cfg, progress=progress, train_fn=train_fn,
-                               after_run=lambda o, g, r: write_tables(o, g, r))  # a partial summary after each arm
-    result = analyse_grid(out, grid, refs, progress=progress)
+    with exclusive(cfg.out, "ablation grid"):  # training and analysis: one writer (re-entrant in run_grid)
+        out, grid, refs = run_grid(cfg, progress=progress, train_fn=train_fn,
+                                   after_run=lambda o, g, r: write_tables(o, g, r))  # a partial summary after each arm
+        result = analyse_grid(out, grid, refs, progress=progress)
     Console(stderr=True, quiet=not progress).print(result.text(), markup=False, highlight=False)
     return out

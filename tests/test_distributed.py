@@ -52,8 +52,10 @@ run = train_teacher(TeacherConfig(out=str(out / "ddp"), **teacher_kw), progress=
 params = [p.detach().clone() for g in optimisers[0].param_groups for p in g["params"]]
 torch.save({"params": params, "grads": optimisers[0].first_grads}, out / f"params-rank{rank}.pt")
 extract(ExtractConfig(model=str(run), out=str(out / "ddp.h5"), **extract_kw), progress=False)
-from tests.test_distributed import student_run
+from tests.test_distributed import student_run, STUDENT
 torch.save(student_run(run, accum=1), out / f"student-rank{rank}.pt")
+from train.student.loop import StudentConfig, train_student
+train_student(StudentConfig(out=str(out / "student-ddp"), teacher=str(run), **STUDENT), progress=False)
 """
 
 TEACHER = dict(preset="test", steps=3, batch=8, accum=2, lr_warmup=1, checkpoint_every=2, eval_samples=0,
@@ -106,15 +108,22 @@ def _grads_close(got: list, want: list) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
+# the full student loop (checkpoints, EMA, metrics) under 2 processes and in one process
+STUDENT = dict(method="diffratio-js", steps=4, batch=8, aux_steps=2, lr_g=1e-3, lr_aux=1e-3, checkpoint_every=2,
+               log_every=1, device="cpu")
+
+
 def student_run(teacher_dir, accum: int, steps: int = 2) -> dict:
-    """A few ``student_step_parallel`` steps of diffratio-js (2 aux steps) in this process's world."""
+    """A few steps of the one student step (``train.student.step``), diffratio-js with 2 aux steps,
+    in this process's world."""
     from probe.core.data import load_dataset
-    from probe.core.distributed import autocast_for, split_batch, student_step_parallel, world_size
+    from probe.core.distributed import autocast_for, split_batch, world_size
     from probe.core.edm import OneStepGenerator
     from train.init import initialise_generator
     from train.student.methods import get_method
     from probe.core.models import load_model
     from train.student.loop import StudentConfig
+    from train.student.step import StepParts, student_step
 
     cpu = torch.device("cpu")
     cfg = StudentConfig(out="unused", teacher=str(teacher_dir), method="diffratio-js", batch=8, aux_steps=2,
@@ -129,11 +138,10 @@ def student_run(teacher_dir, accum: int, steps: int = 2) -> dict:
     opt_a = torch.optim.Adam(aux_params, lr=cfg.lr_aux, betas=cfg.betas)
     rng, counts = torch.Generator().manual_seed(cfg.seed), {"skipped_g": 0, "skipped_aux": 0}
     micros = split_batch(cfg.batch, world_size(), accum=accum)
-    ddp_gen, ddp_aux = wrap_ddp(generator, cpu), wrap_ddp(method.aux, cpu)
     images = load_dataset("digits", "train").images
-    stats = [student_step_parallel(cfg, method, generator, ddp_gen, ddp_aux, images, rng, (cfg.batch, 1, 8, 8), cpu,
-                                   autocast_for(cpu), opt_g, opt_a, gen_params, aux_params, counts, micros)
-             for _ in range(steps)]
+    parts = StepParts(cfg, method, generator, wrap_ddp(generator, cpu), wrap_ddp(method.aux, cpu), images,
+                      (cfg.batch, 1, 8, 8), cpu, autocast_for(cpu), opt_g, opt_a, micros)
+    stats = [student_step(parts, rng, counts)[0] for _ in range(steps)]
     return {"gen": {k: v.detach().clone() for k, v in gen_net.state_dict().items()},
             "aux": {k: v.detach().clone() for k, v in method.aux.state_dict().items()},
             "stats": stats, "counts": counts, "rng": rng.get_state(), "lr": cfg.lr_g, "steps": steps}
@@ -292,3 +300,25 @@ def test_ddp_student_step_matches_accumulation_in_one_process(ddp_run):
         assert a.keys() == b.keys() and {"loss_g", "loss_aux", "acc_real"} <= set(a)
         for k in ("loss_g", "loss_aux", "acc_real", "acc_fake"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+def test_ddp_student_run_equals_a_single_process_run(ddp_run, tmp_path):
+    """The whole student loop: 2 gloo processes x 1 micro-batch of 4 vs one process with the same global
+    batch of 8 as 2 micro-batches (the same micro-batch seeds): same weights, EMA, counters, logged means."""
+    from train.student.loop import StudentConfig, train_student
+
+    single = train_student(StudentConfig(out=str(tmp_path / "single"), teacher=str(ddp_run / "ddp"), accum=2,
+                                         **STUDENT), progress=False)
+    a, b = load_state(ddp_run / "student-ddp"), load_state(single)
+    assert a["step"] == b["step"] == STUDENT["steps"] and a["counts"] == b["counts"]
+    assert torch.equal(a["rng"], b["rng"])
+    diffs = {}
+    for part in ("generator", "aux"):
+        _close_after_adam(a[part], b[part], lr=STUDENT["lr_g"], steps=STUDENT["steps"])
+        diffs[part] = max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part])
+    _close_after_adam(a["ema"]["net"], b["ema"]["net"], lr=STUDENT["lr_g"], steps=STUDENT["steps"])
+    print(f"max |weight difference| 2 processes vs 1 process: {diffs}")
+    for x, y in zip(read_metrics(ddp_run / "student-ddp"), read_metrics(single), strict=True):
+        assert x["step"] == y["step"]
+        for k in ("loss_g", "loss_aux", "acc_real", "acc_fake"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k

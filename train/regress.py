@@ -16,7 +16,9 @@ does not re-sample the teacher. Training follows the teacher trainer's pattern: 
 Run directory: ``config.json``, ``metrics.jsonl`` (train and held-out MSE, held-out R^2 against
 predicting the mean image), ``pairs.pt``, ``state.pt``, the EMA generator as ``model.json`` +
 ``unet/`` (kind "generator", usable as ``--init from:DIR``), ``samples.png``, ``eval.json`` when
-``eval_samples > 0`` and ``regress.json`` (final figures; written last, marks the run finished).
+``eval_samples > 0``, ``regress.json`` (final figures) and ``manifest.json`` (checkpoint digests and,
+written last, the finished marker that ``is_finished`` reads). Same NaN policy, one-writer lock and
+atomic, checked checkpoints as the teacher (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from probe.core.ema import EMA
 from probe.core.images import save_grid
 from train.initspec import apply_init_spec
 from probe.core.models import load_model, save_model
-from probe.core.runs import (MetricsLog, load_state, pick_device, prepare_run_dir, restore_training, save_state,
-                        write_json)
+from probe.core.locks import exclusive
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
+from probe.core.runs import (MetricsLog, announce_resume, atomic_torch_save, mark_finished, pick_device,
+                             restore_training, run_status, save_state, start_run, test_point, verify_files,
+                             write_json)
 
 PAIRS_FILE = "pairs.pt"
 DONE_FILE = "regress.json"
@@ -59,6 +64,7 @@ class RegressConfig:
     grad_clip: float = 0.0                     # max gradient norm, 0 = off
     log_every: int = 50                        # steps between metrics.jsonl rows
     checkpoint_every: int = 500                # steps between checkpoints (and validation)
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
     eval_samples: int = 500                    # final sample-quality evaluation (one step), 0 = skip
     eval_seed: int = 0                         # seed of the evaluation latents and the evaluator's reference
     seed: int = 0                              # seed of the pairs, the initialisation and every training draw
@@ -111,15 +117,19 @@ def load_or_make_pairs(out: Path, cfg: RegressConfig, teacher, device, progress:
            "seed": cfg.seed, "sigma_max": SIGMA_MAX}
     path = out / PAIRS_FILE
     if path.exists():
-        cached = torch.load(path, map_location="cpu", weights_only=False)
-        if cached["key"] != key:
+        verify_files(out, [PAIRS_FILE])
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=False)
+            cached_key = cached["key"]
+        except Exception as err:  # torch raises several types for a damaged archive
+            raise UserError(f"{path} is damaged: cannot read it ({type(err).__name__}); delete it to sample the "
+                            "pairs again") from None
+        if cached_key != key:
             raise UserError(f"{path} was made from another teacher or with other settings; delete it or use a new --out")
         return cached
     z, x = teacher_pairs(teacher, key["n"], cfg.sample_steps, cfg.seed, device, progress=progress)
     pairs = {"z": z, "x": x, "key": key}
-    tmp = out / (PAIRS_FILE + ".tmp")
-    torch.save(pairs, tmp)
-    tmp.replace(path)
+    atomic_torch_save(path, pairs, manifest=out)
     return pairs
 
 
@@ -132,13 +142,23 @@ def mse(generator: OneStepGenerator, z: torch.Tensor, x: torch.Tensor, device, b
     return total / x.numel()
 
 
+STATE_KEYS = ("net", "ema", "opt", "rng", "step", "seconds")
+
+
 def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool = True,
                       stop_after: int | None = None) -> Path:
     """Train (or resume) the regressed generator; returns the run directory. ``stop_after`` simulates a kill."""
     _check(cfg)
     device = pick_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
-    out = prepare_run_dir(Path(cfg.out), cfg, resume)
+    with exclusive(cfg.out, "regression run"):
+        return _regress(cfg, device, teacher, resume, progress, stop_after)
+
+
+def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, stop_after: int | None) -> Path:
+    if (Path(cfg.out) / PAIRS_FILE).exists():
+        verify_files(cfg.out, [PAIRS_FILE])  # checked with the rest before the run directory changes
+    out, state = start_run(Path(cfg.out), cfg, resume, STATE_KEYS)
     pairs = load_or_make_pairs(out, cfg, teacher, device, progress)
     z_train, x_train = pairs["z"][:cfg.n_pairs], pairs["x"][:cfg.n_pairs]
     z_val, x_val = pairs["z"][cfg.n_pairs:], pairs["x"][cfg.n_pairs:]
@@ -150,13 +170,18 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
     generator = OneStepGenerator(net, cfg.sigma_init)
     ema = EMA(net, cfg.ema_halflife_images)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    params = list(net.parameters())
     rng = torch.Generator().manual_seed(cfg.seed + TRAIN_SEED_OFFSET)
     step, seconds = 0, 0.0
-    state = load_state(out) if resume else None
+    guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
         restore_training(state, net, ema, opt, rng)
         step, seconds = state["step"], state["seconds"]
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
+    if resume:
+        announce_resume(out, state, cfg.steps)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
+                     resume_rows=state.get("metrics_rows") if state is not None else None)
     record = {"regressed_onto": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "n_pairs": cfg.n_pairs,
               "sample_steps": cfg.sample_steps, "init": init_report["canonical"]}
 
@@ -165,12 +190,15 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
         return {"val_mse": val, "val_r2": 1.0 - val / max(mse_mean_image, 1e-12)}
 
     def checkpoint() -> None:
+        check_finite({"generator": net, "EMA generator": ema.net}, str(out))  # never overwrite a good checkpoint
+        guard.saved(step)
         save_model(out, ema.net, "generator", teacher.dataset, sigma_init=cfg.sigma_init,
                    extra={**record, "steps": step})
         save_state(out, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "rng": rng.get_state(), "step": step, "seconds": seconds})
+                         "rng": rng.get_state(), "step": step, "seconds": seconds, "guard": guard.state_dict(),
+                         "metrics_rows": log.rows, "running": running})
 
-    running = 0.0
+    running = state.get("running", 0.0) if state is not None else 0.0
     with progress_bar(cfg.steps, "regress generator", progress, completed=step) as advance:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -180,17 +208,18 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
             loss = ((generator(z_train[idx].to(device)) - x_train[idx].to(device)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
+            # a NaN/inf loss or gradient skips the step (probe/core/nonfinite.py)
+            _, ok = guarded_step(opt, params, cfg.grad_clip, is_finite(loss.detach()))
+            guard.update(ok, step + 1, str(out), log)
             ema.update(net, cfg.batch)
             step += 1
             seconds += time.perf_counter() - t0
             running += float(loss.detach())
             if step % cfg.log_every == 0 or step == cfg.steps:
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                log.log(step=step, seconds=seconds, loss=running / n, lr=opt.param_groups[0]["lr"])
+                log.log(step=step, seconds=seconds, loss=running / n, lr=opt.param_groups[0]["lr"], **guard.metrics())
                 running = 0.0
+            test_point(f"step:{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 log.log(step=step, seconds=seconds, **validate())
                 checkpoint()
@@ -200,13 +229,14 @@ def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool =
     if state is None and cfg.steps == 0:
         checkpoint()
     _finish(out, ema.net, cfg, teacher.dataset, device, validate(), seconds, progress)
+    mark_finished(out, cfg.steps)
     return out
 
 
 @torch.no_grad()
 def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val: dict, seconds: float,
             progress: bool) -> None:
-    """Sample grid, optional sample quality, and the final figures (regress.json marks the run done)."""
+    """Sample grid, optional sample quality, and the final figures (regress.json)."""
     gen = OneStepGenerator(net, cfg.sigma_init)
     n = max(cfg.eval_samples, 64)
     shape = (n, net.unet.config.in_channels, *([net.unet.config.sample_size] * 2))
@@ -226,10 +256,5 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
 
 
 def is_finished(run_dir: Path, steps: int | None = None) -> bool:
-    """Has a regression run completed (``steps`` at least, when given)?"""
-    import json
-
-    p = Path(run_dir) / DONE_FILE
-    if not p.exists():
-        return False
-    return steps is None or json.loads(p.read_text()).get("steps", -1) >= steps
+    """Has a regression run completed (``steps`` at least, when given)? The one rule: ``run_status``."""
+    return run_status(run_dir, steps) == "done"

@@ -9,7 +9,12 @@ Several processes (``torchrun --nproc_per_node=K``): the network is wrapped in
 DistributedDataParallel, every rank draws the whole global batch's randomness from the same
 generator and trains on its block of rows (``probe/core/distributed.py``), so the result does not
 depend on K up to float rounding; ``accum`` micro-batches per process keep ``batch`` the global
-batch. Rank 0 writes the run directory; all ranks read it on resume.
+batch. Rank 0 writes the run directory (holding its one-writer lock); all ranks read it on resume.
+
+NaN policy (``probe/core/nonfinite.py``, shared with the student and regression loops): a step
+whose loss or gradient is not finite is skipped and counted (``skipped_steps``,
+``nonfinite_in_a_row`` in metrics.jsonl); ``max_nonfinite`` of them in a row stop the run with
+exit code 3, leaving the last checkpoint (always finite) in place.
 
 ``sigma_range`` truncates the training noise levels to a band; a teacher trained only around
 ``sigma_init`` is the "I/O mapping without multi-level features" control of METHOD.md section 4.
@@ -18,6 +23,7 @@ batch. Rank 0 writes the run directory; all ranks read it on resume.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +37,10 @@ from probe.core.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
 from probe.core.ema import EMA
 from probe.core.images import save_grid
 from probe.core.models import build_unet, save_model
-from probe.core.runs import MetricsLog, load_state, prepare_run_dir, restore_training, save_state, write_json
+from probe.core.locks import exclusive
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
+from probe.core.runs import (MetricsLog, announce_resume, load_state, mark_finished, restore_training, save_state,
+                             start_run, test_point, write_json)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class TeacherConfig:
     sigma_range: tuple | None = None           # (lo, hi): train only on sigmas in this band
     grad_clip: float = 0.0                     # max gradient norm, 0 = off
     checkpoint_every: int = 500                # steps between checkpoints
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
     sample_steps: int = 18                     # Heun steps for the sample grid and evaluation
     eval_samples: int = 500                    # one-off sample-quality evaluation at the end, 0 = skip
     seed: int = 0                              # seed of every random draw
@@ -88,26 +98,53 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = Tru
         return _train(cfg, device, resume, progress and is_main(), stop_after)
 
 
+STATE_KEYS = ("net", "ema", "opt", "rng", "step")
+
+
 def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None) -> Path:
     micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)  # refuses a batch too small to split
     cuda_speedups(device)
     data = load_dataset(cfg.data, "train")
     torch.manual_seed(cfg.seed)  # weight init
     unet = build_unet(data.resolution, data.channels, cfg.preset)  # refuses a resolution it cannot take
-    out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)
+    with ExitStack() as stack:
+        if is_main():  # one writer per run directory; other ranks only read it
+            stack.enter_context(exclusive(cfg.out, "teacher run"))
+        return _train_locked(cfg, device, resume, progress, stop_after, micros, data, unet)
+
+
+def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None,
+                  micros, data, unet) -> Path:
+    kept = {}
+
+    def start():  # rank 0: check everything a resume needs, then open the run directory
+        out, state = start_run(Path(cfg.out), cfg, resume, STATE_KEYS)
+        kept["state"] = state
+        return out
+
+    out = on_main(start)
+    state = kept.get("state") if is_main() else (load_state(out, STATE_KEYS) if resume else None)
     net = EDMDenoiser(unet).to(device).train()
     ddp = wrap_ddp(net, device)  # identical initial weights on every rank (same seed), DDP checks it
     ema = EMA(net, cfg.ema_halflife_images)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     rng = torch.Generator().manual_seed(cfg.seed)
     step = 0
-    state = load_state(out) if resume else None
+    guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
         restore_training(state, net, ema, opt, rng)
         step = state["step"]
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None) if is_main() else None
+        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
+    if resume and is_main():
+        announce_resume(out, state, cfg.steps)
+    log = None
+    if is_main():
+        log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
+                         resume_rows=state.get("metrics_rows") if state is not None else None)
     images = data.images.to(device)
     autocast = autocast_for(device)
+    comm = _comm_device(device)
+    params = list(net.parameters())
     t0 = time.time()
     with progress_bar(cfg.steps, f"teacher {cfg.data}", progress, completed=step) as advance:
         while step < cfg.steps:
@@ -125,26 +162,26 @@ def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: boo
                                                  noise[m.rows].to(device)))
                     part.backward()
                 loss = part.detach() if k == 0 else loss + part.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            for p in net.parameters():  # a NaN/inf gradient would poison Adam's moments for good
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            opt.step()
-            loss_value = all_reduce_mean({"loss": float(loss)}, _comm_device(device))["loss"]  # global-batch mean
+            loss_value = all_reduce_mean({"loss": float(loss)}, comm)["loss"]  # global-batch mean
+            # a NaN/inf loss or gradient skips the step: Adam's moments are never poisoned
+            _, ok = guarded_step(opt, params, cfg.grad_clip, is_finite(loss_value))
+            guard.update(ok, step + 1, str(out), log)
             ema.update(net, cfg.batch)
             step += 1
             if log is not None and (step % 50 == 0 or step == cfg.steps):
-                log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0)
+                log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0,
+                        **guard.metrics())
             advance(info=f"loss {loss_value:.4f}")
+            test_point(f"step:{step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 barrier()
                 if is_main():
-                    _checkpoint(out, net, ema, opt, rng, step, cfg)
+                    _checkpoint(out, net, ema, opt, rng, step, cfg, guard, log)
             if stop_after is not None and step >= stop_after:
                 return out
     if is_main():
         _finish(out, ema.net, cfg, device, log, progress)
+        mark_finished(out, cfg.steps)
     return out
 
 
@@ -153,10 +190,13 @@ def _comm_device(device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
-def _checkpoint(out: Path, net, ema: EMA, opt, rng, step: int, cfg: TeacherConfig) -> None:
+def _checkpoint(out: Path, net, ema: EMA, opt, rng, step: int, cfg: TeacherConfig, guard: NonFiniteGuard,
+                log: MetricsLog) -> None:
+    check_finite({"network": net, "EMA network": ema.net}, str(out))  # never overwrite a good checkpoint
+    guard.saved(step)
     save_model(out, ema.net, "teacher", cfg.data, extra={"steps": step, "sigma_range": cfg.sigma_range})
     save_state(out, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "rng": rng.get_state(), "step": step})
+                     "rng": rng.get_state(), "step": step, "guard": guard.state_dict(), "metrics_rows": log.rows})
 
 
 @torch.no_grad()

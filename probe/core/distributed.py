@@ -4,7 +4,8 @@
 environment variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set. The
 functions here turn that into a process group (NCCL on CUDA, gloo on CPU) and give the training
 loops and the extractor what they need; a plain single process (no WORLD_SIZE, or 1) makes every
-helper a no-op, so single-process runs are bit-identical to what they were before.
+helper a no-op: a single process is world size 1 of the same code path (the one student step,
+``train/student/step.py``, and the teacher loop).
 
 How runs stay equal whatever the number of processes K:
 
@@ -109,13 +110,6 @@ def _destroy_at_exit() -> None:
         dist.destroy_process_group()
 
 
-def teardown() -> None:
-    """Leave the process group (after a last barrier, so no rank tears it down under another)."""
-    if is_distributed():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 @contextmanager
 def distributed_session(device: str = "auto"):
     """``with distributed_session(cfg.device) as device:`` joins the group when torchrun started
@@ -142,11 +136,11 @@ def on_main(fn, *args, **kwargs):
         try:
             box[0] = ("ok", fn(*args, **kwargs))
         except UserError as err:
-            box[0] = ("error", str(err))
+            box[0] = ("error", (type(err), str(err)))   # the class keeps its exit code (RunDiverged: 3)
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == "error":
-        raise UserError(value)
+        raise value[0](value[1])
     return value
 
 
@@ -234,12 +228,6 @@ def step_seed(rng: torch.Generator) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=rng))
 
 
-def rank_seed(seed: int) -> int:
-    """``seed`` offset by the rank, for randomness that must differ per process and needs no
-    equivalence with a single process (e.g. data-loader workers); rank 0 keeps ``seed``."""
-    return int(seed) + MICRO_SEED_STRIDE * rank()
-
-
 # ------------------------------------------------------------------------------------ DDP
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
     """DistributedDataParallel around a TRAINABLE network; the module itself when alone.
@@ -257,10 +245,6 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool = False)
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused, **sync)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @contextmanager
@@ -308,87 +292,3 @@ def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-# ------------------------------------------------------------------------- the student loop
-def guarded_step(opt: torch.optim.Optimizer, params: list, grad_clip: float) -> tuple[float, bool]:
-    """Optimiser step on gradients already accumulated (and all-reduced); returns (norm, stepped).
-
-    The step behind ``train.student.loop.optimizer_step`` (which adds zero_grad/backward): a NaN/inf
-    gradient norm skips the step. After DDP's all-reduce every rank sees the same norm, so all
-    ranks skip together.
-    """
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return float(norm), False
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    return float(norm), True
-
-
-def student_step_parallel(cfg, method, generator: nn.Module, ddp_generator: nn.Module, ddp_aux: nn.Module,
-                          images: torch.Tensor | None, rng: torch.Generator, shape: tuple, device, autocast,
-                          opt_g, opt_a, gen_params: list, aux_params: list, counts: dict,
-                          micros: list[Micro]) -> dict:
-    """One generator step with its auxiliary steps over this rank's micro-batches (DDP and/or accum).
-
-    The counterpart of ``train.student.loop.train_step`` for ``world_size() > 1`` or ``accum > 1``:
-
-    - the global z [cfg.batch], the fresh z of earlier aux steps and the real-batch indices are
-      drawn from ``rng`` on every rank; then one ``step_seed``; methods draw their own sigmas and
-      noise from ``micro_generator(seed + phase, micro)``, phase = aux step i or aux_steps for the
-      generator loss: K ranks x accum A equals one process with accum K * A;
-    - each aux step: per micro-batch a no-grad G(z_m), ``method.aux_loss`` through the DDP-wrapped
-      aux net (swapped in as ``method.aux``), weighted backward, no_sync but on the last, one
-      guarded optimiser step;
-    - generator: per micro-batch ``method.generator_loss(ddp_generator(z_m))`` with the raw aux net
-      frozen (its wrapper is not called, so DDP expects no aux gradients), same accumulation.
-    Returns the logged scalars, averaged over the global batch (identical on every rank).
-    """
-    b = cfg.batch
-    z = torch.randn(shape, generator=rng)
-    z_aux = [torch.randn(shape, generator=rng) for _ in range(cfg.aux_steps - 1)] + [z]
-    idx = [torch.randint(len(images), (b,), generator=rng) if images is not None else None
-           for _ in range(cfg.aux_steps)]
-    seed = step_seed(rng)
-    last = len(micros) - 1
-    sums: dict = {}
-
-    def add(m: Micro, **values) -> None:   # scale-weighted sums: their mean over ranks is the global mean
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + m.scale * float(v)
-
-    norm_a = 0.0
-    for i in range(cfg.aux_steps):
-        opt_a.zero_grad(set_to_none=True)
-        for k, m in enumerate(micros):
-            with torch.no_grad(), autocast:
-                x = generator(z_aux[i][m.rows].to(device))
-            real = images[idx[i][m.rows].to(images.device)] if images is not None else None
-            with no_sync(ddp_aux, enabled=k < last), swap_attr(method, "aux", ddp_aux):
-                with autocast:
-                    loss_a, stats = method.aux_loss(x, real, micro_generator(seed + i, m))
-                m.weight(loss_a).backward()
-            if i == cfg.aux_steps - 1:
-                add(m, loss_aux=loss_a.detach(), **stats)
-        norm_a, ok = guarded_step(opt_a, aux_params, cfg.grad_clip)
-        counts["skipped_aux"] += int(not ok)
-    method.aux.requires_grad_(False)  # eta frozen for the generator step
-    try:
-        opt_g.zero_grad(set_to_none=True)
-        for k, m in enumerate(micros):
-            with no_sync(ddp_generator, enabled=k < last):
-                with autocast:
-                    fake = ddp_generator(z[m.rows].to(device))
-                    loss_g, gen_stats = method.generator_loss(fake, micro_generator(seed + cfg.aux_steps, m))
-                m.weight(loss_g).backward()
-            add(m, loss_g=loss_g.detach(), **gen_stats)
-        norm_g, ok = guarded_step(opt_g, gen_params, cfg.grad_clip)
-    finally:
-        method.aux.requires_grad_(True)
-    counts["skipped_g"] += int(not ok)
-    comm = device if torch.device(device).type == "cuda" else None
-    return {**all_reduce_mean(sums, comm), "grad_norm_g": norm_g, "grad_norm_aux": norm_a}

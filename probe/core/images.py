@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from probe.core.runs import atomic_write_bytes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -32,6 +35,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     scale = scale or max(1, 256 // max(grid.shape[:2]))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+    atomic_write_bytes(path, buf.getvalue())  # a kill never leaves half a PNG
     return Path(path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from probe.core.errors import UserError
 from probe.core.edm import SIGMA_DATA, DDPMDenoiser, EDMDenoiser, OneStepGenerator
+from probe.core.runs import TMP_SUFFIX, install_file, read_manifest, verify_files, write_json
 
 MODEL_FILE = "model.json"
 
@@ -106,10 +108,20 @@ def model_sha256(unet: nn.Module) -> str:
 
 def save_model(run_dir: Path, denoiser: nn.Module, kind: str, dataset: str | None,
                sigma_init: float | None = None, extra: dict | None = None) -> None:
-    """Write ``unet/`` (diffusers' save_pretrained) and ``model.json`` into ``run_dir``."""
+    """Write ``unet/`` (diffusers' save_pretrained) and ``model.json`` into ``run_dir``, every file
+    atomically and recorded (sha256, size) in ``run_dir``'s manifest.json, model.json last."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    denoiser.unet.save_pretrained(run_dir / "unet")
+    stage = run_dir / (".unet" + TMP_SUFFIX)   # staging directory beside unet/, same file system
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        denoiser.unet.save_pretrained(stage)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise UserError(f"cannot write {run_dir / 'unet'}: {err.strerror or err}; the previous version is kept") from None
+    for f in sorted(stage.iterdir()):
+        install_file(f, run_dir / "unet" / f.name, manifest=run_dir)
+    shutil.rmtree(stage, ignore_errors=True)
     info = {"kind": kind, "parameterisation": denoiser.parameterisation, "dataset": dataset,
             "sigma_data": getattr(denoiser, "sigma_data", SIGMA_DATA)}
     if sigma_init is not None:
@@ -118,9 +130,7 @@ def save_model(run_dir: Path, denoiser: nn.Module, kind: str, dataset: str | Non
         a = (denoiser.log_sigmas.double().exp() ** 2 + 1).reciprocal()  # alphas_cumprod back from sigmas
         info["alphas_cumprod"] = a.tolist()
     info.update(extra or {})
-    tmp = run_dir / (MODEL_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / MODEL_FILE)
+    write_json(run_dir / MODEL_FILE, info, manifest=run_dir)
 
 
 def load_model(path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -139,6 +149,9 @@ def load_model(path, device: str | torch.device = "cpu") -> LoadedModel:
     else:
         raise UserError(f"{path} is neither a toolkit run directory ({MODEL_FILE}) nor a diffusers "
                         f"UNet2DModel or DDPMPipeline directory")
+    bad = [name for name, t in loaded.unet.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the model is broken")
     loaded.denoiser.to(device).eval().requires_grad_(False)
     return loaded
 
@@ -160,7 +173,15 @@ def _unet_from(path: Path):
 
 
 def _load_toolkit(path: Path) -> LoadedModel:
-    info = json.loads((path / MODEL_FILE).read_text())
+    recorded = (read_manifest(path) or {}).get("files", {})
+    on_disk = {f"unet/{f.name}" for f in (path / "unet").glob("*") if f.is_file() and not f.name.endswith(TMP_SUFFIX)}
+    verify_files(path, [MODEL_FILE, *sorted(on_disk | {k for k in recorded if k.startswith("unet/")})])
+    try:
+        info = json.loads((path / MODEL_FILE).read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path / MODEL_FILE} is damaged ({type(err).__name__}: {str(err)[:120]})") from None
     unet = _unet_from(path / "unet")
     if info.get("parameterisation") == "ddpm":
         denoiser = DDPMDenoiser(unet, info["alphas_cumprod"])

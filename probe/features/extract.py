@@ -21,7 +21,10 @@ either filter, and gzip's cost is comparable to a small UNet's forward pass (ben
 continues from ``rows_done`` (or does nothing when complete); a file at ``out`` made by another
 model or with other arguments is refused and left untouched. A new file is first written as a
 complete skeleton under a temporary name and renamed into place, so ``out`` never holds a file
-without the header that identifies it.
+without the header that identifies it. One process writes a file at a time (``probe/core/locks.py``:
+a second one is refused at once, naming the holder); every chunk carries a fletcher32 checksum, so
+a damaged chunk is a read error (``FeatureStore`` turns it into a one-line ``UserError``), never
+silent garbage.
 
 Several processes (``torchrun --nproc_per_node=K probe extract ...``, see probe/core/distributed.py):
 the rows are processed in rounds of K batches; rank r runs the r-th batch of each round (the
@@ -38,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,8 @@ import torch
 
 from probe import __version__
 from probe.core.errors import UserError
+from probe.core.locks import exclusive
+from probe.core.runs import test_point
 from probe.features.hooks import FeatureHooks, parse_pooling, pooled_dim, resolve_layers, to_numpy_per_layer, trace_modules
 from probe.core.progress import progress_bar
 from probe.features.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
@@ -216,8 +222,8 @@ def _existing_state(path: Path, identity: dict) -> tuple[str, int]:
             fmt = f.attrs.get("format")
             args = f.attrs.get("args_json")
             done, complete = int(f.attrs.get("rows_done", 0)), bool(f.attrs.get("complete", False))
-    except OSError as err:
-        raise UserError(f"cannot open {path}: {err} (is another extraction writing it?)") from None
+    except (OSError, ValueError, TypeError) as err:  # we hold its lock, so no other extraction writes it
+        raise UserError(f"{path} is damaged: cannot read its header ({str(err)[:120]}); {hint}") from None
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
     if fmt != FORMAT or args is None:
         raise UserError(f"{path} exists and is not an onestep-probe feature file; refusing to overwrite it ({hint})")
@@ -273,7 +279,9 @@ def _create(path: Path, cfg: ExtractConfig, plan: _Plan) -> None:
             for layer in plan.layers:
                 d = pooled_dim(plan.raw_shapes[layer], cfg.pooling)
                 rows = _chunk_rows(min(int(cfg.batch), n), d * np.dtype(dtype).itemsize)
-                ds = g.create_dataset(layer, shape=(s, n, d), dtype=dtype, chunks=(1, rows, d), **filters)
+                # fletcher32: a checksum per chunk, so a damaged chunk is an error on read, never silent garbage
+                ds = g.create_dataset(layer, shape=(s, n, d), dtype=dtype, chunks=(1, rows, d), fletcher32=True,
+                                      **filters)
                 ds.attrs["raw_shape"] = np.asarray(plan.raw_shapes[layer], np.int64)
                 ds.attrs["pooling"] = cfg.pooling
         os.replace(tmp, path)
@@ -323,17 +331,31 @@ def _prepare_file(out: Path, cfg: ExtractConfig, plan: _Plan, overwrite: bool) -
         _create(out, cfg, plan)
     try:
         h5py.File(out, "r+").close()
-    except OSError as err:
-        raise UserError(f"cannot open {out} for writing: {err} (is another extraction writing it?)") from None
+    except OSError as err:  # HDF5's own lock: a reader (an analysis) has it open
+        raise UserError(f"cannot open {out} for writing: {str(err)[:120]} (is an analysis reading it?)") from None
     return state, done
 
 
 def _extract(cfg: ExtractConfig, device, progress: bool, stop_after_batches: int | None, overwrite: bool) -> Path:
     plan = _plan(cfg, device)
+    with ExitStack() as stack:
+        # one writer per feature file (probe/core/locks.py), held by rank 0; a refusal stops every rank
+        on_main(lambda: str(stack.enter_context(exclusive(cfg.out, "feature extraction"))))
+        try:
+            return _extract_locked(cfg, plan, device, progress, stop_after_batches, overwrite)
+        except OSError as err:  # HDF5 write / flush failures: disk full, a file damaged under us
+            raise UserError(f"cannot write {cfg.out}: {str(err)[:160]}; rows written before stay, rerun to "
+                            "resume") from None
+
+
+def _extract_locked(cfg: ExtractConfig, plan: _Plan, device, progress: bool, stop_after_batches: int | None,
+                    overwrite: bool) -> Path:
     out = Path(cfg.out)
     state, done = on_main(_prepare_file, out, cfg, plan, overwrite)  # rank 0 owns the file
     if state == "complete":
         return out
+    if state == "resume" and is_main():
+        print(f"resumed from row {done} of {len(plan.sample_ids)} ({out})", file=sys.stderr)
     n, batch, me = len(plan.sample_ids), int(cfg.batch), rank()
     per_round = batch * world_size()
     np_dtype = DTYPES[cfg.dtype]
@@ -357,6 +379,7 @@ def _extract(cfg: ExtractConfig, device, progress: bool, stop_after_batches: int
                 f.flush()                      # data on disk before the counter says so
                 f.attrs["rows_done"] = end
                 f.flush()
+                test_point(f"rows:{end}")
             advance(end - r0)
             if stop_after_batches is not None and count >= stop_after_batches and end < n:
                 barrier()

@@ -12,7 +12,9 @@ The layout is a contract (see DESIGN.md) and must stay readable with plain h5py:
 
 ``FeatureStore`` opens such a file for the analyses (probes, CKA, UMAP). Everything a user can get
 wrong with a path (missing, not HDF5, someone else's HDF5, written by a newer toolkit, interrupted
-extraction, unknown layer or sigma) ends in a one-line ``UserError``.
+extraction, unknown layer or sigma, a damaged chunk or header, non-finite values) ends in a one-line
+``UserError``. A file without its ``complete`` flag is refused (``probe extract`` resumes it), never
+analysed as complete.
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ def _decode(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _reason(err: Exception) -> str:
+    text = " ".join(str(err).split())[:160]
+    return f"{text} (delete it and extract again)" if text else f"{type(err).__name__} (delete it and extract again)"
+
+
+def _read(path: str, what: str, read):
+    """``read()`` of HDF5 data; a damaged chunk (checksum or filter failure) becomes a one-line UserError,
+    and so do values that are not finite (features of a working model always are)."""
+    try:
+        out = np.asarray(read(), dtype=np.float32)
+    except OSError as err:
+        raise UserError(f"{path} is damaged: reading {what} failed: {_reason(err)}") from None
+    if not np.isfinite(out).all():
+        raise UserError(f"{path} holds non-finite values in {what} (a damaged file or a diverged model); "
+                        "extract it again")
+    return out
 
 
 def _one_line_close_matches(name: str, choices: list[str]) -> str:
@@ -86,6 +106,9 @@ class FeatureStore:
         try:
             cls._check_header(path, h5, allow_incomplete)
             return cls(path, h5)
+        except (OSError, KeyError, ValueError, TypeError) as err:  # h5py's errors for a damaged file
+            h5.close()
+            raise UserError(f"{path} is damaged: {_reason(err)}") from None
         except BaseException:
             h5.close()
             raise
@@ -199,7 +222,10 @@ class FeatureStore:
         return int(sigma_index) % s
 
     def _dataset(self, layer: str) -> h5py.Dataset:
-        ds = self._h5["features"][self.check_layer(layer)]
+        try:
+            ds = self._h5["features"][self.check_layer(layer)]
+        except (OSError, KeyError) as err:
+            raise UserError(f"{self._path} is damaged: cannot open /features/{layer}: {_reason(err)}") from None
         if ds.ndim != 3 or ds.shape[0] != len(self._sigmas) or ds.shape[1] != self.n_samples:
             raise UserError(f"{self._path} is damaged: /features/{layer} has shape {ds.shape}, "
                             f"expected ({len(self._sigmas)}, {self.n_samples}, D)")
@@ -221,20 +247,21 @@ class FeatureStore:
         """
         ds = self._dataset(layer)
         s = self._check_sigma_index(sigma_index)
+        what = f"/features/{layer} at sigma {self._sigmas[s]:g}"
         if rows is None:
-            out = ds[s]
-        elif isinstance(rows, slice):
-            out = ds[s, rows]
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            if rows.ndim != 1:
-                raise ValueError("rows must be one-dimensional")
-            if rows.size and (rows.min() < 0 or rows.max() >= self.n_samples):
-                raise UserError(f"row index out of range for {self._path} (n={self.n_samples})")
-            # h5py wants strictly increasing indices: read the unique sorted rows, then reorder.
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            out = ds[s, uniq][inverse] if uniq.size else np.empty((0, ds.shape[2]), ds.dtype)
-        return np.asarray(out, dtype=np.float32)
+            return _read(self._path, what, lambda: ds[s])
+        if isinstance(rows, slice):
+            return _read(self._path, what, lambda: ds[s, rows])
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError("rows must be one-dimensional")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_samples):
+            raise UserError(f"row index out of range for {self._path} (n={self.n_samples})")
+        # h5py wants strictly increasing indices: read the unique sorted rows, then reorder.
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        if not uniq.size:
+            return np.empty((0, ds.shape[2]), np.float32)
+        return _read(self._path, what, lambda: ds[s, uniq][inverse])
 
     def iter_rows(self, layer: str, sigma_index: int, batch_rows: int, seed: int | None = None) -> Iterator[np.ndarray]:
         """Yield float32 blocks of at most ``batch_rows`` rows covering every row exactly once.
@@ -249,8 +276,9 @@ class FeatureStore:
         ds = self._dataset(layer)
         n = self.n_samples
         if seed is None:
+            what = f"/features/{layer} at sigma {self._sigmas[s]:g}"
             for start in range(0, n, batch_rows):
-                yield np.asarray(ds[s, start:start + batch_rows], dtype=np.float32)
+                yield _read(self._path, what, lambda: ds[s, start:start + batch_rows])
             return
         perm = np.random.default_rng(seed).permutation(n)
         for start in range(0, n, batch_rows):

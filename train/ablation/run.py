@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from probe.core.errors import UserError
-from probe.core.runs import pick_device, write_json
+from probe.core.locks import exclusive
+from probe.core.runs import pick_device, run_status, write_json
 from train.ablation.grid import (RESERVED_STUDENT, AblationConfig, Grid, InitEntry, _coerce, _prereq_config,
                                  check_grid, load_grid, prereq_order)
 from train.initspec import CATEGORIES, resolve_refs
@@ -37,12 +38,8 @@ def student_config(grid: Grid, entry: InitEntry, method: str, seed: int, out: Pa
 
 
 def student_status(run_dir: Path, steps: int) -> str:
-    """"done" (final evaluation at >= steps written), "partial" (started) or "missing"."""
-    run_dir = Path(run_dir)
-    ev = run_dir / "eval.json"
-    if ev.exists() and json.loads(ev.read_text()).get("step", -1) >= steps:
-        return "done"
-    return "partial" if (run_dir / "config.json").exists() else "missing"
+    """"done", "partial" (started) or "missing": the one rule, ``probe.core.runs.run_status``."""
+    return run_status(run_dir, steps)
 
 
 def init_sources(run_dir: Path) -> dict:
@@ -55,25 +52,15 @@ def init_sources(run_dir: Path) -> dict:
     return {f"init_frac_{k}": np.nan for k in CATEGORIES}
 
 
-def _teacher_done(run_dir: Path, cfg) -> bool:
-    info = run_dir / "model.json"
-    if not info.exists() or not (run_dir / "samples.png").exists():
-        return False
-    if cfg.eval_samples > 0 and not (run_dir / "eval.json").exists():
-        return False
-    return json.loads(info.read_text()).get("steps", -1) >= cfg.steps
-
-
 def build_prereqs(grid: Grid, out: Path, refs: dict, progress: bool, log) -> None:
     """Train the grid's prerequisites that are not finished yet (resuming started ones)."""
-    from train.regress import is_finished, regress_generator
+    from train.regress import regress_generator
     from train.teacher import train_teacher
 
     for name in prereq_order(grid.prereqs, grid.external):
         kind, cfg = _prereq_config(name, grid.prereqs[name], out, refs)
         run_dir = Path(cfg.out)
-        done = _teacher_done(run_dir, cfg) if kind == "teacher" else is_finished(run_dir, cfg.steps)
-        if done:
+        if run_status(run_dir, cfg.steps) == "done":
             log(f"prerequisite {name}: finished, skipped")
             continue
         resume = (run_dir / "config.json").exists()
@@ -135,6 +122,12 @@ def run_grid(cfg: AblationConfig, progress: bool = True, train_fn=None, after_ru
     out = Path(cfg.out)
     grid = load_grid(cfg.config, cfg)
     refs = check_grid(grid, out)
+    with exclusive(out, "ablation grid"):
+        return _run_locked(cfg, out, grid, refs, progress, train_fn, after_run, log)
+
+
+def _run_locked(cfg: AblationConfig, out: Path, grid: Grid, refs: dict, progress: bool, train_fn, after_run,
+                log) -> tuple[Path, Grid, dict]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "grid.json", {"config": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid)})
     build_prereqs(grid, out, refs, progress, log)
@@ -150,8 +143,8 @@ def run_grid(cfg: AblationConfig, progress: bool = True, train_fn=None, after_ru
         log(f"[{i}/{len(plan)}] {name}: {'resuming' if status == 'partial' else 'training'} (init {entry.spec!r})")
         try:
             train_fn(scfg, status == "partial", progress)
-        except UserError as e:
-            raise UserError(f"run {name}: {e}") from None
+        except UserError as e:  # keeps the class: a diverged arm still exits with code 3
+            raise type(e)(f"run {name}: {e}") from None
         fractions = init_sources(Path(scfg.out))
         log("    parameters from: " + ", ".join(f"{k[len('init_frac_'):]} {v:.1%}" for k, v in fractions.items()
                                                  if np.isfinite(v) and v > 0))

@@ -3,18 +3,22 @@
 ``train_student(StudentConfig(...))`` is what ``probe train student`` calls. The generator is a
 copy of the teacher's denoiser (``EDMDenoiser`` or ``DDPMDenoiser``) with an init spec applied
 (``train/init.py``); the method (``train/student/methods/``) brings its auxiliary network and its two
-losses. Per step:
+losses. Per step (``train/student/step.py``, the same code for one process and for torchrun):
 
-1. draw z, compute ``fake = G(z)`` once (with gradients);
-2. ``aux_steps`` auxiliary updates; the last one uses ``fake.detach()``, earlier ones fresh samples;
-3. one generator update on ``method.generator_loss(fake)`` with the auxiliary network frozen;
+1. draw z (and the fresh z and real-batch indices of the aux steps);
+2. ``aux_steps`` auxiliary updates on no-grad generator samples, the last one on G(z);
+3. one generator update on ``method.generator_loss(G(z))`` with the auxiliary network frozen;
 4. EMA of the generator by half-life in images (optionally with EDM's ramp-up).
 
-Gradients that are NaN/inf skip that optimiser step (counted in ``metrics.jsonl``) so Adam's
-moments are never poisoned. Every random draw (z, real-batch indices, sigmas, noise) comes from
-one CPU ``torch.Generator`` saved in ``state.pt`` with weights, optimisers, EMA, counters and log
+NaN policy (``probe/core/nonfinite.py``): an update whose loss or gradient is not finite is
+skipped, counted in ``metrics.jsonl`` (``skipped_g``, ``skipped_aux``, ``skipped_steps``,
+``nonfinite_in_a_row``), and ``max_nonfinite`` bad steps in a row stop the run (exit code 3);
+checkpoints only ever hold finite weights. Every random draw comes from one CPU
+``torch.Generator`` saved in ``state.pt`` with weights, optimisers, EMA, counters and log
 accumulators, so a killed run resumed with ``resume=True`` ends bit-identical to an uninterrupted
-one. bf16 autocast is used on CUDA only.
+one. bf16 autocast is used on CUDA only. One process writes a run directory at a time
+(``probe/core/locks.py``); ``manifest.json`` records every checkpoint file's sha256, and the
+finished marker is written last.
 
 Run directory: ``config.json``, ``metrics.jsonl``, ``state.pt``, the EMA generator as
 ``model.json`` + ``unet/`` (``load_model(run).generator`` works), the auxiliary network in
@@ -26,6 +30,7 @@ toolkit model directory), sample grids from a fixed z in ``samples/`` and ``samp
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +39,8 @@ import torch
 from probe.core.errors import UserError
 from probe.core.progress import progress_bar
 from probe.core.data import load_dataset
-from probe.core.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, guarded_step, is_main,
-                               on_main, split_batch, student_step_parallel, world_size, wrap_ddp)
+from probe.core.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, is_main, on_main,
+                                    split_batch, world_size, wrap_ddp)
 from probe.core.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
 from probe.core.ema import EMA
 from probe.core.images import save_grid
@@ -44,7 +49,11 @@ from train.student.losses import SIGMA_DISTS, WEIGHTINGS
 from train.student.methods import DEFAULT_METHOD, get_method
 from probe.core.models import load_model, save_model
 from train.student.ratio_net import RATIO_NETS
-from probe.core.runs import MetricsLog, load_state, prepare_run_dir, save_state, write_json
+from probe.core.locks import exclusive
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite
+from probe.core.runs import (MetricsLog, announce_resume, load_state, mark_finished, restore, save_state, start_run,
+                             test_point, write_json)
+from train.student.step import StepParts, student_step
 
 
 @dataclass
@@ -84,6 +93,7 @@ class StudentConfig:
     eval_samples: int = 500                    # samples per evaluation (train.metrics.QualityEvaluator)
     eval_seed: int = 0                         # seed of the fixed eval z and of the evaluator's reference
     checkpoint_every: int = 500                # steps between checkpoints (and sample grids)
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
     seed: int = 0                              # seed of every random draw in training
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
@@ -127,14 +137,6 @@ def validate(cfg: StudentConfig) -> None:
 
 
 # ------------------------------------------------------------------------------- pieces
-def optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor,
-                   grad_clip: float) -> tuple[float, bool]:
-    """backward + step; returns (gradient norm, stepped). A NaN/inf gradient skips the step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    return guarded_step(opt, params, grad_clip)
-
-
 class Accumulator:
     """Means of logged scalars over a logging interval (part of the checkpoint for exact resume)."""
 
@@ -197,9 +199,11 @@ def train_student(cfg: StudentConfig,
         return _train_student(cfg, device, resume, progress and is_main(), stop_after)
 
 
+STATE_KEYS = ("generator", "aux", "ema", "opt_g", "opt_aux", "rng", "step", "seconds", "counts", "acc")
+
+
 def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None) -> Path:
     micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)
-    parallel = len(micros) > 1 or world_size() > 1   # else the single-process path, bit-identical to before
     cuda_speedups(device)
     method_cls = get_method(cfg.method)
     teacher = load_model(cfg.teacher, device)
@@ -214,46 +218,71 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
         from probe.quality.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
-    out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)  # only now: bad options above leave nothing behind
+    with ExitStack() as stack:
+        if is_main():  # one writer per run directory; other ranks only read it
+            stack.enter_context(exclusive(cfg.out, "student run"))
+        return _train_locked(cfg, device, resume, progress, stop_after, micros, teacher, dataset, images,
+                             gen_net, init_report, generator, method, evaluator)
+
+
+def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None, micros,
+                  teacher, dataset, images, gen_net, init_report, generator, method, evaluator) -> Path:
+    kept = {}
+
+    def start():  # rank 0: check everything a resume needs, then open the run directory
+        out, state = start_run(Path(cfg.out), cfg, resume, STATE_KEYS)
+        kept["state"] = state
+        return out
+
+    out = on_main(start)  # only now: bad options above leave nothing behind
+    state = kept.get("state") if is_main() else (load_state(out, STATE_KEYS) if resume else None)
     record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
               "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
               "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
     del teacher  # score-free methods keep no reference: the teacher is never evaluated
     ema = EMA(gen_net, cfg.ema_halflife_images)
-    gen_params, aux_params = list(gen_net.parameters()), list(method.aux.parameters())
     betas = tuple(float(b) for b in cfg.betas)  # Adam refuses a mix of int and float
-    opt_g = torch.optim.Adam(gen_params, lr=cfg.lr_g, betas=betas)
-    opt_a = torch.optim.Adam(aux_params, lr=cfg.lr_aux, betas=betas)
+    opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr_g, betas=betas)
+    opt_a = torch.optim.Adam(method.aux.parameters(), lr=cfg.lr_aux, betas=betas)
     rng = torch.Generator().manual_seed(cfg.seed)
-    ddp_gen, ddp_aux = (wrap_ddp(generator, device), wrap_ddp(method.aux, device)) if parallel else (None, None)
-    step, seconds, counts, acc = 0, 0.0, {"skipped_g": 0, "skipped_aux": 0}, Accumulator()
-    state = load_state(out) if resume else None
-    if state is not None:
-        gen_net.load_state_dict(state["generator"])
-        method.aux.load_state_dict(state["aux"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_a.load_state_dict(state["opt_aux"])
-        rng.set_state(state["rng"])
-        step, seconds, counts, acc = state["step"], state["seconds"], state["counts"], Accumulator(state["acc"])
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None) if is_main() else None
     shape = (cfg.batch, gen_net.unet.config.in_channels, *([gen_net.unet.config.sample_size] * 2))
-    # fixed latents for grids and evaluations, drawn like train.evaluate.generate (same z as `probe eval`)
+    parts = StepParts(cfg, method, generator, wrap_ddp(generator, device), wrap_ddp(method.aux, device), images,
+                      shape, device, autocast_for(device), opt_g, opt_a, micros)
+    step, seconds, counts, acc = 0, 0.0, {"skipped_g": 0, "skipped_aux": 0}, Accumulator()
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    if state is not None:
+        restore("generator", gen_net.load_state_dict, state["generator"])
+        restore("auxiliary network", method.aux.load_state_dict, state["aux"])
+        restore("EMA", ema.load_state_dict, state["ema"])
+        restore("generator optimiser", opt_g.load_state_dict, state["opt_g"])
+        restore("auxiliary optimiser", opt_a.load_state_dict, state["opt_aux"])
+        restore("random state", rng.set_state, state["rng"])
+        step, seconds, counts, acc = state["step"], state["seconds"], dict(state["counts"]), Accumulator(state["acc"])
+        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
+    if resume and is_main():
+        announce_resume(out, state, cfg.steps)
+    log = None
+    if is_main():
+        log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
+                         resume_rows=state.get("metrics_rows") if state is not None else None)
+    # fixed latents for grids and evaluations, drawn like probe.quality.evaluate (same z as `probe eval`)
     z_eval = torch.randn((max(cfg.eval_samples, 64), *shape[1:]),
                          generator=torch.Generator().manual_seed(cfg.eval_seed))
-    autocast = autocast_for(device)
 
     def checkpoint() -> None:
         barrier()
         if not is_main():
             return
+        check_finite({"generator": gen_net, "auxiliary network": method.aux, "EMA generator": ema.net}, str(out))
+        guard.saved(step)
         save_model(out, ema.net, "generator", dataset, sigma_init=cfg.sigma_init, extra={**record, "steps": step})
         method.save_aux(out, dataset)
         grid = one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device)
         save_grid(grid, out / "samples" / f"step-{step:06d}.png")
         save_state(out, {"generator": gen_net.state_dict(), "aux": method.aux.state_dict(), "ema": ema.state_dict(),
                          "opt_g": opt_g.state_dict(), "opt_aux": opt_a.state_dict(), "rng": rng.get_state(),
-                         "step": step, "seconds": seconds, "counts": dict(counts), "acc": acc.state_dict()})
+                         "step": step, "seconds": seconds, "counts": dict(counts), "acc": acc.state_dict(),
+                         "guard": guard.state_dict(), "metrics_rows": log.rows})
 
     def evaluate() -> dict:
         result = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
@@ -265,19 +294,16 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     with progress_bar(cfg.steps, f"{cfg.method} {dataset or ''}", progress, completed=step) as advance:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            if parallel:
-                stats = student_step_parallel(cfg, method, generator, ddp_gen, ddp_aux, images, rng, shape, device,
-                                              autocast, opt_g, opt_a, gen_params, aux_params, counts, micros)
-            else:
-                stats = train_step(cfg, method, generator, images, rng, shape, device, autocast, opt_g, opt_a,
-                                   gen_params, aux_params, counts)
+            stats, ok = student_step(parts, rng, counts)
+            guard.update(ok, step + 1, str(out), log)
             ema.halflife_images = ema_halflife(cfg, step + 1)
             ema.update(gen_net, cfg.batch)
             step += 1
             seconds += time.perf_counter() - t0
             acc.add(**stats)
             if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
-                log.log(step=step, seconds=seconds, **acc.pop(), **counts)
+                log.log(step=step, seconds=seconds, **acc.pop(), **counts, **guard.metrics())
+            test_point(f"step:{step}")
             if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -294,34 +320,5 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
         final = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
         write_json(out / "eval.json", {**final, "floor": evaluator.floor(), "evaluator": evaluator.info,
                                        "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds})
+    mark_finished(out, step)
     return out
-
-
-def train_step(cfg: StudentConfig, method, generator, images, rng, shape, device, autocast, opt_g, opt_a,
-               gen_params, aux_params, counts) -> dict:
-    """One generator step with its auxiliary steps; returns the scalars to log."""
-    z = torch.randn(shape, generator=rng).to(device)
-    with autocast:
-        fake = generator(z)
-    stats: dict = {}
-    for i in range(cfg.aux_steps):
-        if i < cfg.aux_steps - 1:
-            with torch.no_grad(), autocast:
-                x = generator(torch.randn(shape, generator=rng).to(device))
-        else:
-            x = fake.detach()
-        real = images[torch.randint(len(images), (cfg.batch,), generator=rng)] if images is not None else None
-        with autocast:
-            loss_a, stats = method.aux_loss(x, real, rng)
-        norm_a, ok = optimizer_step(opt_a, aux_params, loss_a, cfg.grad_clip)
-        counts["skipped_aux"] += int(not ok)
-    method.aux.requires_grad_(False)  # eta frozen for the generator step (and no wasted parameter grads)
-    try:
-        with autocast:
-            loss_g, gen_stats = method.generator_loss(fake, rng)
-        norm_g, ok = optimizer_step(opt_g, gen_params, loss_g, cfg.grad_clip)
-    finally:
-        method.aux.requires_grad_(True)
-    counts["skipped_g"] += int(not ok)
-    return {"loss_g": float(loss_g.detach()), "loss_aux": float(loss_a.detach()), "grad_norm_g": norm_g,
-            "grad_norm_aux": norm_a, **stats, **gen_stats}

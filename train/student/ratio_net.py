@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
 from probe.core.errors import UserError
+from probe.core.runs import atomic_write_bytes, verify_files
+from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
 
 RATIO_NETS = ("encoder", "encoder-random", "cnn")
 RATIO_FILE = "ratio.json"
@@ -235,15 +236,15 @@ def _resolution(unet) -> int:
 
 
 def save_ratio_net(net: RatioNet, directory: Path) -> Path:
-    """Write ``model.safetensors`` and ``ratio.json`` (what ``load_ratio_net`` needs) into ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors`` and ``ratio.json`` (what ``load_ratio_net`` needs) into ``directory``,
+    each atomically and recorded in ``directory``'s manifest.json (probe/core/runs.py)."""
+    from safetensors.torch import save
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(directory / (WEIGHTS_FILE + ".tmp")))
-    (directory / (WEIGHTS_FILE + ".tmp")).replace(directory / WEIGHTS_FILE)
-    (directory / RATIO_FILE).write_text(json.dumps(net.spec, indent=2, default=_json_default))
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors), manifest=directory)
+    atomic_write_bytes(directory / RATIO_FILE, json.dumps(net.spec, indent=2, default=_json_default).encode(),
+                       manifest=directory)
     return directory
 
 
@@ -258,6 +259,7 @@ def load_ratio_net(directory, device: str | torch.device = "cpu") -> RatioNet:
     directory = Path(directory)
     if not (directory / RATIO_FILE).exists():
         raise UserError(f"{directory} holds no ratio network ({RATIO_FILE} missing)")
+    verify_files(directory, [RATIO_FILE, WEIGHTS_FILE])
     spec = json.loads((directory / RATIO_FILE).read_text())
     kind, inp = spec["kind"], spec["inputs"]
     inputs = UNetInput(inp["parameterisation"], inp["sigma_data"], inp.get("alphas_cumprod"))
