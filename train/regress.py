@@ -79,6 +79,7 @@ class RegressConfig:
         from probe.core import checks as c
 
         c.positive_float(self.sigma_init, "sigma_init")
+        c.positive_int(self.max_nonfinite, "max_nonfinite")
         for name in ("n_pairs", "n_val", "sample_steps", "batch", "log_every", "checkpoint_every"):
             c.positive_int(getattr(self, name), name)
         c.nonneg_int(self.steps, "steps")  # 0 = write the random initialisation (a baseline)

@@ -77,6 +77,7 @@ class TeacherConfig:
         for name in ("steps", "batch", "accum", "checkpoint_every", "sample_steps"):
             c.positive_int(getattr(self, name), name)
         c.nonneg_int(self.lr_warmup, "lr_warmup")
+        c.positive_int(self.max_nonfinite, "max_nonfinite")
         c.positive_float(self.lr, "lr")
         c.betas(self.betas)
         c.positive_float(self.ema_halflife_images, "ema_halflife_images")

@@ -108,6 +108,7 @@ class StudentConfig:
         get_method(self.method)
         c.one_of(self.ratio_net, "ratio network", RATIO_NETS)
         c.one_of(self.sigma_dist, "sigma distribution", SIGMA_DISTS)
+        c.positive_int(self.max_nonfinite, "max_nonfinite")
         c.one_of(self.weighting, "weighting", WEIGHTINGS)
         c.positive_float(self.sigma_init, "sigma_init")
         c.nonneg_int(self.steps, "steps")  # 0 = write the initialised generator as it is
