@@ -96,7 +96,8 @@ def step0_cka(out, grid, refs: dict, progress: bool = False) -> Path | None:
                 model_dir = fdir / "step0" / f"model-{sha[:16]}"
                 save_model(model_dir, net, "generator", args["data"], sigma_init=sigma_init)
                 path = _extract(str(model_dir), fdir / "step0" / f"{sha[:16]}.h5", args)
-                shutil.rmtree(model_dir, ignore_errors=True)   # the features are kept, the weights are rebuilt on demand
+                # the features are kept, the weights are rebuilt on demand
+                shutil.rmtree(model_dir, ignore_errors=True)
                 with FeatureStore.open(path) as s_store:
                     cka = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=0)
                 by_sha[sha] = (cka.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})

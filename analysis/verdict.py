@@ -465,7 +465,8 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str,
 
 
 def verdict(summary: pd.DataFrame,
-            reference: dict | None = None,  # the teacher's figures (reference.json): {"fd": .., "floor": {"fd_std": ..}}
+            reference: dict | None = None,  # the teacher's figures (reference.json):
+                                            # {"fd": .., "floor": {"fd_std": ..}}
             contrasts: list | None = None,  # [ContrastSpec or dict]; None = derived defaults (see default_contrasts)
             metric: str = "fd_final",       # default summary column (contrasts may name their own)
             method: str | None = None,      # method compared when a contrast names none; None = first diffratio*

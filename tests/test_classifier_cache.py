@@ -7,10 +7,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from probe.core.data import load_dataset
-from probe.quality.classifier import (ClassifierConfig, cache_key, cache_paths, file_sha256,
-                                      load_or_train_classifier)
-from probe.core.data import dataset_fingerprint
+from probe.core.data import dataset_fingerprint, load_dataset
+from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, file_sha256, load_or_train_classifier
 
 TINY = ClassifierConfig(width=8, feature_dim=16, steps=40, batch_size=32, lr=1e-2, seed=1)  # ~0.1 s
 

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from probe.core.errors import UserError
-from probe.quality.health import (BLUR_STDS, COLOUR_SHIFTS, HEALTH_METRICS, NOISE_STDS, colour_shift,
-                                  drop_classes, format_health, gaussian_blur, metric_health)
+from probe.quality.health import (
+    BLUR_STDS,
+    COLOUR_SHIFTS,
+    HEALTH_METRICS,
+    NOISE_STDS,
+    colour_shift,
+    drop_classes,
+    format_health,
+    gaussian_blur,
+    metric_health,
+)
 
 
 def test_gaussian_blur_keeps_constants_and_mass():

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from _store_fixture import write_store
+
 from analysis.linear import probe_table, split_rows
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
@@ -92,7 +92,8 @@ def test_same_seed_same_table_and_row_order_irrelevant(tmp_path):
     pd.testing.assert_frame_equal(first, probe_table(st, seed=3))
     shuffled = _make(tmp_path, "perm.h5", order=np.random.default_rng(9).permutation(N))
     other = probe_table(shuffled, seed=3)
-    pd.testing.assert_frame_equal(first.drop(columns="model"), other.drop(columns="model"), check_exact=False, atol=1e-6)
+    pd.testing.assert_frame_equal(first.drop(columns="model"), other.drop(columns="model"),
+                                  check_exact=False, atol=1e-6)
 
 
 def test_unlabelled_files(tmp_path):

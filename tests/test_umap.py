@@ -4,8 +4,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from _store_fixture import write_store
+
 from analysis.umap_view import _fit_umap, _reduce, knn_accuracy, umap_panels
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probe.core.errors import UserError
 from probe.core.edm import heun_sample
+from probe.core.errors import UserError
 from probe.core.models import LoadedModel, load_model
 
 
@@ -57,16 +57,16 @@ def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int 
     out = []
     for zb in z.split(batch):
         zb = zb.to(device)
-        out.append((model.generator(zb) if model.generator is not None else heun_sample(model.denoiser, zb, steps)).cpu())
+        x = model.generator(zb) if model.generator is not None else heun_sample(model.denoiser, zb, steps)
+        out.append(x.cpu())
     return torch.cat(out)
 
 
 def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
     """Scores of ``cfg.model`` plus the floor; raises ``UserError`` on a data/model mismatch."""
     from probe.core.data import load_dataset
-    from probe.quality.metrics import QualityEvaluator, default_n_samples
-
     from probe.core.runs import pick_device
+    from probe.quality.metrics import QualityEvaluator, default_n_samples
 
     cfg.validate()
     device = pick_device(cfg.device)
