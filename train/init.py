@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from train.initspec import apply_init_spec
+
 
 def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, dict]:
     """A trainable denoiser with the teacher's architecture, initialised according to ``spec``.
@@ -32,6 +34,4 @@ def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, 
         UserError for a spec outside the grammar, a glob matching nothing, a missing or
         mismatching ``from:`` model; the message names the offending part.
     """
-    from train.initspec import apply_init_spec
-
     return apply_init_spec(spec, teacher, seed)
