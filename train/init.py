@@ -7,12 +7,11 @@ grammar in ``train/initspec.py``.
 
 from __future__ import annotations
 
-from torch import nn
-
+from probe.core.edm import Denoiser
 from train.initspec import apply_init_spec
 
 
-def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, dict]:
+def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[Denoiser, dict]:
     """A trainable denoiser with the teacher's architecture, initialised according to ``spec``.
 
     Args:

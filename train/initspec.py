@@ -55,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from probe.core.edm import Denoiser
 from probe.core.errors import UserError
@@ -267,7 +266,7 @@ def _config_differences(a, b) -> list[str]:
 
 
 def apply_init_spec(spec, teacher, seed: int = 0, refs: dict | None = None,
-                    sigma_init: float | None = None) -> tuple[nn.Module, dict]:
+                    sigma_init: float | None = None) -> tuple[Denoiser, dict]:
     """A trainable denoiser with the teacher's architecture and class, initialised by ``spec``.
 
     spec       : a spec string or ``InitSpec``
