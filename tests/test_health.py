@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from probe.core.errors import UserError
+from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
 from probe.quality.health import (
     BLUR_STDS,
     COLOUR_SHIFTS,
@@ -76,8 +77,6 @@ def test_every_metric_ranks_the_ladder_on_digits():
 
 
 def test_eval_reports_model_spread_and_memorisation(tiny_teacher):
-    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
-
     result, samples = evaluate_model(EvalConfig(model=str(tiny_teacher), n_samples=200, draws=2, steps=2))
     assert len(samples) == 400 and result["draws"] == 2 and len(result["per_draw"]) == 2
     assert result["fd_std"] > 0 and result["kid_std"] > 0  # two latent batches differ

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 from _store_fixture import write_store
 
+from analysis.heatmaps import plot_probe_heatmap
 from analysis.linear import probe_table, split_rows
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
@@ -119,8 +120,6 @@ def test_mismatched_stores_and_unknown_names(tmp_path):
 
 
 def test_probe_heatmap_png_is_reproducible(tmp_path):
-    from analysis.heatmaps import plot_probe_heatmap
-
     df = probe_table([_make(tmp_path, "a.h5", seed=0), _make(tmp_path, "b.h5", seed=1)], targets=["label", "size"])
     a = plot_probe_heatmap(df, "label", tmp_path / "figs" / "label.png")
     b = plot_probe_heatmap(df, "label", tmp_path / "label_again.png")

@@ -58,7 +58,7 @@ def test_panels_per_layer_and_colour_options(store, tmp_path):
 
 def test_neighbour_graph_is_umaps_own_on_the_matrix_umap_receives():
     """Our fuzzy k-NN graph equals the one umap-learn builds from the same (post-PCA) matrix."""
-    import umap
+    import umap  # heavy optional library (numba compilation): imported by the one test that compares with it
     from sklearn.datasets import load_digits
 
     X = load_digits().data[:300].astype(np.float32)

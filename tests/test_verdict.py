@@ -2,6 +2,7 @@
 inconclusive when it should be, refused when its declared match is not met; the claim rule; grid
 parsing of [contrasts]; the learning-curve columns; the attribution fit where the truth is known."""
 
+import dataclasses
 import json
 import math
 
@@ -289,8 +290,6 @@ def test_unknown_labels_are_a_one_line_error_at_grid_check_time(tmp_path, change
 
 
 def test_declared_contrasts_travel_through_grid_json(tmp_path):
-    import dataclasses
-
     (tmp_path / "g.toml").write_text(GRID)
     grid = load_grid(str(tmp_path / "g.toml"))
     check_contrasts(grid)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, Denoiser, EDMDenoiser, as_sigma, edm_precond
@@ -251,8 +252,6 @@ def _resolution(unet: UNet2DModel) -> int:
 
 def save_ratio_net(net: RatioNet, directory: Path) -> Path:
     """Write ``model.safetensors`` and ``ratio.json`` (what ``load_ratio_net`` needs) into ``directory``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -268,8 +267,6 @@ def _json_default(x):
 
 def load_ratio_net(directory, device: str | torch.device = "cpu") -> RatioNet:
     """Rebuild a saved ratio network (eval mode, frozen)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not (directory / RATIO_FILE).exists():
         raise UserError(f"{directory} holds no ratio network ({RATIO_FILE} missing)")
