@@ -25,8 +25,9 @@ features had). Float64 inputs stay float64 throughout.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -150,12 +151,18 @@ class _LinearState:
     fro2: float      # ||Xc^T Xc||_F^2 = tr(K K)
 
 
+class _LinearSummary(NamedTuple):
+    """The self terms of a ``_LinearState``: what is kept when its centred features are dropped."""
+    a: np.ndarray
+    fro2: float
+
+
 def _self_terms(xc: np.ndarray, form: str = "auto") -> tuple[np.ndarray, float]:
     """(squared row norms, ||Xc^T Xc||_F^2): the per-side work, a d x d product, done once per side."""
     return _row_sq_norms(xc), _cross_fro2(xc, xc, form)
 
 
-def _linear_state(X: np.ndarray, form: str = "auto", known: _LinearState | None = None,
+def _linear_state(X: np.ndarray, form: str = "auto", known: _LinearState | _LinearSummary | None = None,
                   overwrite: bool = False) -> _LinearState:
     """Centre X; take the self terms from ``known`` (the same features prepared before) if given."""
     xc = _centre(np.asarray(X), overwrite)
@@ -214,8 +221,8 @@ class _LinearEstimator(_Estimator):
     def prepare(self, X, known=None, overwrite: bool = False) -> _LinearState:
         return _linear_state(X, self.form, known, overwrite)
 
-    def summary(self, state: _LinearState) -> _LinearState:
-        return _LinearState(None, state.a, state.fro2)
+    def summary(self, state: _LinearState) -> _LinearSummary:
+        return _LinearSummary(state.a, state.fro2)
 
     def score(self, sx: _LinearState, sy: _LinearState, perm=None) -> float:
         # A row shuffle of Y changes only the cross term: the self terms (fro2, a) are reused.
@@ -413,7 +420,7 @@ def debiased_linear_cka(X, Y, *,
     return est.score(est.prepare(X), est.prepare(Y))
 
 
-def _minibatch_sums(batches_x: Iterable, batches_y: Iterable, n_perm: int = 0, seed: int = 0):
+def _minibatch_sums(batches_x: Iterable, batches_y: Iterable, n_perm: int = 0, seed: int | Sequence[int] = 0):
     """Sum unbiased HSIC terms over aligned batches; also the cross term with rows shuffled inside
     each batch ``n_perm`` times (self terms do not change under a permutation)."""
     rng = np.random.default_rng(seed)
@@ -481,7 +488,8 @@ def cknna(X, Y, *,
     return est.score(est.prepare(X), est.prepare(Y))
 
 
-_BY_FUNCTION = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: "rbf", cknna: "cknna"}
+_BY_FUNCTION: dict[Callable, str] = {linear_cka: "linear", debiased_linear_cka: "debiased", rbf_cka: "rbf",
+                                     cknna: "cknna"}
 
 
 def permutation_null(estimator: str | Callable, X, Y,
@@ -496,7 +504,7 @@ def permutation_null(estimator: str | Callable, X, Y,
     built-in estimators is done once and reused for every permutation.
     """
     X, Y = _check_pair(X, Y)
-    name = _BY_FUNCTION.get(estimator, estimator)
+    name = estimator if isinstance(estimator, str) else _BY_FUNCTION.get(estimator, estimator)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(X.shape[0]) for _ in range(n_perm)]
     if isinstance(name, str):
@@ -504,7 +512,7 @@ def permutation_null(estimator: str | Callable, X, Y,
         sx, sy = est.prepare(X), est.prepare(Y)
         values = np.array([est.score(sx, sy, p) for p in perms])
     else:
-        values = np.array([float(np.asarray(estimator(X, Y[p], **options)).ravel()[0]) for p in perms])
+        values = np.array([float(np.asarray(name(X, Y[p], **options)).ravel()[0]) for p in perms])
     return _null_summary(values)
 
 
@@ -526,7 +534,9 @@ class _StateCache:
     """
 
     def __init__(self, est: _Estimator, budget_bytes: int):
-        self.est, self.budget, self.items, self.summaries = est, budget_bytes, {}, {}
+        self.est, self.budget = est, budget_bytes
+        self.items: dict = {}      # key -> (whole state, bytes), least recently used first
+        self.summaries: dict = {}  # key -> the estimator's summary of that state
         self.prepared = self.reloaded = 0
 
     def get(self, key, load):
@@ -633,6 +643,7 @@ def cka_table(store_a: FeatureStore,
     cache = None if est is None else _StateCache(est, cache_bytes)
 
     def state(store, which, layer, s):
+        assert cache is not None  # called only for the estimators that prepare states (not "minibatch")
         return cache.get((which, layer, s), lambda: store.load(layer, s, rows))
 
     # One store: each unordered pair once, then mirrored; CKNNA is not symmetric, so both orders.

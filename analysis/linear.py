@@ -179,7 +179,8 @@ def probe_table(stores,                                      # FeatureStore or l
                 C_grid=(0.01, 0.1, 1.0),                     # inverse L2 strengths tried for logistic regression
                 alpha_grid=(0.1, 1.0, 10.0, 100.0, 1000.0),  # L2 strengths tried for ridge regression
                 max_iter: int = 200,                         # lbfgs iterations per C (warm-started)
-                max_dim: int = 512,                          # wider features are PCA-projected to at most this many dims
+                max_dim: int = 512,                          # wider features are PCA-projected to at most this many
+                                                             # dims
                 max_classes: int = 50,                       # integer factors with more values count as continuous
                 ) -> pd.DataFrame:
     """Tidy table of linear-probe results, one row per (layer, sigma, target).

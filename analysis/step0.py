@@ -25,6 +25,9 @@ from probe.core.errors import UserError
 from probe.core.models import load_model, model_sha256, save_model
 from probe.features.extract import extract_features
 from probe.features.store import FeatureStore
+from train.ablation.run import run_name, teacher_path
+from train.init import initialise_generator
+from train.initspec import resolve_refs
 
 TABLE = "cka_step0.csv"
 KEYS = ["run", "init", "init_spec", "method", "seed"]
@@ -58,10 +61,6 @@ def step0_cka(out, grid, refs: dict, progress: bool = False) -> Path | None:
 
     Rows of an earlier call are reused when the run's init spec, seed, teacher and options are unchanged.
     """
-    from train.ablation.run import run_name, teacher_path
-    from train.init import initialise_generator
-    from train.initspec import resolve_refs
-
     out = Path(out)
     planned = [(e, m, s) for e in grid.inits for m in grid.methods for s in grid.seeds
                if (out / "runs" / run_name(e.label, m, s) / "config.json").exists()]
@@ -79,7 +78,8 @@ def step0_cka(out, grid, refs: dict, progress: bool = False) -> Path | None:
     t_path = _extract(teacher_dir, fdir / "teacher.h5", args)
     str_refs = {k: str(v) for k, v in refs.items()}
     sigma_init = float(grid.student.get("sigma_init", 2.5))   # recorded with the model only; features use sigmas
-    frames, by_sha = [], {}
+    frames: list[pd.DataFrame] = []
+    by_sha: dict[str, pd.DataFrame] = {}  # weights sha256 -> the CKA rows of those weights
     with FeatureStore.open(t_path) as t_store:
         for entry, method, seed in planned:
             name = run_name(entry.label, method, seed)
@@ -96,7 +96,8 @@ def step0_cka(out, grid, refs: dict, progress: bool = False) -> Path | None:
                 model_dir = fdir / "step0" / f"model-{sha[:16]}"
                 save_model(model_dir, net, "generator", args["data"], sigma_init=sigma_init)
                 path = _extract(str(model_dir), fdir / "step0" / f"{sha[:16]}.h5", args)
-                shutil.rmtree(model_dir, ignore_errors=True)   # the features are kept, the weights are rebuilt on demand
+                # the features are kept, the weights are rebuilt on demand
+                shutil.rmtree(model_dir, ignore_errors=True)
                 with FeatureStore.open(path) as s_store:
                     cka = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=0)
                 by_sha[sha] = (cka.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})

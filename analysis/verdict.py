@@ -356,7 +356,7 @@ def _tolerance(tol, versus_value: float, floor_sd: float, k_floor: float) -> flo
     return float(tol)
 
 
-def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str, n_boot: int, seed: int,
+def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str | None, n_boot: int, seed: int,
           level: float, equiv_floor_sd: float, equiv_rel: float, min_runs: int) -> ContrastResult:
     """Judge one contrast on the finished runs ``df`` (see the module docstring for the rules)."""
     metric = spec.metric
@@ -410,6 +410,7 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str,
         return res
     if spec.match is not None:
         prop, tol = spec.match["property"], spec.match["tolerance"]
+        assert versus is not None  # the grid parser refuses a match against the reference (no step-0 figures)
         ma = float(arm[prop].astype(float).mean()) if prop in arm.columns and len(arm) else float("nan")
         mb = float(versus[prop].astype(float).mean()) if prop in versus.columns and len(versus) else float("nan")
         t = _tolerance(tol, mb, fd_floor_sd, equiv_floor_sd)
@@ -465,7 +466,8 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str,
 
 
 def verdict(summary: pd.DataFrame,
-            reference: dict | None = None,  # the teacher's figures (reference.json): {"fd": .., "floor": {"fd_std": ..}}
+            reference: dict | None = None,  # the teacher's figures (reference.json):
+                                            # {"fd": .., "floor": {"fd_std": ..}}
             contrasts: list | None = None,  # [ContrastSpec or dict]; None = derived defaults (see default_contrasts)
             metric: str = "fd_final",       # default summary column (contrasts may name their own)
             method: str | None = None,      # method compared when a contrast names none; None = first diffratio*
@@ -484,7 +486,7 @@ def verdict(summary: pd.DataFrame,
     if "status" in df.columns:
         df = df[df["status"] == "done"]
     reference = reference or {}
-    notes = []
+    notes: list[str] = []
     if contrasts is None:
         specs, notes = default_contrasts(summary, bool(np.isfinite(float(reference.get("fd", np.nan)))))
         if metric != "fd_final":
@@ -503,9 +505,8 @@ def verdict(summary: pd.DataFrame,
     if metric not in df.columns and any(s.metric == metric for s in specs):
         raise UserError(f"the summary lacks column(s) {metric}")
     method = method or _default_method(df) or _default_method(summary)
-    opts = dict(method=method, n_boot=n_boot, seed=seed, level=level, equiv_floor_sd=equiv_floor_sd,
-                equiv_rel=equiv_rel, min_runs=min_runs)
-    results = [judge(s, df, reference, **opts) for s in specs]
+    results = [judge(s, df, reference, method=method, n_boot=n_boot, seed=seed, level=level,
+                     equiv_floor_sd=equiv_floor_sd, equiv_rel=equiv_rel, min_runs=min_runs) for s in specs]
     claims = []
     for c in ("1", "2"):
         members = [r for r in results if r.claim == c and r.in_claim]

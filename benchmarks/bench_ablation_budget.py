@@ -27,6 +27,17 @@ from pathlib import Path
 
 import torch
 
+from analysis.cka import cka_table
+from probe.core.data import load_dataset
+from probe.core.models import load_model, save_model
+from probe.features.extract import extract_features
+from probe.features.store import FeatureStore
+from probe.quality.metrics import QualityEvaluator
+from train.init import initialise_generator
+from train.regress import RegressConfig, regress_generator
+from train.student.loop import StudentConfig, one_step_samples, train_student
+from train.teacher import TeacherConfig, train_teacher
+
 
 class Clock:
     """Wall and CPU seconds of a block."""
@@ -51,16 +62,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from analysis.cka import cka_table
-    from probe.core.data import load_dataset
-    from probe.core.models import load_model, save_model
-    from probe.features.extract import extract_features
-    from probe.features.store import FeatureStore
-    from probe.quality.metrics import QualityEvaluator
-    from train.init import initialise_generator
-    from train.regress import RegressConfig, regress_generator
-    from train.student.loop import StudentConfig, one_step_samples, train_student
-    from train.teacher import TeacherConfig, train_teacher
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-ablation-"))
     report = {"load_average_start": os.getloadavg(), "threads": torch.get_num_threads()}

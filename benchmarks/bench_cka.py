@@ -142,7 +142,8 @@ def section(args, rows, threads: str, loads) -> str:
              f"Two row-aligned stores, one float32 layer, D = {args.d}, Y = 0.3 X[:, ::-1] + noise, offset 3; "
              "uncompressed HDF5, 256-row chunks. *Ours* = `cka_table(a, b, mode=\"pair\", estimator=\"debiased\")` "
              "(what `probe cka` runs; reading the stores included); *CLI* = `probe cka A B --out x.csv "
-             "--n-perm ...` in a fresh interpreter, one run (start-up and imports included). *Reference* = the same estimator in plain "
+             "--n-perm ...` in a fresh interpreter, one run (start-up and imports included). "
+             "*Reference* = the same estimator in plain "
              "float64 NumPy (h5py read, centre, three d x d products; its null recomputes only the cross term "
              "per shuffle, with the same permutations). "
              f"Best of {args.repeats} interleaved runs, wall seconds. BLAS: {threads}. "
@@ -178,7 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,50000", help="comma-separated N")
     parser.add_argument("--d", type=int, default=1024)
-    parser.add_argument("--n-perm", type=int, default=10, help="shuffles of the 'with null' runs (default of probe cka)")
+    parser.add_argument("--n-perm", type=int, default=10,
+                        help="shuffles of the 'with null' runs (default of probe cka)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-cli", action="store_true", help="skip timing the `probe cka` command itself")
     parser.add_argument("--write", action="store_true", help="replace the bench_cka section of benchmarks/RESULTS.md")

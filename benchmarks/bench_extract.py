@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -175,7 +176,6 @@ def main() -> None:
         work = Path(tmp)
         model_dir = make_model(work / "model", "tiny")
         rows = throughput(model_dir, work, args.n, args.batch, args.repeats)
-        import h5py
         with h5py.File(work / "t_flatten_gzip.h5") as f:
             _FEATURE_FLOATS = sum(ds.shape[2] for ds in f["features"].values())
         mem = [(n, child_memory(model_dir, work / f"m{n}.h5", n, args.mem_batch))

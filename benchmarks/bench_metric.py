@@ -22,13 +22,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+
+import torch  # noqa: E402
+
+from probe.core.errors import UserError  # noqa: E402
+from probe.quality.health import format_health, metric_health  # noqa: E402
+from probe.quality.metrics import QualityEvaluator  # noqa: E402
+
 NAME = "bench_metric"
 
 
 def floor_rows(dataset: str, ns: list[int], resamples: int) -> list[dict]:
-    from probe.core.errors import UserError
-    from probe.quality.metrics import QualityEvaluator
-
     rows = []
     for n in ns:
         start = time.perf_counter()
@@ -51,8 +55,6 @@ def pm(f: dict, key: str, digits: int) -> str:
 
 
 def markdown(results: dict, resamples: int, seconds: float) -> str:
-    from probe.quality.health import format_health
-
     lines = [f"<!-- {NAME}:start -->",
              "## Metric resolution (`benchmarks/bench_metric.py`)", "",
              f"Real-vs-real floor: n held-out real images scored like a model against the evaluator's reference, "
@@ -89,10 +91,6 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=5)
     parser.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
     args = parser.parse_args()
-
-    import torch
-
-    from probe.quality.health import metric_health
 
     torch.set_num_threads(1)
     start = time.perf_counter()

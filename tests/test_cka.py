@@ -5,11 +5,24 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+from _store_fixture import write_store
+from matplotlib.figure import Figure
 from scipy.spatial.distance import pdist
 
-from _store_fixture import write_store
-from analysis.cka import (cka_table, cknna, debiased_linear_cka, hsic_unbiased, linear_cka, minibatch_cka,
-                          permutation_null, rbf_cka)
+import analysis.cka as cka_module
+from analysis.cka import (
+    _centre,
+    _cross_fro2,
+    cka_table,
+    cknna,
+    debiased_linear_cka,
+    hsic_unbiased,
+    linear_cka,
+    minibatch_cka,
+    permutation_null,
+    rbf_cka,
+)
+from analysis.heatmaps import plot_cka_heatmap
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
 
@@ -57,7 +70,8 @@ def test_hsic_unbiased_is_the_u_statistic(rng):
 def test_fast_debiased_matches_gram_form_on_raw_offset_data(rng):
     X, Y = _related(rng, n=30, d=6, e=5)
     X, Y = X + 3.0, Y - 7.0  # HSIC_u is translation invariant; our fast form centres first
-    direct = hsic_unbiased(X @ X.T, Y @ Y.T) / np.sqrt(hsic_unbiased(X @ X.T, X @ X.T) * hsic_unbiased(Y @ Y.T, Y @ Y.T))
+    Kx, Ky = X @ X.T, Y @ Y.T
+    direct = hsic_unbiased(Kx, Ky) / np.sqrt(hsic_unbiased(Kx, Kx) * hsic_unbiased(Ky, Ky))
     assert debiased_linear_cka(X, Y, form="feature") == pytest.approx(direct, rel=1e-10)
     assert debiased_linear_cka(X, Y, form="gram") == pytest.approx(direct, rel=1e-10)
 
@@ -318,8 +332,6 @@ def test_cka_table_layers_and_sigmas_modes(tmp_path, rng):
 def test_cka_table_computes_each_sides_self_terms_once(tmp_path, rng, monkeypatch):
     """The d x d self products run once per (store, layer, sigma): not per pair, not per shuffle, and
     not again when the centred features were dropped from the cache for memory."""
-    import analysis.cka as cka_module
-
     calls = []
     real = cka_module._self_terms
     monkeypatch.setattr(cka_module, "_self_terms", lambda xc, form="auto": calls.append(xc.shape) or real(xc, form))
@@ -336,8 +348,6 @@ def test_cka_table_computes_each_sides_self_terms_once(tmp_path, rng, monkeypatc
 
 
 def test_permuted_cross_term_equals_shuffled_copy(rng):
-    from analysis.cka import _centre, _cross_fro2
-
     X, Y = _related(rng, n=100)
     xc, yc = _centre(X.astype(np.float32)), _centre(Y.astype(np.float32))
     p = rng.permutation(100)
@@ -360,10 +370,6 @@ def test_cka_table_user_errors(tmp_path, rng):
 
 
 def test_rbf_heatmap_title_names_the_bandwidth_rule(tmp_path, rng, monkeypatch):
-    from matplotlib.figure import Figure
-
-    from analysis.heatmaps import plot_cka_heatmap
-
     a, b, _ = _two_stores(tmp_path, rng)
     df = cka_table(a, b, mode="pair", estimator="rbf", sigma_factor=0.5, n_perm=0)
     titles = []
@@ -374,8 +380,6 @@ def test_rbf_heatmap_title_names_the_bandwidth_rule(tmp_path, rng, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["pair", "layers", "sigmas"])
 def test_cka_heatmap_every_mode_is_reproducible(tmp_path, rng, mode):
-    from analysis.heatmaps import plot_cka_heatmap
-
     a, b, _ = _two_stores(tmp_path, rng)
     df = cka_table(a, b if mode == "pair" else None, mode=mode, n_perm=3, sigmas=[0.0, 1.0])
     first = plot_cka_heatmap(df, tmp_path / "out" / f"{mode}.png")

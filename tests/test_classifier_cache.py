@@ -4,13 +4,14 @@ import hashlib
 import json
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 import torch
+from filelock import FileLock, Timeout
 
-from probe.core.data import load_dataset
-from probe.quality.classifier import (ClassifierConfig, cache_key, cache_paths, file_sha256,
-                                      load_or_train_classifier)
-from probe.core.data import dataset_fingerprint
+import probe.core.data as data
+from probe.core.data import dataset_fingerprint, load_dataset
+from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, file_sha256, load_or_train_classifier
 
 TINY = ClassifierConfig(width=8, feature_dim=16, steps=40, batch_size=32, lr=1e-2, seed=1)  # ~0.1 s
 
@@ -64,11 +65,9 @@ def test_info_vouches_for_the_weights_and_a_mismatch_retrains(tmp_path):
 
 def _race_worker(cache_dir, barrier, queue):
     torch.set_num_threads(1)
-    from probe.quality.classifier import load_or_train_classifier as load
-
     barrier.wait()  # both processes find an empty cache at the same moment
     with torch.no_grad():
-        model, info = load("digits", RACE, cache_dir=cache_dir)
+        model, info = load_or_train_classifier("digits", RACE, cache_dir=cache_dir)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
     queue.put((info["cached"], info["weights_sha256"], digest))  # plain values: tensors would need the sender alive
 
@@ -97,11 +96,6 @@ def test_two_processes_racing_for_an_empty_cache(tmp_path):
 
 def test_dataset_download_holds_a_lock_on_the_data_root(tmp_path, monkeypatch):
     # torchvision downloads and unpacks in place: a second process must wait, not write beside it.
-    import numpy as np
-    from filelock import FileLock, Timeout
-
-    import probe.core.data as data
-
     seen = []
 
     class FakeMNIST:

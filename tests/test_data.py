@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from probe.core.data import load_dataset
 from probe.core.errors import UserError
@@ -79,8 +80,6 @@ def test_missing_torchvision_data_is_a_clear_error(tmp_path):
 
 
 def test_image_folder(tmp_path):
-    from PIL import Image
-
     for c in ("cats", "dogs"):
         (tmp_path / c).mkdir()
         for i in range(10):

@@ -56,7 +56,7 @@ def test_heun_sampler_on_analytic_gaussian_denoiser():
 
 
 def test_ddpm_denoiser_recovers_gaussian_posterior_mean():
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # heavy (about 2 s): imported by the tests that build one
 
     a = DDPMScheduler().alphas_cumprod
     s = 0.6
@@ -68,7 +68,7 @@ def test_ddpm_denoiser_recovers_gaussian_posterior_mean():
 
 
 def test_sigma_to_t_hits_grid_points():
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # heavy (about 2 s): imported by the tests that build one
 
     a = DDPMScheduler().alphas_cumprod
     den = DDPMDenoiser(nn.Identity(), a)
@@ -83,7 +83,7 @@ def test_truncated_sigma_band():
 
 
 def test_diffusers_ddpm_pipeline_loads_as_teacher(tmp_path):
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler  # heavy (about 2 s): imported only here
 
     torch.manual_seed(0)
     unet = build_unet(8, 1, "test")

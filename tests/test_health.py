@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from probe.core.errors import UserError
-from probe.quality.health import (BLUR_STDS, COLOUR_SHIFTS, HEALTH_METRICS, NOISE_STDS, colour_shift,
-                                  drop_classes, format_health, gaussian_blur, metric_health)
+from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
+from probe.quality.health import (
+    BLUR_STDS,
+    COLOUR_SHIFTS,
+    HEALTH_METRICS,
+    NOISE_STDS,
+    colour_shift,
+    drop_classes,
+    format_health,
+    gaussian_blur,
+    metric_health,
+)
 
 
 def test_gaussian_blur_keeps_constants_and_mass():
@@ -67,8 +77,6 @@ def test_every_metric_ranks_the_ladder_on_digits():
 
 
 def test_eval_reports_model_spread_and_memorisation(tiny_teacher):
-    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
-
     result, samples = evaluate_model(EvalConfig(model=str(tiny_teacher), n_samples=200, draws=2, steps=2))
     assert len(samples) == 400 and result["draws"] == 2 and len(result["per_draw"]) == 2
     assert result["fd_std"] > 0 and result["kid_std"] > 0  # two latent batches differ

@@ -3,8 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from _store_fixture import write_store
+
+from analysis.heatmaps import plot_probe_heatmap
 from analysis.linear import probe_table, split_rows
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
@@ -92,7 +93,8 @@ def test_same_seed_same_table_and_row_order_irrelevant(tmp_path):
     pd.testing.assert_frame_equal(first, probe_table(st, seed=3))
     shuffled = _make(tmp_path, "perm.h5", order=np.random.default_rng(9).permutation(N))
     other = probe_table(shuffled, seed=3)
-    pd.testing.assert_frame_equal(first.drop(columns="model"), other.drop(columns="model"), check_exact=False, atol=1e-6)
+    pd.testing.assert_frame_equal(first.drop(columns="model"), other.drop(columns="model"),
+                                  check_exact=False, atol=1e-6)
 
 
 def test_unlabelled_files(tmp_path):
@@ -118,8 +120,6 @@ def test_mismatched_stores_and_unknown_names(tmp_path):
 
 
 def test_probe_heatmap_png_is_reproducible(tmp_path):
-    from analysis.heatmaps import plot_probe_heatmap
-
     df = probe_table([_make(tmp_path, "a.h5", seed=0), _make(tmp_path, "b.h5", seed=1)], targets=["label", "size"])
     a = plot_probe_heatmap(df, "label", tmp_path / "figs" / "label.png")
     b = plot_probe_heatmap(df, "label", tmp_path / "label_again.png")

@@ -9,14 +9,26 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from probe.core.data import load_dataset
 from probe.core.errors import UserError
 from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, random_shift, train_classifier
-from probe.core.data import load_dataset
 from probe.quality.evaluate import format_quality, summarise_draws
 from probe.quality.memorisation import memorisation
-from probe.quality.metrics import (QualityEvaluator, class_coverage, class_entropy, fd_infinity, feature_stats,
-                                   frechet_distance, inception_fid, kid, knn_radii, mmd2_unbiased,
-                                   polynomial_kernel, precision_recall, to_inception_input)
+from probe.quality.metrics import (
+    QualityEvaluator,
+    class_coverage,
+    class_entropy,
+    fd_infinity,
+    feature_stats,
+    frechet_distance,
+    inception_fid,
+    kid,
+    knn_radii,
+    mmd2_unbiased,
+    polynomial_kernel,
+    precision_recall,
+    to_inception_input,
+)
 
 
 def random_spd(rng, d):

@@ -4,8 +4,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from _store_fixture import write_store
+
 from analysis.umap_view import _fit_umap, _reduce, knn_accuracy, umap_panels
 from probe.core.errors import UserError
 from probe.features.store import FeatureStore
@@ -58,7 +58,7 @@ def test_panels_per_layer_and_colour_options(store, tmp_path):
 
 def test_neighbour_graph_is_umaps_own_on_the_matrix_umap_receives():
     """Our fuzzy k-NN graph equals the one umap-learn builds from the same (post-PCA) matrix."""
-    import umap
+    import umap  # heavy optional library (numba compilation): imported by the one test that compares with it
     from sklearn.datasets import load_digits
 
     X = load_digits().data[:300].astype(np.float32)

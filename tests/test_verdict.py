@@ -2,6 +2,7 @@
 inconclusive when it should be, refused when its declared match is not met; the claim rule; grid
 parsing of [contrasts]; the learning-curve columns; the attribution fit where the truth is known."""
 
+import dataclasses
 import json
 import math
 
@@ -95,10 +96,12 @@ def test_equivalent_results_are_contradicted_and_noise_is_inconclusive():
     noisy = _summary({"full": 10.0, "random": 12.0}, sd=8.0, seeds=3)
     assert verdict(noisy, reference=REFERENCE, contrasts=PAPER[1:2]).contrasts[0].verdict == "inconclusive"
     one_seed = verdict(_summary({"full": 10.0, "random": 40.0}, seeds=1), reference=REFERENCE, contrasts=PAPER[1:2])
-    assert one_seed.contrasts[0].verdict == "inconclusive" and "fewer than 2 finished runs" in one_seed.contrasts[0].reason
+    assert one_seed.contrasts[0].verdict == "inconclusive"
+    assert "fewer than 2 finished runs" in one_seed.contrasts[0].reason
     missing = verdict(_summary({"full": 10.0}), reference=None, contrasts=PAPER[:2])
     assert missing.contrasts[0].verdict == "inconclusive" and "teacher's own figure" in missing.contrasts[0].reason
-    assert missing.contrasts[1].verdict == "inconclusive" and "no finished runs of random" in missing.contrasts[1].reason
+    assert missing.contrasts[1].verdict == "inconclusive"
+    assert "no finished runs of random" in missing.contrasts[1].reason
     assert [c.verdict for c in missing.claims] == ["inconclusive", "inconclusive"]
 
 
@@ -287,8 +290,6 @@ def test_unknown_labels_are_a_one_line_error_at_grid_check_time(tmp_path, change
 
 
 def test_declared_contrasts_travel_through_grid_json(tmp_path):
-    import dataclasses
-
     (tmp_path / "g.toml").write_text(GRID)
     grid = load_grid(str(tmp_path / "g.toml"))
     check_contrasts(grid)
@@ -316,10 +317,11 @@ def test_learning_curve_columns_follow_their_definitions():
     moving = curve_figures(curve[:-1] + [(400, 11.0)], 400, 100, reference_fd=10.0, floor_std=0.5)
     assert moving["plateau"] == 0.0 and moving["steps_to_110pct"] == 400.0
     unfinished = curve_figures(curve[:3], 400, 100, reference_fd=10.0, floor_std=0.5)
-    assert math.isnan(unfinished["fd_auc"]) and math.isnan(unfinished["plateau"]) and math.isnan(unfinished["fd_at_400"])
+    assert all(math.isnan(unfinished[k]) for k in ("fd_auc", "plateau", "fd_at_400"))
     assert math.isnan(curve_figures(curve, 400, 100)["plateau"])     # no floor: cannot be told
     table = pd.DataFrame({"fd_curve": [json.dumps([list(p) for p in curve])]})
-    assert with_curve_figures(table, 400, 100, {"fd": 10.0, "floor": {"fd_std": 0.5}})["fd_auc"].iloc[0] == row["fd_auc"]
+    figures = with_curve_figures(table, 400, 100, {"fd": 10.0, "floor": {"fd_std": 0.5}})
+    assert figures["fd_auc"].iloc[0] == row["fd_auc"]
 
 
 # ---------------------------------------------------------------------------------- attribution

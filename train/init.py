@@ -7,10 +7,11 @@ grammar in ``train/initspec.py``.
 
 from __future__ import annotations
 
-from torch import nn
+from probe.core.edm import Denoiser
+from train.initspec import apply_init_spec
 
 
-def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, dict]:
+def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[Denoiser, dict]:
     """A trainable denoiser with the teacher's architecture, initialised according to ``spec``.
 
     Args:
@@ -32,6 +33,4 @@ def initialise_generator(spec: str, teacher, seed: int = 0) -> tuple[nn.Module, 
         UserError for a spec outside the grammar, a glob matching nothing, a missing or
         mismatching ``from:`` model; the message names the offending part.
     """
-    from train.initspec import apply_init_spec
-
     return apply_init_spec(spec, teacher, seed)

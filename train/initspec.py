@@ -55,9 +55,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from probe.core.edm import Denoiser
 from probe.core.errors import UserError
+from probe.core.models import load_model
 from train.student.ratio_net import fresh_unet, wrap_like
 
 BASES = ("teacher", "random", "from")
@@ -240,10 +241,8 @@ def shuffle_tensor(t: torch.Tensor, seed: int, name: str) -> torch.Tensor:
     return t.flatten()[torch.from_numpy(perm).to(t.device)].view_as(t).clone()
 
 
-def load_source(path: str, target: nn.Module, label: str):
+def load_source(path: str, target: Denoiser, label: str):
     """Load another model and check that its UNet fits the target denoiser tensor by tensor."""
-    from probe.core.models import load_model
-
     src = load_model(path)
     if src.denoiser.parameterisation != target.parameterisation:
         raise UserError(f"{label}: {path} is a {src.denoiser.parameterisation!r} model but the teacher is "
@@ -267,7 +266,7 @@ def _config_differences(a, b) -> list[str]:
 
 
 def apply_init_spec(spec, teacher, seed: int = 0, refs: dict | None = None,
-                    sigma_init: float | None = None) -> tuple[nn.Module, dict]:
+                    sigma_init: float | None = None) -> tuple[Denoiser, dict]:
     """A trainable denoiser with the teacher's architecture and class, initialised by ``spec``.
 
     spec       : a spec string or ``InitSpec``
@@ -303,6 +302,7 @@ def apply_init_spec(spec, teacher, seed: int = 0, refs: dict | None = None,
         tensors = {n: t.clone() for n, t in fresh(base).items()}
         sources = dict.fromkeys(names, "random")
     else:
+        assert base.path is not None  # the parser gives every "from:" term its path
         path = resolve_path(base.path, refs)
         label = f"from:{base.path}"
         src = load_source(path, target, f"init spec part {base.text!r}")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
+from PIL import Image
 
 from probe.core.errors import UserError
 
@@ -145,7 +147,7 @@ def _shapes(split: str) -> ImageDataset:
 # --------------------------------------------------------------------- torchvision data sets
 def _torchvision_or_none():
     try:
-        import torchvision  # noqa: F401  (optional; its PyPI wheel needs a matching torch)
+        import torchvision  # optional and heavy; its PyPI wheel needs a matching torch
         return torchvision
     except Exception:  # ImportError, or a wheel built against another torch
         return None
@@ -156,12 +158,12 @@ class _download_lock:
     processes fetching the same data set at once would overwrite each other's half-written files.
     The others wait, then find the files complete. No lock where the root cannot be created."""
 
+    _lock: FileLock | None  # None where the root cannot be created
+
     def __init__(self, root: Path, name: str):
         self.path = Path(root) / f".{name}.download.lock"
 
     def __enter__(self):
-        from filelock import FileLock
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(str(self.path))
@@ -258,8 +260,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def _folder(path: Path, split: str, resolution: int | None) -> ImageDataset:
-    from PIL import Image
-
     if not path.is_dir():
         raise UserError(f"image folder {path} does not exist")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -275,7 +275,7 @@ def _folder(path: Path, split: str, resolution: int | None) -> ImageDataset:
         arrays.append(im)
     mode = "L" if modes == {"L"} else "RGB"
     size = resolution or arrays[0].size[0]
-    data = np.stack([np.asarray(im.convert(mode).resize((size, size), Image.BICUBIC)) for im in arrays])
+    data = np.stack([np.asarray(im.convert(mode).resize((size, size), Image.Resampling.BICUBIC)) for im in arrays])
     data = data[:, None] if mode == "L" else data.transpose(0, 3, 1, 2)
     labels = np.array([c for _, c in files], dtype=np.int64)
     idx = _split_indices(len(files), split, test_fraction=0.1)

@@ -14,10 +14,14 @@ Both keep the UNet as ``.unet`` so hooks address the same module paths for eithe
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # diffusers is imported where a UNet is built, not by every user of the denoisers
+    from diffusers.models.unets.unet_2d import UNet2DModel  # the package root resolves to a dummy for mypy
 
 SIGMA_DATA = 0.5     # EDM's data standard deviation
 SIGMA_MIN = 0.002    # smallest sigma the sampler visits; also the conditioning floor for sigma = 0
@@ -44,8 +48,9 @@ class EDMDenoiser(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) with F a diffusers UNet2DModel."""
 
     parameterisation = "edm"
+    unet: UNet2DModel
 
-    def __init__(self, unet: nn.Module, sigma_data: float = SIGMA_DATA):
+    def __init__(self, unet: UNet2DModel, sigma_data: float = SIGMA_DATA):
         super().__init__()
         self.unet = unet
         self.sigma_data = sigma_data
@@ -67,8 +72,10 @@ class DDPMDenoiser(nn.Module):
     """
 
     parameterisation = "ddpm"
+    unet: UNet2DModel
+    log_sigmas: torch.Tensor  # buffer [T]: log sigma of each timestep of the schedule
 
-    def __init__(self, unet: nn.Module, alphas_cumprod):
+    def __init__(self, unet: UNet2DModel, alphas_cumprod):
         super().__init__()
         self.unet = unet
         a = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
@@ -94,16 +101,21 @@ class DDPMDenoiser(nn.Module):
         return x - s * eps
 
 
+Denoiser = EDMDenoiser | DDPMDenoiser  # either wrapper: D(x; sigma) with its UNet as ``.unet``
+
+
 class OneStepGenerator(nn.Module):
     """G(z) = D(sigma_init * z; sigma_init): a denoiser used at one fixed noise level."""
 
-    def __init__(self, denoiser: nn.Module, sigma_init: float):
+    denoiser: Denoiser
+
+    def __init__(self, denoiser: Denoiser, sigma_init: float):
         super().__init__()
         self.denoiser = denoiser
         self.sigma_init = float(sigma_init)
 
     @property
-    def unet(self) -> nn.Module:
+    def unet(self) -> UNet2DModel:
         return self.denoiser.unet
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

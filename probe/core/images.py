@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from probe.core.runs import atomic_write_bytes
 
@@ -20,8 +21,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: int | None = None) -> Path:
     """Tile images into one PNG; small images are upscaled (nearest) so a grid is readable."""
-    from PIL import Image
-
     arr = to_uint8(images)
     n, h, w, c = arr.shape
     nrow = nrow or int(math.ceil(math.sqrt(n)))
@@ -34,7 +33,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     scale = scale or max(1, 256 // max(grid.shape[:2]))
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
     atomic_write_bytes(path, buf.getvalue())  # a kill never leaves half a PNG

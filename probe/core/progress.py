@@ -19,6 +19,9 @@ def progress_bar(total: int, description: str, enabled: bool = True, completed: 
         task = bar.add_task(description, total=total, completed=completed, info="")
 
         def advance(n: int = 1, info: str | None = None):
-            bar.update(task, advance=n, **({"info": info} if info is not None else {}))
+            if info is None:
+                bar.update(task, advance=n)
+            else:
+                bar.update(task, advance=n, info=info)
 
         yield advance

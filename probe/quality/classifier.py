@@ -36,8 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from probe.core.data import dataset_fingerprint, load_dataset
 from probe.core.errors import UserError
 
 ARCH_VERSION = 1                # bump when FeatureClassifier changes: old cache entries are then ignored
@@ -67,7 +71,8 @@ class FeatureClassifier(nn.Module):
     def __init__(self, channels: int, resolution: int, num_classes: int, width: int = 16,
                  feature_dim: int = 128):
         super().__init__()
-        layers, c_in, size = [], channels, resolution
+        layers: list[nn.Module] = []
+        c_in, size = channels, resolution
         for i, c_out in enumerate((width, 2 * width, 4 * width)):
             if i > 0 and size > 4:  # downsample between stages, never below 4x4
                 layers.append(nn.MaxPool2d(2))
@@ -185,7 +190,6 @@ class progress_bar:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
-        from rich.progress import Progress
         self._bar = Progress(transient=True)
         self._bar.start()
         task = self._bar.add_task(self.description, total=self.total)
@@ -253,8 +257,6 @@ def file_sha256(path: Path) -> str:
 def _load_cached(weights_path: Path, info_path: Path, key: str, config: ClassifierConfig
                  ) -> tuple[FeatureClassifier, dict] | None:
     """The cached model and info, or None when the entry is missing, incomplete or inconsistent."""
-    from safetensors.torch import load_file
-
     try:
         info = json.loads(info_path.read_text())
         if info.get("key") != key or info.get("weights_sha256") != file_sha256(weights_path):
@@ -278,11 +280,6 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
     ``train``/``test`` may pass already loaded splits (ImageDataset) to avoid loading them twice.
     Safe under any grad mode and with several processes sharing ``cache_dir`` (module docstring).
     """
-    from filelock import FileLock, Timeout
-    from safetensors.torch import save_file
-
-    from probe.core.data import dataset_fingerprint, load_dataset
-
     config = config or ClassifierConfig()
     train = train if train is not None else load_dataset(dataset_name, "train")
     key = cache_key(dataset_name, config, dataset_fingerprint(train))

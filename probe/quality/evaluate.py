@@ -15,9 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probe.core.errors import UserError
+from probe.core import checks as c
+from probe.core.data import load_dataset
 from probe.core.edm import heun_sample
+from probe.core.errors import UserError
 from probe.core.models import LoadedModel, load_model
+from probe.core.runs import pick_device
+from probe.quality.metrics import QualityEvaluator, default_n_samples, inception_fid, load_inception_extractor
 
 
 @dataclass
@@ -37,8 +41,6 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Refuse bad numbers before any model is loaded or file written; runs on construction."""
-        from probe.core import checks as c
-
         if self.n_samples is not None:
             c.integer(self.n_samples, "n_samples", minimum=4)  # precision/recall use 3 neighbours
         c.positive_int(self.draws, "draws")
@@ -57,17 +59,13 @@ def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int 
     out = []
     for zb in z.split(batch):
         zb = zb.to(device)
-        out.append((model.generator(zb) if model.generator is not None else heun_sample(model.denoiser, zb, steps)).cpu())
+        x = model.generator(zb) if model.generator is not None else heun_sample(model.denoiser, zb, steps)
+        out.append(x.cpu())
     return torch.cat(out)
 
 
-def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
-    """Scores of ``cfg.model`` plus the floor; raises ``UserError`` on a data/model mismatch."""
-    from probe.core.data import load_dataset
-    from probe.quality.metrics import QualityEvaluator, default_n_samples
-
-    from probe.core.runs import pick_device
-
+def evaluate_model(cfg: EvalConfig, progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """Scores of ``cfg.model`` plus the floor, and the images of every draw; ``UserError`` on a data/model mismatch."""
     cfg.validate()
     device = pick_device(cfg.device)
     model = load_model(cfg.model, device)
@@ -89,8 +87,6 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> dict:
               "nfe": 1 if model.generator is not None else 2 * cfg.steps - 1, "model_kind": model.kind}
     samples = torch.cat(batches)
     if cfg.inception_weights:
-        from probe.quality.metrics import inception_fid, load_inception_extractor
-
         extractor = load_inception_extractor(cfg.inception_weights, device)
         real = load_dataset(data, "train").images
         result["inception_fid"] = inception_fid(batches[0], real[: max(n, 1000)], extractor=extractor)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probe.quality.metrics import QualityEvaluator, default_n_samples
+
 HEALTH_METRICS = ("fd", "kid", "fd_inf")
 NOISE_STDS = (0.1, 0.2, 0.4)
 BLUR_STDS = (0.5, 1.0, 2.0)          # pixels
@@ -86,8 +88,6 @@ def metric_health(dataset: str,
     "floor", "clean", "ladder": [{"family", "level", "strength", "fd", "kid", "fd_inf", ...}],
     "monotone": {metric: bool}, "seconds"}``.
     """
-    from probe.quality.metrics import QualityEvaluator, default_n_samples
-
     start = time.perf_counter()
     if evaluator is None:
         n = n_samples if n_samples is not None else default_n_samples(dataset)

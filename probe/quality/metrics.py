@@ -33,8 +33,10 @@ from scipy.spatial.distance import cdist
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
+from probe.core.data import load_dataset
 from probe.core.errors import UserError
 from probe.quality.classifier import ClassifierConfig, load_or_train_classifier, progress_bar
+from probe.quality.memorisation import memorisation
 
 METRIC_KEYS = ("fd", "kid", "fd_inf", "precision", "recall", "coverage", "class_entropy")
 
@@ -268,8 +270,6 @@ def default_n_samples(dataset_name: str) -> int:
     that still leaves a reference of at least n train images and a held-out pool of 1.5 n (digits:
     1797 images, so 500). The measured floor spreads behind the 2000 are in docs/metric.md.
     """
-    from probe.core.data import load_dataset
-
     n_train, n_test = len(load_dataset(dataset_name, "train")), len(load_dataset(dataset_name, "test"))
     fit = min(n_train, (n_train + n_test) / 2.5)  # n_reference >= n and a pool of 1.5 n
     return int(max(SAMPLE_STEP, min(MAX_DEFAULT_SAMPLES, fit // SAMPLE_STEP * SAMPLE_STEP)))
@@ -304,8 +304,6 @@ class QualityEvaluator:
                  classifier_config: ClassifierConfig | None = None,  # None = ClassifierConfig()
                  device: str | torch.device = "cpu",    # where the classifier runs
                  progress: bool = False):                # rich progress bar while training the classifier
-        from probe.core.data import load_dataset
-
         train, test = load_dataset(dataset_name, "train"), load_dataset(dataset_name, "test")
         self.dataset_name, self.n_samples, self.k, self.seed = dataset_name, int(n_samples), int(k), seed
         self.shape = tuple(train.images.shape[1:])
@@ -390,8 +388,6 @@ class QualityEvaluator:
         ``{"pixel": {...}, "features": {...}}`` with the figures of ``probe.quality.memorisation``
         (nn_ratio ~ 1 and copy_share ~ 0.01: no copying), in pixel space and classifier feature space.
         """
-        from probe.quality.memorisation import memorisation
-
         x = self._check(samples)
         if self._split_features is None:
             self._split_features = (self.classifier.features_and_predictions(self.train_images)[0],
@@ -468,6 +464,7 @@ def load_inception_extractor(weights_path: str | os.PathLike, device: str | torc
     except RuntimeError:
         pass  # not TorchScript: try torch-fidelity's state-dict format below
     try:
+        # optional: only Inception state dicts need torch-fidelity
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         raise UserError(f"{path} is not a TorchScript file; reading an Inception state dict needs "

@@ -26,13 +26,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
+from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, Denoiser, EDMDenoiser, as_sigma, edm_precond
 from probe.core.errors import UserError
 from probe.core.runs import atomic_write_bytes, verify_files
-from probe.core.edm import SIGMA_DATA, SIGMA_MIN, DDPMDenoiser, EDMDenoiser, as_sigma, edm_precond
+
+if TYPE_CHECKING:  # diffusers is imported when a UNet is built (fresh_unet), not on import
+    from diffusers.models.unets.unet_2d import UNet2DModel  # the package root resolves to a dummy for mypy
 
 RATIO_NETS = ("encoder", "encoder-random", "cnn")
 RATIO_FILE = "ratio.json"
@@ -40,19 +45,20 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 # ----------------------------------------------------------------------- teacher copies
-def fresh_unet(config) -> nn.Module:
+def fresh_unet(config) -> UNet2DModel:
     """A randomly initialised UNet2DModel of the given config; draws from the global RNG."""
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # heavy third-party import, needed only when a UNet is built
 
     return UNet2DModel.from_config(dict(config))
 
 
-def clone_unet(unet: nn.Module) -> nn.Module:
+def clone_unet(unet: UNet2DModel) -> UNet2DModel:
     """A new UNet with ``unet``'s config and weights (global RNG left untouched)."""
     with torch.random.fork_rng(devices=[]):
         new = fresh_unet(unet.config)
     new.load_state_dict(unet.state_dict())
-    return new.to(next(unet.parameters()).device)
+    # diffusers declares ModelMixin.to through functools.wraps, which mypy does not bind to the instance
+    return new.to(next(unet.parameters()).device)  # type: ignore[arg-type]
 
 
 def ddpm_alphas(denoiser: DDPMDenoiser) -> torch.Tensor:
@@ -60,16 +66,16 @@ def ddpm_alphas(denoiser: DDPMDenoiser) -> torch.Tensor:
     return (denoiser.log_sigmas.double().exp() ** 2 + 1).reciprocal().cpu()
 
 
-def wrap_like(denoiser: nn.Module, unet: nn.Module) -> nn.Module:
+def wrap_like(denoiser: Denoiser, unet: UNet2DModel) -> Denoiser:
     """Wrap ``unet`` in the same denoiser class and parameters as ``denoiser``."""
-    if denoiser.parameterisation == "ddpm":
+    if isinstance(denoiser, DDPMDenoiser):  # parameterisation "ddpm"
         new = DDPMDenoiser(unet, ddpm_alphas(denoiser))
         new.log_sigmas.copy_(denoiser.log_sigmas)  # bit-identical schedule, no float round trip
         return new.to(denoiser.log_sigmas.device)
     return EDMDenoiser(unet, getattr(denoiser, "sigma_data", SIGMA_DATA))
 
 
-def clone_denoiser(denoiser: nn.Module) -> nn.Module:
+def clone_denoiser(denoiser: Denoiser) -> Denoiser:
     """A trainable copy of a teacher denoiser (same class, weights, schedule)."""
     return wrap_like(denoiser, clone_unet(denoiser.unet)).train().requires_grad_(True)
 
@@ -82,13 +88,15 @@ class UNetInput(nn.Module):
         super().__init__()
         self.parameterisation = parameterisation
         self.sigma_data = float(sigma_data)
-        # Reuse DDPMDenoiser's sigma -> fractional timestep (its UNet slot is unused here).
-        self.schedule = DDPMDenoiser(nn.Identity(), alphas_cumprod) if parameterisation == "ddpm" else None
+        # Reuse DDPMDenoiser's sigma -> fractional timestep (its UNet slot is never called here).
+        self.schedule: DDPMDenoiser | None = (DDPMDenoiser(cast("UNet2DModel", nn.Identity()), alphas_cumprod)
+                                              if parameterisation == "ddpm" else None)
 
     @classmethod
-    def like(cls, denoiser: nn.Module) -> UNetInput:
-        if denoiser.parameterisation == "ddpm":
+    def like(cls, denoiser: Denoiser) -> UNetInput:
+        if isinstance(denoiser, DDPMDenoiser):  # parameterisation "ddpm"
             new = cls("ddpm", alphas_cumprod=ddpm_alphas(denoiser))
+            assert new.schedule is not None  # built for "ddpm"
             new.schedule.log_sigmas.copy_(denoiser.log_sigmas.cpu())
             return new
         return cls("edm", getattr(denoiser, "sigma_data", SIGMA_DATA))
@@ -112,12 +120,18 @@ class UNetInput(nn.Module):
 class UNetEncoder(nn.Module):
     """The down path and mid block of a UNet2DModel (its forward, steps 0-4, without the decoder)."""
 
-    def __init__(self, unet: nn.Module):
+    time_proj: nn.Module
+    time_embedding: nn.Module
+    conv_in: nn.Conv2d
+    down_blocks: nn.ModuleList
+    mid_block: nn.Module | None
+
+    def __init__(self, unet: UNet2DModel):
         super().__init__()
-        self.center_input_sample = bool(unet.config.center_input_sample)
+        self.center_input_sample = bool(unet.config["center_input_sample"])
         self.time_proj, self.time_embedding = unet.time_proj, unet.time_embedding
         self.conv_in, self.down_blocks, self.mid_block = unet.conv_in, unet.down_blocks, unet.mid_block
-        self.out_channels = int(unet.config.block_out_channels[-1])
+        self.out_channels = int(unet.config["block_out_channels"][-1])
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.center_input_sample:
@@ -207,19 +221,21 @@ class RatioNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- building
-def build_ratio_net(kind: str, teacher: nn.Module,
+def build_ratio_net(kind: str, teacher: Denoiser,
                     cnn_width: int = 32,    # "cnn": channels of the first stage
                     ) -> RatioNet:
     """A ratio network for a teacher denoiser. Random parts draw from the global RNG (seed it first)."""
     unet = teacher.unet
+    channels, resolution = int(unet.config["in_channels"]), _resolution(unet)
     spec = {"kind": kind, "unet_config": {k: v for k, v in dict(unet.config).items()}, "cnn_width": cnn_width,
-            "channels": int(unet.config.in_channels), "resolution": _resolution(unet)}
+            "channels": channels, "resolution": resolution}
+    body: UNetEncoder | SmallCNN
     if kind in ("encoder", "encoder-random"):
         body = UNetEncoder(clone_unet(unet) if kind == "encoder" else fresh_unet(unet.config))
         inputs = UNetInput.like(teacher)
-        groups = int(unet.config.norm_num_groups or 8)
+        groups = int(unet.config["norm_num_groups"] or 8)
     elif kind == "cnn":
-        body = SmallCNN(spec["channels"], spec["resolution"], cnn_width)
+        body = SmallCNN(channels, resolution, cnn_width)
         inputs = UNetInput("edm")  # its own network: EDM conditioning whatever the teacher is
         groups = 8
     else:
@@ -230,16 +246,14 @@ def build_ratio_net(kind: str, teacher: nn.Module,
     return net.to(next(unet.parameters()).device)
 
 
-def _resolution(unet) -> int:
-    s = unet.config.sample_size
+def _resolution(unet: UNet2DModel) -> int:
+    s = unet.config["sample_size"]
     return int(s if isinstance(s, int) else s[0])
 
 
 def save_ratio_net(net: RatioNet, directory: Path) -> Path:
     """Write ``model.safetensors`` and ``ratio.json`` (what ``load_ratio_net`` needs) into ``directory``,
     each atomically and recorded in ``directory``'s manifest.json (probe/core/runs.py)."""
-    from safetensors.torch import save
-
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors), manifest=directory)
@@ -254,8 +268,6 @@ def _json_default(x):
 
 def load_ratio_net(directory, device: str | torch.device = "cpu") -> RatioNet:
     """Rebuild a saved ratio network (eval mode, frozen)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not (directory / RATIO_FILE).exists():
         raise UserError(f"{directory} holds no ratio network ({RATIO_FILE} missing)")
@@ -263,6 +275,7 @@ def load_ratio_net(directory, device: str | torch.device = "cpu") -> RatioNet:
     spec = json.loads((directory / RATIO_FILE).read_text())
     kind, inp = spec["kind"], spec["inputs"]
     inputs = UNetInput(inp["parameterisation"], inp["sigma_data"], inp.get("alphas_cumprod"))
+    body: UNetEncoder | SmallCNN
     with torch.random.fork_rng(devices=[]):
         if kind in ("encoder", "encoder-random"):
             body = UNetEncoder(fresh_unet(spec["unet_config"]))
