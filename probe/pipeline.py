@@ -10,7 +10,7 @@ from rich.console import Console
 
 from analysis.ablation_summary import analyse_grid, write_tables
 from probe.core.locks import exclusive
-from train.ablation.grid import AblationConfig
+from train.ablation.grid import AblationConfig, check_grid, load_grid
 from train.ablation.run import run_grid
 
 
@@ -20,6 +20,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None) -> P
     progress : progress bars and one line per run                                        (default True)
     train_fn : see ``train.ablation.run.run_grid``                                        (default None)
     """
+    check_grid(load_grid(cfg.config, cfg), Path(cfg.out))  # a bad grid is refused before anything (a lock) is made
     with exclusive(cfg.out, "ablation grid"):  # training and analysis: one writer (re-entrant in run_grid)
         out, grid, refs = run_grid(cfg, progress=progress, train_fn=train_fn,
                                    after_run=lambda o, g, r: write_tables(o, g, r))  # a partial summary after each arm
