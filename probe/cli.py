@@ -4,9 +4,11 @@ Every command turns its options into one dataclass config (saved with its result
 library function. Option defaults are read from those configs (or, for the analyses, from the
 library functions' keyword defaults), so a default is written once; tests/test_cli_contract.py
 fails when one drifts. They are read from the source files rather than by importing the modules,
-which would load torch, diffusers and matplotlib for every ``--help`` and usage error. Numbers are checked by the configs' ``validate()`` (probe/core/checks.py)
-before anything is created. Errors the user can cause raise ``UserError``; ``main`` prints them,
-and typer's usage errors (``--steps abc``), as one line on stderr and exits with code 2.
+which would load torch, diffusers and matplotlib for every ``--help`` and usage error (0.8 s
+instead of 10 s on a busy 2-core machine). Numbers are checked by the configs' ``validate()``
+(probe/core/checks.py) before anything is created. Errors the user can cause raise
+``UserError``; ``main`` prints them, and typer's usage errors (``--steps abc``), as one line on
+stderr and exits with code 2.
 """
 
 from __future__ import annotations

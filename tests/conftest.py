@@ -8,6 +8,21 @@ import torch
 torch.set_num_threads(1)  # tiny models: a second thread only helps on an idle core, hurts badly otherwise
 
 
+@pytest.fixture(autouse=True)
+def _torch_global_state():
+    """Every test starts with one torch thread and gradients on, whatever ran before it.
+
+    umap-learn's numba threading layer sets OpenMP's thread count, which torch shares: after a UMAP
+    test torch ran on 2 threads, and a later bitwise comparison (DDP vs one process) failed only in
+    that order (found by the random-order run, seed 1658006760).
+    """
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache(tmp_path_factory):
     # The sample-quality classifier is trained once per session and reused by every test.
