@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from tests._cli import ok, run_probe
+from _cli import ok, run_probe
 
 TINY_TEACHER = ["--preset", "test", "--steps", "4", "--batch", "16", "--checkpoint-every", "2", "--sample-steps", "2",
                 "--eval-samples", "0", "--device", "cpu"]
@@ -56,7 +56,7 @@ def test_eval(cli_teacher, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_train_student_evaluates_by_default_settings(cli_student):
+def test_train_student(cli_student):
     out, result = cli_student
     assert (out / "unet").is_dir() and (out / "model.json").exists()
     quality = json.loads((out / "eval.json").read_text())

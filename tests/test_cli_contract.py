@@ -14,7 +14,6 @@ import importlib
 import inspect
 import io
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probe.cli import app, main
-from tests._cli import run_probe
-from tests._store_fixture import random_features, write_store
+from _cli import run_probe
+from _store_fixture import random_features, write_store
 
 
 # ------------------------------------------------------------------------------- defaults

@@ -8,29 +8,21 @@ on a new user's machine.
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def probe_command() -> list[str]:
-    """The installed console script beside this interpreter; the module only if it is missing."""
-    script = Path(sys.executable).parent / "probe"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "probe.cli"]
+from _cli import env, probe_command
 
 
 def fresh_env(tmp_path: Path) -> dict:
+    """This checkout on the path, but a new empty home and onestep-probe cache."""
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
     cache.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ONESTEP_PROBE_", "MPLCONFIGDIR"))}
-    root = str(Path(__file__).resolve().parents[1])  # this checkout first, whatever is installed
-    env.update(HOME=str(home), ONESTEP_PROBE_CACHE=str(cache), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p))
-    return env
+    e = {k: v for k, v in env().items() if not k.startswith(("ONESTEP_PROBE_", "MPLCONFIGDIR", "XDG_"))}
+    return {**e, "HOME": str(home), "ONESTEP_PROBE_CACHE": str(cache)}
 
 
 @pytest.mark.slow
