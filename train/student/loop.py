@@ -25,6 +25,7 @@ toolkit model directory), sample grids from a fixed z in ``samples/`` and ``samp
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,16 +192,18 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     gen_net, init_report = initialise_generator(cfg.init, teacher, cfg.seed)
     generator = OneStepGenerator(gen_net, cfg.sigma_init)
     method = method_cls(cfg, teacher.denoiser, generator)
+    record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
+              "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
+              "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
+    del teacher  # the loop's last reference: a method with uses_teacher False kept none (methods/base.py)
+    if not method.uses_teacher:
+        gc.collect()  # free the teacher's weights before training (module graphs can hold cycles)
     evaluator = None
     if cfg.eval_every > 0 and is_main():
         from probe.quality.metrics import QualityEvaluator
 
         evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
     out = on_main(prepare_run_dir, Path(cfg.out), cfg, resume)  # only now: bad options above leave nothing behind
-    record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
-              "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
-              "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
-    del teacher  # score-free methods keep no reference: the teacher is never evaluated
     ema = EMA(gen_net, cfg.ema_halflife_images)
     gen_params, aux_params = list(gen_net.parameters()), list(method.aux.parameters())
     betas = tuple(float(b) for b in cfg.betas)  # Adam refuses a mix of int and float
