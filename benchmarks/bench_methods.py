@@ -231,14 +231,16 @@ def run_speed(args) -> dict:
             teachers[size] = str(make_untrained_teacher(size, tmp / f"teacher-{size}", args.data, data.resolution,
                                                         data.channels))
     common = dict(batch=args.batch, threads=args.threads, seed=args.seed, dataset=args.data)
-    runs = {size: {f"{m}{'@' + lab if lab else ''}": [] for m in methods for lab, _ in variants} for size in sizes}
+    compare_methods = [m for m in (args.compare_methods or args.methods).split(",") if m]
+    runs = {size: {f"{m}{'@' + lab if lab else ''}": [] for m in methods for lab, _ in variants
+                   if not lab or m in compare_methods} for size in sizes}
     matmul, loads, flops = [], [], {size: {} for size in sizes}
     t_start = time.time()
     for r in range(args.rounds):
         matmul.append(run_worker("matmul", {"threads": args.threads, "sizes": list(args.matmul_sizes)}))
         print(f"round {r + 1}: matmul peak {matmul[-1]['peak_gflops']:.1f} GFLOP/s", file=sys.stderr)
         for size in sizes:
-            jobs = [(m, lab, src) for m in methods for lab, src in variants]
+            jobs = [(m, lab, src) for m in methods for lab, src in variants if not lab or m in compare_methods]
             jobs = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # rotate: no method always runs first
             for m, lab, src in jobs:
                 key = f"{m}{'@' + lab if lab else ''}"
@@ -253,12 +255,10 @@ def run_speed(args) -> dict:
                       f"peak {res['peak_rss_mib']:.0f} MiB (load {load:.1f})", file=sys.stderr)
     if not args.no_flops:
         for size in sizes:
-            for m in methods:
-                for lab, src in variants:
-                    key = f"{m}{'@' + lab if lab else ''}"
-                    flops[size][key] = run_worker("flops", {**common, "teacher": teachers[size], "method": m,
-                                                            "out": str(tmp / f"f-{size}-{key}")}, src)
-                    print(f"{size} {key}: {flops[size][key]['flops_per_step'] / 1e9:.2f} GFLOP/step", file=sys.stderr)
+            for m in methods:  # the current code only: a before/after pair differs in time, not in FLOPs
+                flops[size][m] = run_worker("flops", {**common, "teacher": teachers[size], "method": m,
+                                                      "out": str(tmp / f"f-{size}-{m}")})
+                print(f"{size} {m}: {flops[size][m]['flops_per_step'] / 1e9:.2f} GFLOP/step", file=sys.stderr)
     import shutil
 
     import torch
@@ -272,6 +272,22 @@ def run_speed(args) -> dict:
                      "cpus": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - t_start) / 60,
                      "note": args.note}}
+
+
+def merge_speed(raws: list[dict]) -> dict:
+    """Several saved speed runs (e.g. one per size) as one: sizes side by side, matmul and loads pooled."""
+    out = {"runs": {}, "flops": {}, "matmul": [], "loads": [], "meta": dict(raws[0]["meta"])}
+    for raw in raws:
+        out["runs"].update(raw["runs"])
+        out["flops"].update(raw["flops"])
+        out["matmul"] += raw["matmul"]
+        out["loads"] += raw["loads"]
+    out["meta"]["minutes"] = sum(r["meta"]["minutes"] for r in raws)
+    out["meta"]["rounds"] = "/".join(str(r["meta"]["rounds"]) for r in raws)
+    out["meta"]["timed_steps"] = "/".join(str(r["meta"]["timed_steps"]) for r in raws)
+    out["meta"]["warmup"] = "/".join(str(r["meta"]["warmup"]) for r in raws)
+    out["meta"]["compare_src"] = next((r["meta"]["compare_src"] for r in raws if r["meta"]["compare_src"]), None)
+    return out
 
 
 def summarise_speed(raw: dict) -> dict:
@@ -382,7 +398,7 @@ def evaluation_clock():
     """Seconds spent in QualityEvaluator construction and in its evaluate(), while the block runs."""
     from probe.quality.metrics import QualityEvaluator
 
-    clock = {"eval_s": 0.0, "evals": 0, "evaluator_setup_s": 0.0}
+    clock = {"eval_s": 0.0, "n_evals": 0, "evaluator_setup_s": 0.0}
     init, evaluate = QualityEvaluator.__init__, QualityEvaluator.evaluate
 
     def timed_init(self, *a, **k):
@@ -396,7 +412,7 @@ def evaluation_clock():
             return evaluate(self, *a, **k)
         finally:
             clock["eval_s"] += time.perf_counter() - t0
-            clock["evals"] += 1
+            clock["n_evals"] += 1
 
     QualityEvaluator.__init__, QualityEvaluator.evaluate = timed_init, timed_evaluate
     try:
@@ -613,15 +629,18 @@ def render_quality(q: dict) -> str:
                 secs = [h["seconds"] for h in hits]
                 row += f" {_fmt([h['step'] for h in hits], '.0f')} | {_fmt(secs, '.0f')} |"
                 vsd_hits = [r["hits"][n] for r in vsd if r["hits"][n]] if vsd else []
-                if vsd and len(vsd_hits) == len(vsd):
-                    row += f" {statistics.fmean(secs) / statistics.fmean(h['seconds'] for h in vsd_hits):.2f}x |"
+                ref = statistics.fmean(h["seconds"] for h in vsd_hits) if vsd_hits else 0.0
+                if vsd and len(vsd_hits) == len(vsd) and ref > 0:
+                    row += f" {statistics.fmean(secs) / ref:.2f}x |"
+                elif vsd and len(vsd_hits) == len(vsd):
+                    row += " - (vsd: at the start) |"
                 else:
                     row += " vsd not reached |" if vsd else " - |"
             else:
                 row += f" > {max(r['last_step'] for r in runs)} | > {max(r['train_s'] for r in runs):.0f} | - |"
         row += (f" {_fmt([r['best_fd'] for r in runs], '.2f')} ({'/'.join(str(r['best_step']) for r in runs)}) |"
                 f" {_fmt([r['last_fd'] for r in runs], '.2f')} ({'/'.join(str(r['last_step']) for r in runs)}) |"
-                f" {sum(r['eval_s'] for r in runs):.0f} ({sum(r['evals'] for r in runs)}) |")
+                f" {sum(r['eval_s'] for r in runs):.0f} ({sum(r['n_evals'] for r in runs)}) |")
         lines.append(row)
     if q["sweeps"]:
         lines += ["", f"Sweep (seed 0, successive halving: keep the best 1/{meta['eta']} by best FD, x{meta['eta']} "
@@ -676,6 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--matmul-sizes", type=lambda s: [int(v) for v in s.split(",")], default=list(MATMUL_SIZES))
     sp.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
     sp.add_argument("--compare-label", default="before")
+    sp.add_argument("--compare-methods", default="", help="methods run from --compare-src too (default: all)")
+    sp.add_argument("--from-json", default="", help="render (and --write) these saved runs, comma-separated, "
+                    "merged (e.g. one per size); measures nothing")
     sq = sub.add_parser("quality", help="time to 1.5x / 1.1x teacher FD per method and seed, optional sweep")
     sq.add_argument("--teacher", help="trained teacher run directory (required unless --dry-run)")
     sq.add_argument("--methods", default=",".join(METHODS))
@@ -707,7 +729,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             args.sizes, args.batch, args.rounds, args.warmup, args.timed_steps = "test", 4, 2, 1, 2
             args.matmul_sizes = [128]
-        raw = run_speed(args)
+        raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")]) if args.from_json \
+            else run_speed(args)
         text = render_speed(raw)
         name = NAME
     else:
