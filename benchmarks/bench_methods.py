@@ -1,31 +1,55 @@
-"""One-step methods side by side: time per training step, peak memory, time to teacher quality.
+"""One-step methods side by side: whole-process memory, step time, FLOPs and utilisation; time to quality.
 
-    .venv/bin/python benchmarks/bench_methods.py --teacher RUN_DIR            # prints a markdown section
-    .venv/bin/python benchmarks/bench_methods.py --teacher RUN_DIR --write    # also replaces it in RESULTS.md
+    python benchmarks/bench_methods.py speed                                  # tiny UNet, six methods
+    python benchmarks/bench_methods.py speed --sizes tiny,small --rounds 5 --write
+    python benchmarks/bench_methods.py speed --compare-src /tmp/before        # before/after, one run
+    python benchmarks/bench_methods.py quality --teacher RUN --work-dir DIR --sweep --write
+    python benchmarks/bench_methods.py quality --dry-run                      # smoke test, tiny budget
 
-Every method trains the same generator (a copy of the teacher), with the same batch, on the same
-machine, in one invocation; each measurement runs in a fresh subprocess so that peak memory
-(``ru_maxrss`` on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA) belongs to that method alone.
+``speed`` (no trained teacher needed: weights do not change speed or memory)
+  - every (size, method) runs ``train_student`` in a **fresh subprocess** with the same data, batch
+    and seed, evaluation off; the teacher of a size is an untrained UNet of that preset on the same
+    data (``--teacher``: that run instead, for its own size).
+  - **peak memory**: ``ru_maxrss`` of that child (``os.wait4``): the whole process as a user meets it
+    (interpreter, imports, data, set-up, training). Its RSS after imports and data loading is
+    recorded as well ("after imports"): the part no method can change.
+  - **step time**: the loop's own per-step clock (``metrics.jsonl`` with ``log_every`` 1), the median
+    of ``--timed-steps`` steps after ``--warmup`` in each process. Methods are **interleaved**: round r
+    runs every method once, in an order rotated by r. Reported: median over rounds, min-max over
+    rounds and the spread (max - min) / median, flagged when above 20%; torch threads and the load
+    average before every run are recorded.
+  - **FLOPs** of one training step: ``torch.utils.flop_counter.FlopCounterMode`` around a 1-step and a
+    3-step run, (F3 - F1) / 2 (set-up and the final checkpoint cancel). It counts matmuls,
+    convolutions and attention (forward and backward), not elementwise work.
+  - **matmul peak**: ``torch.matmul`` of float32 n x n matrices (n = 512, 1024, 2048; best of 5 each;
+    best n) with the same thread count, in a fresh process once per round. Utilisation = FLOPs per
+    step / median step time / median per-round matmul peak.
+  - ``--compare-src DIR`` runs every method also from another source tree (e.g. ``git archive
+    COMMIT | tar -x -C DIR``) in the same rounds, so a before/after comparison shares the load.
 
-- step time: ``train_student`` with evaluation off, ``--warmup`` steps discarded, then the mean of
-  ``--timed-steps`` steps (the loop's own clock: auxiliary + generator updates and EMA).
-- peak memory: of the step-time subprocess; "over base" subtracts the RSS measured in the same
-  subprocess after imports and teacher loading, i.e. what training itself added.
-- time to quality: training seconds (evaluation and checkpoint time excluded) until the one-step
-  Fréchet distance of the EMA generator (``eval_every`` steps, 500 samples, evaluator seed 0)
-  first reaches the teacher's 18-step Heun figure on the same evaluator, or ``--budget`` seconds.
-  Runs in chunks with exact resume, so a method that gets there early stops early.
-
-Targets of the issue: DiffRatio <= 0.7x VSD in step time, time to quality and peak memory, with
-the default ratio network. Timings on a shared machine are distorted: rerun on a quiet one.
+``quality`` (a trained teacher; see ``quality --help``)
+  - time to quality: per method and seed, training seconds (the loop's clock: evaluation, set-up and
+    checkpoints excluded) and steps until the one-step FD of the EMA generator (``--eval-samples``
+    images, evaluator seed 0) first reaches each threshold, ``--thresholds`` x the teacher's Heun FD on
+    the same evaluator; stops when every threshold is reached, at ``--budget`` training seconds or at
+    ``--max-steps``. Evaluation seconds are measured and reported separately. Best and last FD are both
+    reported (a method that gets worse after its best point shows it).
+  - ``--sweep``: per method a grid of generator x auxiliary learning rates (3 x 3 by default) and the
+    method's key option (``KEY_OPTIONS``), pruned by successive halving (keep the best third by best
+    FD, triple the steps; runs resume from their checkpoints), seed 0; the best setting is used for
+    the long runs. Everything lives in ``--work-dir``: a second call skips finished runs and resumes
+    cut ones, so the whole study can run in pieces.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,228 +59,698 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 NAME = "bench_methods"
+QUALITY_NAME = "bench_methods_quality"
 METHODS = ("diffratio-js", "diffratio-kl", "diffratio-fkl", "gan", "vsd", "sid")
+SPREAD_FLAG = 0.20          # a figure whose (max - min) / median over rounds exceeds this is flagged
+MATMUL_SIZES = (512, 1024, 2048)
+# the one option per method that the sweep varies next to the learning rates
+KEY_OPTIONS = {"sid": ("sid_alpha", (1.0, 1.2)), "diffratio-fkl": ("fkl_clip", (3.0, 10.0)),
+               "vsd": ("aux_steps", (1, 2))}
 
 
-# ------------------------------------------------------------------------------ workers
-def _peak_mib(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# ------------------------------------------------------------------------------ helpers
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (Linux), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def worker_timing(a: dict) -> dict:
-    """Step time and peak memory of one method (runs in its own process)."""
-    import torch
-
-    from probe.core.models import load_model
-    from probe.core.runs import read_metrics
-    from train.student.loop import StudentConfig, train_student
-
-    torch.set_num_threads(a["threads"])
-    load_model(a["teacher"])  # imports and one teacher load: the base line of "over base"
-    base = _peak_mib(a["device"])
-    steps = a["warmup"] + a["timed_steps"]
-    cfg = StudentConfig(out=a["out"], teacher=a["teacher"], method=a["method"], batch=a["batch"], steps=steps,
-                        log_every=1, checkpoint_every=10 ** 9, eval_every=0, device=a["device"], seed=a["seed"])
-    train_student(cfg, progress=False)
-    rows = read_metrics(Path(a["out"]))
-    sec = {r["step"]: r["seconds"] for r in rows}
-    per_step = (sec[steps] - sec[a["warmup"]]) / a["timed_steps"]
-    return {"step_s": per_step, "peak_mib": _peak_mib(a["device"]), "base_mib": base,
-            "aux_parameters": json.loads((Path(a["out"]) / "model.json").read_text())["method"]["aux_parameters"]}
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def worker_quality(a: dict) -> dict:
-    """Training seconds until the one-step FD reaches ``a['target_fd']`` (or the budget runs out)."""
-    import torch
-
-    from probe.core.runs import read_metrics
-    from train.student.loop import StudentConfig, train_student
-
-    torch.set_num_threads(a["threads"])
-    chunk = a["eval_every"] * a["evals_per_chunk"]
-    cfg = StudentConfig(out=a["out"], teacher=a["teacher"], method=a["method"], batch=a["batch"],
-                        steps=a["max_steps"], eval_every=a["eval_every"], checkpoint_every=chunk,
-                        log_every=a["eval_every"], device=a["device"], seed=a["seed"])
-    done, hit, evals = 0, None, []
-    while done < a["max_steps"]:
-        done = min(done + chunk, a["max_steps"])
-        train_student(cfg, resume=done > chunk, progress=False, stop_after=done)
-        evals = [r for r in read_metrics(Path(a["out"])) if "eval_fd" in r]
-        hit = next((r for r in evals if r["eval_fd"] <= a["target_fd"]), None)
-        if hit is not None or evals[-1]["seconds"] >= a["budget"]:
-            break
-    best = min(evals, key=lambda r: r["eval_fd"])
-    return {"reached": hit is not None, "ttq_s": hit["seconds"] if hit else None,
-            "ttq_step": hit["step"] if hit else None,
-            "start_fd": evals[0]["eval_fd"], "best_fd": best["eval_fd"], "best_step": best["step"],
-            "last_step": evals[-1]["step"], "last_s": evals[-1]["seconds"]}
+def spread(values: list[float]) -> float:
+    """(max - min) / median: the relative range of repeated measurements."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / med if med else float("nan")
 
 
-def run_worker(kind: str, args: dict) -> dict:
-    """Run a worker in a fresh interpreter and parse its RESULT line."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"]), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{kind} worker for {args['method']} failed:\n{proc.stderr[-3000:]}")
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-# ------------------------------------------------------------------------------- parent
-def teacher_fd(teacher: str, device: str) -> float:
-    """The teacher's 18-step Heun FD on the same evaluator (n=500, seed 0) as the students."""
-    eval_file = Path(teacher) / "eval.json"
-    if eval_file.exists():
-        r = json.loads(eval_file.read_text())
-        if r.get("n") == 500 and r.get("sampler") == "heun-18":
-            return float(r["fd"])
-    from probe.quality.evaluate import EvalConfig, evaluate_model
-
-    result, _ = evaluate_model(EvalConfig(model=teacher, n_samples=500, steps=18, seed=0, device=device))
-    return float(result["fd"])
-
-
-def make_untrained_teacher(preset: str, like, out: Path) -> Path:
-    """A teacher run directory with random weights of another preset (same data, same image shape)."""
+def make_untrained_teacher(preset: str, out: Path, dataset: str = "digits", resolution: int = 8,
+                           channels: int = 1) -> Path:
+    """A teacher run directory holding an untrained UNet of ``preset`` (speed and memory only)."""
     import torch
 
     from probe.core.edm import EDMDenoiser
     from probe.core.models import build_unet, save_model
 
-    torch.manual_seed(0)
-    save_model(out, EDMDenoiser(build_unet(like.resolution, like.channels, preset)), "teacher", like.dataset)
+    if not (out / "model.json").exists():
+        torch.manual_seed(0)
+        save_model(out, EDMDenoiser(build_unet(resolution, channels, preset)), "teacher", dataset)
     return out
 
 
-def ratio(x, ref) -> str:
-    return f"{x / ref:.2f}x" if x is not None and ref else "-"
+def run_worker(kind: str, args: dict, src: str | None = None, worker_script: str | None = None,
+               timeout: float | None = None) -> dict:
+    """Run a worker in a fresh interpreter; returns its RESULT plus the child's whole-process peak RSS.
+
+    ``os.wait4`` gives the rusage of exactly this child (``RUSAGE_CHILDREN`` would be the maximum over
+    every child so far). ``src``: import the toolkit from that source tree instead of this one.
+    ``worker_script``: another script with the same ``--worker KIND JSON`` convention (gpu_bench.py).
+    ``timeout``: seconds, after which the child is killed and ``TimeoutError`` raised.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.get("threads", 1)), "PYTHONWARNINGS": "ignore"}
+    script = str(Path(worker_script or __file__).resolve())
+    cmd = [sys.executable, script, "--worker", kind, json.dumps({**args, "src": src})]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, text=True)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise TimeoutError(f"{kind} worker ({args.get('method', '')}) killed after {timeout:.0f} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {**json.loads(line[len("RESULT "):]), "peak_rss_mib": usage.ru_maxrss / 1024}
+    raise RuntimeError(f"{kind} worker ({args.get('method', '')}) failed with exit {proc.returncode}:\n"
+                       f"{stderr[-3000:]}")
 
 
-def render(res: dict, quality: dict, meta: dict) -> str:
-    vsd, vsd_q = res.get("vsd"), quality.get("vsd")
-    lines = [f"<!-- {NAME}:start -->", "## One-step methods side by side (`benchmarks/bench_methods.py`)", "",
-             f"Teacher `{meta['teacher']}` ({meta['teacher_params']:,} parameters, {meta['dataset']}), "
-             f"generator = teacher copy, sigma_init 2.5, batch {meta['batch']}, default options of every method "
-             f"(ratio network: teacher encoder + pooled head), device {meta['device']}, "
-             f"torch threads {meta['threads']}, "
-             f"{meta['cpus']} CPUs, torch {meta['torch']}. Each method in a fresh subprocess.", "",
-             f"Step time: mean over {meta['timed_steps']} steps after {meta['warmup']} warm-up steps. Peak memory: "
-             f"{'ru_maxrss' if meta['device'] == 'cpu' else 'torch.cuda.max_memory_allocated'} of that subprocess; "
-             "'over base' subtracts the same process's figure after imports and teacher loading.", "",
-             "| method | aux params | step ms | vs vsd | peak MiB | over base MiB | vs vsd (over base) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for m, r in res.items():
-        over = r["peak_mib"] - r["base_mib"]
-        vsd_over = vsd["peak_mib"] - vsd["base_mib"] if vsd else None
-        step_vs = ratio(r["step_s"], vsd and vsd["step_s"])
-        lines.append(f"| {m} | {r['aux_parameters']:,} | {1000 * r['step_s']:.1f} | {step_vs} "
-                     f"| {r['peak_mib']:.0f} | {over:.0f} | {ratio(over, vsd_over)} |")
-    if quality:
-        lines += ["", f"Time to quality: training seconds (evaluation excluded) until the one-step FD (n=500) "
-                  f"reaches the teacher's 18-step Heun FD **{meta['target_fd']:.2f}**; evaluated every "
-                  f"{meta['eval_every']} steps; budget {meta['budget']:.0f} s of training per method.", "",
-                  "| method | reached | seconds | steps | vs vsd | FD at start | best FD (step) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for m, q in quality.items():
-            ref = vsd_q["ttq_s"] if vsd_q and vsd_q["reached"] else None
-            secs = f"{q['ttq_s']:.0f}" if q["reached"] else f"> {q['last_s']:.0f}"
-            steps = str(q["ttq_step"]) if q["reached"] else f"> {q['last_step']}"
-            vs = ratio(q["ttq_s"], ref) if q["reached"] and ref else ("-" if q["reached"] else "not reached")
-            lines.append(f"| {m} | {'yes' if q['reached'] else 'no'} | {secs} | {steps} | {vs} | {q['start_fd']:.1f} "
-                         f"| {q['best_fd']:.2f} ({q['best_step']}) |")
-    lines += ["", f"Measured {meta['date']}. {meta['note']}", f"<!-- {NAME}:end -->"]
-    return "\n".join(lines)
+# ---------------------------------------------------------------------- speed workers
+def _student_config(a: dict, steps: int, out: str, **kw):
+    from train.student.loop import StudentConfig
+
+    return StudentConfig(out=out, teacher=a["teacher"], method=a["method"], batch=a["batch"], steps=steps,
+                         log_every=1, checkpoint_every=10 ** 9, eval_every=0, device=a.get("device", "cpu"),
+                         seed=a.get("seed", 0), **kw)
 
 
-def write_section(text: str) -> None:
-    from results_md import write_section as write  # benchmarks/ is on sys.path when a script runs
+def worker_speed(a: dict) -> dict:
+    """Per-step times of one method (its own process; the parent measures its peak memory)."""
+    import torch
 
-    write(NAME, text)
+    torch.set_num_threads(a["threads"])
+    from diffusers import UNet2DModel  # noqa: F401  (imported lazily by the first model: part of "after imports")
+
+    from probe.core.data import load_dataset
+    from probe.core.runs import read_metrics
+    from train.student.loop import train_student
+
+    load_dataset(a["dataset"], "train")  # what every run loads first: part of "after imports"
+    after_imports = _status_mib("VmRSS")
+    steps = a["warmup"] + a["timed_steps"]
+    run = train_student(_student_config(a, steps, a["out"]), progress=False)
+    seconds = [r["seconds"] for r in sorted(read_metrics(run), key=lambda r: r["step"])]
+    per_step = [b - c for b, c in zip(seconds, [0.0] + seconds[:-1])]
+    model = json.loads((Path(run) / "model.json").read_text())
+    return {"step_s": per_step[a["warmup"]:], "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
+            "threads": torch.get_num_threads(), "aux_parameters": model["method"]["aux_parameters"],
+            "generator_parameters": model["generator_parameters"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", help="teacher run directory (the generator starts as its copy)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods for step time / memory")
-    ap.add_argument("--quality-methods", default=",".join(METHODS), help="methods for time to quality ('' = skip)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--timed-steps", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=50, help="steps between FD evaluations (time to quality)")
-    ap.add_argument("--budget", type=float, default=600.0, help="training seconds per method (time to quality)")
-    ap.add_argument("--max-steps", type=int, default=20_000)
-    ap.add_argument("--scale-preset", default="", help="also time an untrained teacher of this UNet preset "
-                    "(e.g. small, cifar) on the same data: step time and memory only")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--note", default="Rerun on a quiet machine before quoting.")
-    ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/RESULTS.md")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        kind, payload = args.worker
-        fn = worker_timing if kind == "timing" else worker_quality
-        print("RESULT " + json.dumps(fn(json.loads(payload))), flush=True)
-        return
-    if not args.teacher:
-        ap.error("--teacher RUN_DIR is required")
+def worker_flops(a: dict) -> dict:
+    """FLOPs of one training step: (FLOPs of a 3-step run - FLOPs of a 1-step run) / 2."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(a["threads"])
+    from train.student.loop import train_student
+
+    totals = {}
+    for steps in (1, 3):
+        with FlopCounterMode(display=False) as counter:
+            train_student(_student_config(a, steps, f"{a['out']}-{steps}"), progress=False)
+        totals[steps] = counter.get_total_flops()
+    return {"flops_per_step": (totals[3] - totals[1]) / 2, "flops_1_step_run": totals[1]}
+
+
+def worker_matmul(a: dict) -> dict:
+    """Dense float32 matmul GFLOP/s with the given thread count (best of ``repeats`` per size)."""
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    by_size = {}
+    for n in a.get("sizes", MATMUL_SIZES):
+        x, y = torch.randn(n, n), torch.randn(n, n)
+        z = torch.matmul(x, y)  # warm-up (and the output buffer)
+        reps = max(1, int(a.get("flop_per_timing", 2e9) / (2 * n ** 3)))
+        best = float("inf")
+        for _ in range(a.get("repeats", 5)):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(x, y, out=z)
+            best = min(best, (time.perf_counter() - t0) / reps)
+        by_size[str(n)] = 2 * n ** 3 / best / 1e9
+    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------- speed
+def run_speed(args) -> dict:
+    """All speed measurements; returns the raw results (JSON-able)."""
+    methods = [m for m in args.methods.split(",") if m]
+    sizes = [s for s in args.sizes.split(",") if s]
+    variants = [("", None)] + ([(args.compare_label, str(Path(args.compare_src).resolve()))] if args.compare_src else [])
+    tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
+    from probe.core.data import load_dataset
+
+    data, teachers = load_dataset(args.data, "train"), {}
+    for size in sizes:
+        if args.teacher and size == args.teacher_size:
+            teachers[size] = str(Path(args.teacher).resolve())
+        else:
+            teachers[size] = str(make_untrained_teacher(size, tmp / f"teacher-{size}", args.data, data.resolution,
+                                                        data.channels))
+    common = dict(batch=args.batch, threads=args.threads, seed=args.seed, dataset=args.data)
+    compare_methods = [m for m in (args.compare_methods or args.methods).split(",") if m]
+    runs = {size: {f"{m}{'@' + lab if lab else ''}": [] for m in methods for lab, _ in variants
+                   if not lab or m in compare_methods} for size in sizes}
+    matmul, loads, flops = [], [], {size: {} for size in sizes}
+    t_start = time.time()
+    for r in range(args.rounds):
+        matmul.append(run_worker("matmul", {"threads": args.threads, "sizes": list(args.matmul_sizes)}))
+        print(f"round {r + 1}: matmul peak {matmul[-1]['peak_gflops']:.1f} GFLOP/s", file=sys.stderr)
+        for size in sizes:
+            jobs = [(m, lab, src) for m in methods for lab, src in variants if not lab or m in compare_methods]
+            jobs = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # rotate: no method always runs first
+            for m, lab, src in jobs:
+                key = f"{m}{'@' + lab if lab else ''}"
+                load = os.getloadavg()[0]
+                loads.append(load)
+                res = run_worker("speed", {**common, "teacher": teachers[size], "method": m, "warmup": args.warmup,
+                                           "timed_steps": args.timed_steps,
+                                           "out": str(tmp / f"s-{size}-{key}-{r}")}, src)
+                res["load_before"] = load
+                runs[size][key].append(res)
+                print(f"round {r + 1} {size} {key}: {1000 * statistics.median(res['step_s']):.0f} ms/step, "
+                      f"peak {res['peak_rss_mib']:.0f} MiB (load {load:.1f})", file=sys.stderr)
+    if not args.no_flops:
+        for size in sizes:
+            for m in methods:  # the current code only: a before/after pair differs in time, not in FLOPs
+                flops[size][m] = run_worker("flops", {**common, "teacher": teachers[size], "method": m,
+                                                      "out": str(tmp / f"f-{size}-{m}")})
+                print(f"{size} {m}: {flops[size][m]['flops_per_step'] / 1e9:.2f} GFLOP/step", file=sys.stderr)
+    import shutil
 
     import torch
 
-    from probe.core.models import load_model
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"runs": runs, "flops": flops, "matmul": matmul, "loads": loads,
+            "meta": {"methods": methods, "sizes": sizes, "variants": [lab for lab, _ in variants],
+                     "compare_src": args.compare_src, "batch": args.batch, "threads": args.threads,
+                     "rounds": args.rounds, "matmul_sizes": list(args.matmul_sizes), "warmup": args.warmup, "timed_steps": args.timed_steps,
+                     "data": args.data, "teacher": args.teacher, "teacher_size": args.teacher_size,
+                     "cpus": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
+                     "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - t_start) / 60,
+                     "note": args.note}}
 
-    teacher = load_model(args.teacher)
-    common = dict(teacher=str(Path(args.teacher).resolve()), batch=args.batch, threads=args.threads,
-                  device=args.device, seed=args.seed)
-    res, quality, scaled = {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in [m for m in args.methods.split(",") if m]:
-            res[m] = run_worker("timing", {**common, "method": m, "out": f"{tmp}/t-{m}", "warmup": args.warmup,
-                                           "timed_steps": args.timed_steps})
-            print(f"{m}: {1000 * res[m]['step_s']:.1f} ms/step, peak {res[m]['peak_mib']:.0f} MiB", file=sys.stderr)
-        if args.scale_preset:
-            big = make_untrained_teacher(args.scale_preset, teacher, Path(tmp) / f"teacher-{args.scale_preset}")
-            for m in [m for m in args.methods.split(",") if m]:
-                scaled[m] = run_worker("timing", {**common, "teacher": str(big), "method": m, "out": f"{tmp}/s-{m}",
-                                                  "warmup": args.warmup, "timed_steps": args.timed_steps})
-                print(f"{args.scale_preset} {m}: {1000 * scaled[m]['step_s']:.1f} ms/step", file=sys.stderr)
-        q_methods = [m for m in args.quality_methods.split(",") if m]
-        target = teacher_fd(args.teacher, args.device) if q_methods else float("nan")
-        for m in q_methods:
-            quality[m] = run_worker("quality", {**common, "method": m, "out": f"{tmp}/q-{m}", "target_fd": target,
-                                                "eval_every": args.eval_every, "evals_per_chunk": 4,
-                                                "budget": args.budget, "max_steps": args.max_steps})
-            print(f"{m}: {quality[m]}", file=sys.stderr)
-    scaled_params = 0
-    if scaled:
-        from probe.core.models import build_unet
 
-        scaled_params = sum(p.numel() for p in build_unet(teacher.resolution, teacher.channels,
-                                                          args.scale_preset).parameters())
-    meta = dict(teacher=args.teacher, teacher_params=sum(p.numel() for p in teacher.unet.parameters()),
-                dataset=teacher.dataset, batch=args.batch, device=args.device, threads=args.threads,
-                cpus=os.cpu_count(), torch=torch.__version__, warmup=args.warmup, timed_steps=args.timed_steps,
-                target_fd=target, eval_every=args.eval_every, budget=args.budget, note=args.note,
-                date=time.strftime("%Y-%m-%d") + f" on {platform.machine()}")
-    text = render(res, quality, meta)
-    if scaled:
-        table = render(scaled, {}, meta).split("\n")
-        rows = [l for l in table if l.startswith("|")]
-        text = text.replace("\nMeasured", f"\nSame, with an untrained `{args.scale_preset}` UNet teacher "
-                            f"({scaled_params:,} parameters; weights and optimiser states weigh more):\n\n"
-                            + "\n".join(rows) + "\n\nMeasured")
+def merge_speed(raws: list[dict]) -> dict:
+    """Several saved speed runs (e.g. one per size) as one: sizes side by side, matmul and loads pooled."""
+    out = {"runs": {}, "flops": {}, "matmul": [], "loads": [], "meta": dict(raws[0]["meta"])}
+    for raw in raws:
+        out["runs"].update(raw["runs"])
+        out["flops"].update(raw["flops"])
+        out["matmul"] += raw["matmul"]
+        out["loads"] += raw["loads"]
+    out["meta"]["minutes"] = sum(r["meta"]["minutes"] for r in raws)
+    out["meta"]["rounds"] = "/".join(str(r["meta"]["rounds"]) for r in raws)
+    out["meta"]["timed_steps"] = "/".join(str(r["meta"]["timed_steps"]) for r in raws)
+    out["meta"]["warmup"] = "/".join(str(r["meta"]["warmup"]) for r in raws)
+    out["meta"]["compare_src"] = next((r["meta"]["compare_src"] for r in raws if r["meta"]["compare_src"]), None)
+    return out
+
+
+def summarise_speed(raw: dict) -> dict:
+    """Per size and method: medians, spreads, flags, ratios to vsd, FLOP/s and utilisation."""
+    peaks = [m["peak_gflops"] for m in raw["matmul"]]
+    peak = statistics.median(peaks)
+    out = {"matmul_gflops": peak, "matmul_range": (min(peaks), max(peaks)), "sizes": {}}
+    for size, by_method in raw["runs"].items():
+        rows = {}
+        for key, runs in by_method.items():
+            if not runs:
+                continue
+            med_per_round = [statistics.median(r["step_s"]) for r in runs]
+            mem = [r["peak_rss_mib"] for r in runs]
+            row = {"step_s": statistics.median(med_per_round), "step_min": min(med_per_round),
+                   "step_max": max(med_per_round), "step_spread": spread(med_per_round),
+                   "peak_mib": statistics.median(mem), "peak_spread": spread(mem),
+                   "after_imports_mib": statistics.median(r["after_imports_mib"] for r in runs),
+                   "aux_parameters": runs[0]["aux_parameters"], "threads": runs[0]["threads"],
+                   "rounds": len(runs)}
+            row["flag"] = row["step_spread"] > SPREAD_FLAG or row["peak_spread"] > SPREAD_FLAG
+            f = raw["flops"].get(size, {}).get(key)
+            if f:
+                row["gflop_per_step"] = f["flops_per_step"] / 1e9
+                row["gflops"] = row["gflop_per_step"] / row["step_s"]
+                row["utilisation"] = row["gflops"] / peak
+            rows[key] = row
+        for key, row in rows.items():
+            if "@" in key and key.split("@")[0] in by_method:  # paired with the same round of the base code
+                base = [statistics.median(r["step_s"]) for r in by_method[key.split("@")[0]]]
+                mine = [statistics.median(r["step_s"]) for r in by_method[key]]
+                ratios = [b / a for a, b in zip(base, mine)]
+                row["paired_base_over_variant"] = [1 / x for x in ratios]
+                row["paired_variant_over_base"] = statistics.median(ratios)
+                row["paired_range"] = (min(ratios), max(ratios))
+            ref = rows.get("vsd" + key[key.index("@"):] if "@" in key else "vsd")
+            if ref:
+                row["step_vs_vsd"] = row["step_s"] / ref["step_s"]
+                row["peak_vs_vsd"] = row["peak_mib"] / ref["peak_mib"]
+                row["over_imports_vs_vsd"] = ((row["peak_mib"] - row["after_imports_mib"])
+                                              / max(ref["peak_mib"] - ref["after_imports_mib"], 1e-9))
+        out["sizes"][size] = rows
+    return out
+
+
+def render_speed(raw: dict, summary: dict | None = None) -> str:
+    s = summary or summarise_speed(raw)
+    meta, loads = raw["meta"], raw["loads"]
+    lo, hi = s["matmul_range"]
+    lines = [f"<!-- {NAME}:start -->", "## One-step methods: memory, step time, FLOPs (`benchmarks/bench_methods.py speed`)",
+             "",
+             f"Measured {meta['date']} by `benchmarks/bench_methods.py speed` in {meta['minutes']:.0f} min on "
+             f"{meta['cpu']} ({meta['cpus']} CPUs), torch {meta['torch']}, **{meta['threads']} torch thread(s)**, "
+             f"float32. **Machine load** (1-min load average before each run): median {statistics.median(loads):.1f}, "
+             f"range {min(loads):.1f}-{max(loads):.1f} on {meta['cpus']} CPUs: the machine was shared, so absolute "
+             "times are slower than on a quiet machine; ratios come from interleaved runs under the same load.", "",
+             f"Set-up: data `{meta['data']}`, batch {meta['batch']}, generator = copy of the teacher, default options "
+             "of every method (ratio network: teacher encoder + pooled head), evaluation off. Teacher per size: "
+             "an untrained UNet of that preset" + (f" (`{meta['teacher_size']}`: `{meta['teacher']}`)" if meta["teacher"]
+                                                   else "") + " (weights change neither speed nor memory). "
+             f"Every (size, method) in a fresh subprocess, {meta['rounds']} rounds, methods rotated each round; "
+             f"{meta['timed_steps']} timed steps after {meta['warmup']} warm-up steps per process.", "",
+             "Columns: **peak MiB** = whole-process peak RSS (`ru_maxrss` of the child via `os.wait4`), median over "
+             "rounds; **after imports** = the same process's RSS after imports and data loading, before any model "
+             "(no method can change it); **step ms** = median over rounds of each process's median step "
+             "(auxiliary + generator update + EMA), **range** = min-max of the per-round medians, "
+             f"**spread** = (max - min) / median, **!** when the time or memory spread exceeds {SPREAD_FLAG:.0%}; "
+             "**GFLOP/step** from `FlopCounterMode` (matmul, convolution, attention; forward and backward); "
+             "**GFLOP/s** = GFLOP/step / step time; **util.** = GFLOP/s / the matmul peak below.", "",
+             f"Dense float32 matmul peak (`torch.matmul`, n in {{{', '.join(str(n) for n in meta['matmul_sizes'])}}}, "
+             f"{meta['threads']} thread(s), once per round): **{s['matmul_gflops']:.1f} GFLOP/s** median "
+             f"(range {lo:.1f}-{hi:.1f})."]
+    for size, rows in s["sizes"].items():
+        lines += ["", f"### UNet `{size}`", "",
+                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms | range ms "
+                  "| spread | vs vsd | GFLOP/step | GFLOP/s | util. |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, r in rows.items():
+            def f(name, fmt, default="-"):
+                return format(r[name], fmt) if name in r else default
+            lines.append(
+                f"| {key}{' !' if r['flag'] else ''} | {r['aux_parameters']:,} | {r['peak_mib']:.0f} | "
+                f"{f('peak_vs_vsd', '.2f')}x | {r['after_imports_mib']:.0f} | {f('over_imports_vs_vsd', '.2f')}x | "
+                f"{1000 * r['step_s']:.0f} | {1000 * r['step_min']:.0f}-{1000 * r['step_max']:.0f} | "
+                f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
+                f"{f('gflops', '.1f')} | {f('utilisation', '.0%')} |")
+        paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
+        if paired:
+            lab = next(iter(paired)).split("@")[1]
+            lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code in `{meta['compare_src']}`, "
+                      "interleaved with the current code in the same rounds; paired ratio = median over rounds of "
+                      f"(current / {lab}) step time of the same round (range over rounds).", "",
+                      f"| method | {lab} ms | current ms | paired current / {lab} | range |", "|---|---:|---:|---:|---:|"]
+            for key, r in paired.items():
+                cur = rows[key.split("@")[0]]
+                lo, hi = (1 / x for x in r["paired_range"])
+                lines.append(f"| {key.split('@')[0]} | {1000 * r['step_s']:.0f} | {1000 * cur['step_s']:.0f} | "
+                             f"{1 / r['paired_variant_over_base']:.3f} | {min(lo, hi):.2f}-{max(lo, hi):.2f} |")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    lines.append(f"<!-- {NAME}:end -->")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- quality
+@contextlib.contextmanager
+def evaluation_clock():
+    """Seconds spent in QualityEvaluator construction and in its evaluate(), while the block runs."""
+    from probe.quality.metrics import QualityEvaluator
+
+    clock = {"eval_s": 0.0, "n_evals": 0, "evaluator_setup_s": 0.0}
+    init, evaluate = QualityEvaluator.__init__, QualityEvaluator.evaluate
+
+    def timed_init(self, *a, **k):
+        t0 = time.perf_counter()
+        init(self, *a, **k)
+        clock["evaluator_setup_s"] += time.perf_counter() - t0
+
+    def timed_evaluate(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return evaluate(self, *a, **k)
+        finally:
+            clock["eval_s"] += time.perf_counter() - t0
+            clock["n_evals"] += 1
+
+    QualityEvaluator.__init__, QualityEvaluator.evaluate = timed_init, timed_evaluate
+    try:
+        yield clock
+    finally:
+        QualityEvaluator.__init__, QualityEvaluator.evaluate = init, evaluate
+
+
+def threshold_hits(evals: list[dict], targets: dict[str, float]) -> dict:
+    """For each named target FD: the first evaluation at or below it as {step, seconds}, or None."""
+    hits = {}
+    for name, fd in targets.items():
+        row = next((r for r in sorted(evals, key=lambda r: r["step"]) if r["eval_fd"] <= fd), None)
+        hits[name] = {"step": row["step"], "seconds": row["seconds"]} if row else None
+    return hits
+
+
+def worker_quality(a: dict) -> dict:
+    """Train one (method, setting, seed) in chunks until ``stop_step``, the targets or the budget.
+
+    Resumes the run in ``a['out']`` if it has a checkpoint, so successive-halving rungs and cut
+    studies continue where they stopped. Returns the evaluation curve and the threshold hits.
+    """
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    from probe.core.runs import load_state, read_metrics
+    from train.student.loop import StudentConfig, train_student
+
+    chunk = a["eval_every"] * a["evals_per_chunk"]
+    cfg = StudentConfig(out=a["out"], teacher=a["teacher"], method=a["method"], batch=a["batch"],
+                        steps=a["max_steps"], eval_every=a["eval_every"], eval_samples=a["eval_samples"],
+                        checkpoint_every=chunk, log_every=a["eval_every"], device=a.get("device", "cpu"),
+                        seed=a["seed"], **a.get("options", {}))
+    out = Path(a["out"])
+    state = load_state(out)
+    done = state["step"] if state is not None else 0
+    stop_step = min(a.get("stop_step") or a["max_steps"], a["max_steps"])
+    evals, t0 = [r for r in read_metrics(out) if "eval_fd" in r], time.perf_counter()
+    with evaluation_clock() as clock:
+        while done < stop_step:
+            if evals and a.get("stop_at_targets", True) and all(threshold_hits(evals, a["targets"]).values()):
+                break
+            if evals and evals[-1]["seconds"] >= a.get("budget", float("inf")):
+                break
+            done = min(done + chunk, stop_step)
+            train_student(cfg, resume=(out / "state.pt").exists(), progress=False, stop_after=done)
+            evals = [r for r in read_metrics(out) if "eval_fd" in r]
+    best = min(evals, key=lambda r: r["eval_fd"])
+    return {"evals": [{"step": r["step"], "seconds": r["seconds"], "fd": r["eval_fd"]} for r in evals],
+            "hits": threshold_hits(evals, a["targets"]), "best_fd": best["eval_fd"], "best_step": best["step"],
+            "last_fd": evals[-1]["eval_fd"], "last_step": evals[-1]["step"], "train_s": evals[-1]["seconds"],
+            "wall_s": time.perf_counter() - t0, **clock}
+
+
+def teacher_fd(teacher: str, n_samples: int, steps: int, device: str) -> float:
+    """The teacher's Heun FD on the students' evaluator (same sample count, evaluator seed 0)."""
+    eval_file = Path(teacher) / "eval.json"
+    if eval_file.exists():
+        r = json.loads(eval_file.read_text())
+        if r.get("n") == n_samples and r.get("sampler") == f"heun-{steps}":
+            return float(r["fd"])
+    from probe.quality.evaluate import EvalConfig, evaluate_model
+
+    result, _ = evaluate_model(EvalConfig(model=teacher, n_samples=n_samples, steps=steps, seed=0, device=device))
+    return float(result["fd"])
+
+
+def sweep_settings(method: str, lr_g: list[float], lr_aux: list[float], key_options: dict) -> list[dict]:
+    """The grid of one method: lr_g x lr_aux (x its key option's values)."""
+    key = key_options.get(method)
+    keys = [{key[0]: v} for v in key[1]] if key else [{}]
+    return [{"lr_g": g, "lr_aux": x, **k} for g in lr_g for x in lr_aux for k in keys]
+
+
+def rung_steps(first: int, n_configs: int, eta: int, chunk: int) -> list[int]:
+    """Step budgets of the successive-halving rungs (first, eta x first, ...), multiples of ``chunk``."""
+    rungs, n = [first], n_configs
+    while n > eta:  # the last rung holds at most eta settings; the best of them is the winner
+        n = math.ceil(n / eta)
+        rungs.append(rungs[-1] * eta)
+    return [int(math.ceil(b / chunk) * chunk) for b in rungs]
+
+
+def setting_key(method: str, setting: dict, seed: int) -> str:
+    parts = [method] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(setting.items())]
+    return "_".join(parts + [f"seed{seed}"]).replace("/", "-")
+
+
+class Study:
+    """Cached, resumable quality runs under one work directory (``results/*.json`` + run directories)."""
+
+    def __init__(self, work: Path, base: dict, inprocess: bool):
+        self.work, self.base, self.inprocess = Path(work), base, inprocess
+        (self.work / "results").mkdir(parents=True, exist_ok=True)
+
+    def run(self, method: str, setting: dict, seed: int, stop_step: int | None, stop_at_targets: bool,
+            budget: float) -> dict:
+        key = setting_key(method, setting, seed)
+        cache = self.work / "results" / f"{key}-{stop_step or f'long{budget:g}s'}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        args = {**self.base, "method": method, "seed": seed, "out": str(self.work / "runs" / key),
+                "options": setting, "stop_step": stop_step, "stop_at_targets": stop_at_targets, "budget": budget}
+        res = worker_quality(args) if self.inprocess else run_worker("quality", args)
+        res.update(method=method, setting=setting, seed=seed)
+        cache.write_text(json.dumps(res, indent=1))
+        return res
+
+
+def successive_halving(study: Study, method: str, settings: list[dict], rungs: list[int], eta: int) -> dict:
+    """Prune ``settings`` by best FD at each rung (keep the best 1/eta); returns the table and the winner."""
+    alive, table = list(range(len(settings))), {i: {} for i in range(len(settings))}
+    for rung, steps in enumerate(rungs):
+        for i in alive:
+            res = study.run(method, settings[i], 0, steps, stop_at_targets=False, budget=float("inf"))
+            table[i][steps] = res["best_fd"]
+        if rung < len(rungs) - 1:
+            alive = sorted(alive, key=lambda i: table[i][steps])[:max(1, math.ceil(len(alive) / eta))]
+    best = min(alive, key=lambda i: table[i][rungs[len(rungs) - 1]] if rungs[-1] in table[i] else math.inf)
+    return {"settings": settings, "rungs": rungs, "fd": {str(i): v for i, v in table.items()}, "best": best,
+            "best_setting": settings[best]}
+
+
+def run_quality(args) -> dict:
+    import torch
+
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    factors = [float(f) for f in args.thresholds.split(",") if f]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
+    teacher = args.teacher
+    if teacher is None:  # dry run: a few-step teacher of the test preset
+        from train.teacher import TeacherConfig, train_teacher
+
+        teacher = str(work / "teacher")
+        if not (Path(teacher) / "model.json").exists():
+            train_teacher(TeacherConfig(out=teacher, preset="test", steps=4, batch=16, eval_samples=0,
+                                        sample_steps=2, device=args.device), progress=False)
+    t0 = time.perf_counter()
+    fd_teacher = teacher_fd(teacher, args.eval_samples, args.teacher_steps, args.device)
+    teacher_eval_s = time.perf_counter() - t0
+    targets = {f"{f:g}x": f * fd_teacher for f in factors}
+    base = dict(teacher=str(Path(teacher).resolve()), batch=args.batch, threads=args.threads, device=args.device,
+                eval_every=args.eval_every, evals_per_chunk=args.evals_per_chunk, eval_samples=args.eval_samples,
+                max_steps=args.max_steps, targets=targets)
+    study = Study(work, base, inprocess=args.dry_run)
+    lr_g = [float(v) for v in args.sweep_lr_g.split(",")]
+    lr_aux = [float(v) for v in args.sweep_lr_aux.split(",")]
+    key_options = dict(KEY_OPTIONS)
+    for item in [s for s in args.sweep_key.split(";") if s]:   # "sid:sid_alpha=1.0,1.2"
+        m, rest = item.split(":", 1)
+        field, values = rest.split("=", 1)
+        key_options[m] = (field, tuple(float(v) if "." in v or "e" in v else int(v) for v in values.split(",")))
+    sweeps, clock = {}, {"sweep_s": 0.0, "long_s": 0.0}
+    chunk = args.eval_every * args.evals_per_chunk
+    for m in methods:
+        t0 = time.perf_counter()
+        if args.sweep:
+            settings = sweep_settings(m, lr_g, lr_aux, key_options)
+            sweeps[m] = successive_halving(study, m, settings, rung_steps(args.sweep_steps, len(settings), args.eta,
+                                                                          chunk), args.eta)
+            print(f"{m}: best setting {sweeps[m]['best_setting']}", file=sys.stderr)
+        clock["sweep_s"] += time.perf_counter() - t0
+    runs = {}
+    for m in methods:
+        setting = sweeps[m]["best_setting"] if m in sweeps else {}
+        t0 = time.perf_counter()
+        runs[m] = [study.run(m, setting, seed, None, stop_at_targets=True, budget=args.budget) for seed in seeds]
+        clock["long_s"] += time.perf_counter() - t0
+        print(f"{m}: {[r['hits'] for r in runs[m]]}", file=sys.stderr)
+    return {"runs": runs, "sweeps": sweeps, "targets": targets, "teacher_fd": fd_teacher,
+            "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps,
+                     "teacher_eval_s": teacher_eval_s, "methods": methods, "seeds": seeds, "batch": args.batch,
+                     "eval_every": args.eval_every, "eval_samples": args.eval_samples, "budget": args.budget,
+                     "max_steps": args.max_steps, "threads": args.threads, "cpus": os.cpu_count(),
+                     "cpu": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                     "load": os.getloadavg()[0], "work_dir": str(work), "sweep_s": clock["sweep_s"],
+                     "long_s": clock["long_s"], "eta": args.eta, "sweep_steps": args.sweep_steps,
+                     "dry_run": args.dry_run, "note": args.note}}
+
+
+def _fmt(values: list[float], fmt: str) -> str:
+    m, s = mean_std(values)
+    return f"{m:{fmt}} +- {s:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
+
+
+def render_quality(q: dict) -> str:
+    meta, targets = q["meta"], q["targets"]
+    names = list(targets)
+    lines = [f"<!-- {QUALITY_NAME}:start -->",
+             "## One-step methods: time to quality (`benchmarks/bench_methods.py quality`)", "",
+             f"Teacher `{meta['teacher']}`, Heun-{meta['teacher_steps']} FD **{q['teacher_fd']:.2f}** "
+             f"(n={meta['eval_samples']}, evaluator seed 0); thresholds "
+             + ", ".join(f"{k} = {v:.2f}" for k, v in targets.items())
+             + f". Batch {meta['batch']}, FD of the EMA generator every {meta['eval_every']} steps, budget "
+             f"{meta['budget']:.0f} training seconds or {meta['max_steps']} steps per run, seeds "
+             f"{', '.join(map(str, meta['seeds']))}. Seconds are the loop's training clock (evaluation, set-up and "
+             f"checkpoints excluded); evaluation seconds are listed separately. {meta['cpu']} ({meta['cpus']} CPUs), "
+             f"{meta['threads']} thread(s), torch {meta['torch']}, load average {meta['load']:.1f} at the end; "
+             f"sweep {meta['sweep_s'] / 60:.1f} min, long runs {meta['long_s'] / 60:.1f} min (wall, this call).", ""]
+    head = "| method | setting |"
+    for n in names:
+        head += f" reached {n} | steps to {n} | s to {n} | vs vsd |"
+    lines += [head + " best FD (step) | last FD (step) | eval s (n evals) |",
+              "|---|---|" + "---:|" * (4 * len(names) + 3)]
+    vsd = q["runs"].get("vsd")
+    for m, runs in q["runs"].items():
+        row = f"| {m} | {', '.join(f'{k}={v:g}' for k, v in runs[0]['setting'].items()) or 'defaults'} |"
+        for n in names:
+            hits = [r["hits"][n] for r in runs if r["hits"][n]]
+            row += f" {len(hits)}/{len(runs)} |"
+            if hits:
+                secs = [h["seconds"] for h in hits]
+                row += f" {_fmt([h['step'] for h in hits], '.0f')} | {_fmt(secs, '.0f')} |"
+                vsd_hits = [r["hits"][n] for r in vsd if r["hits"][n]] if vsd else []
+                ref = statistics.fmean(h["seconds"] for h in vsd_hits) if vsd_hits else 0.0
+                if vsd and len(vsd_hits) == len(vsd) and ref > 0:
+                    row += f" {statistics.fmean(secs) / ref:.2f}x |"
+                elif vsd and len(vsd_hits) == len(vsd):
+                    row += " - (vsd: at the start) |"
+                else:
+                    row += " vsd not reached |" if vsd else " - |"
+            else:
+                row += f" > {max(r['last_step'] for r in runs)} | > {max(r['train_s'] for r in runs):.0f} | - |"
+        row += (f" {_fmt([r['best_fd'] for r in runs], '.2f')} ({'/'.join(str(r['best_step']) for r in runs)}) |"
+                f" {_fmt([r['last_fd'] for r in runs], '.2f')} ({'/'.join(str(r['last_step']) for r in runs)}) |"
+                f" {sum(r['eval_s'] for r in runs):.0f} ({sum(r['n_evals'] for r in runs)}) |")
+        lines.append(row)
+    if q["sweeps"]:
+        lines += ["", f"Sweep (seed 0, successive halving: keep the best 1/{meta['eta']} by best FD, x{meta['eta']} "
+                  "steps per rung; cells = best FD up to that many steps, '-' = pruned):", ""]
+        for m, sw in q["sweeps"].items():
+            lines += [f"{m}:", "", "| setting | " + " | ".join(f"{s} steps" for s in sw["rungs"]) + " |",
+                      "|---|" + "---:|" * len(sw["rungs"])]
+            for i, setting in enumerate(sw["settings"]):
+                fd = sw["fd"][str(i)]
+                cells = " | ".join(f"{fd.get(s, fd.get(str(s))):.2f}" if (s in fd or str(s) in fd) else "-"
+                                   for s in sw["rungs"])
+                mark = " **(chosen)**" if i == sw["best"] else ""
+                lines.append(f"| {', '.join(f'{k}={v:g}' for k, v in setting.items())}{mark} | {cells} |")
+            lines.append("")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    lines.append(f"<!-- {QUALITY_NAME}:end -->")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- CLI
+def write_section(name: str, text: str) -> None:
+    from results_md import write_section as write  # benchmarks/ is on sys.path when a script runs
+
+    write(name, text)
+
+
+def _worker_main() -> None:
+    kind, payload = sys.argv[2], json.loads(sys.argv[3])
+    if payload.get("src"):
+        sys.path.insert(0, payload["src"])  # import the toolkit from that tree (before/after comparisons)
+    fn = {"speed": worker_speed, "flops": worker_flops, "matmul": worker_matmul, "quality": worker_quality}[kind]
+    print("RESULT " + json.dumps(fn(payload)), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("speed", help="whole-process peak memory, interleaved step time, FLOPs, utilisation")
+    sp.add_argument("--methods", default=",".join(METHODS))
+    sp.add_argument("--sizes", default="tiny", help="UNet presets, comma-separated (e.g. tiny,small)")
+    sp.add_argument("--teacher", help="use this teacher run for --teacher-size instead of an untrained one")
+    sp.add_argument("--teacher-size", default="tiny")
+    sp.add_argument("--data", default="digits", help="data set of the untrained teachers (8x8 grey for digits)")
+    sp.add_argument("--batch", type=int, default=64)
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--timed-steps", type=int, default=8)
+    sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-flops", action="store_true")
+    sp.add_argument("--matmul-sizes", type=lambda s: [int(v) for v in s.split(",")], default=list(MATMUL_SIZES))
+    sp.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
+    sp.add_argument("--compare-label", default="before")
+    sp.add_argument("--compare-methods", default="", help="methods run from --compare-src too (default: all)")
+    sp.add_argument("--from-json", default="", help="render (and --write) these saved runs, comma-separated, "
+                    "merged (e.g. one per size); measures nothing")
+    sq = sub.add_parser("quality", help="time to 1.5x / 1.1x teacher FD per method and seed, optional sweep")
+    sq.add_argument("--teacher", help="trained teacher run directory (required unless --dry-run)")
+    sq.add_argument("--methods", default=",".join(METHODS))
+    sq.add_argument("--seeds", default="0,1,2")
+    sq.add_argument("--thresholds", default="1.5,1.1", help="multiples of the teacher's FD")
+    sq.add_argument("--teacher-steps", type=int, default=18, help="Heun steps of the teacher's FD")
+    sq.add_argument("--batch", type=int, default=64)
+    sq.add_argument("--eval-every", type=int, default=100)
+    sq.add_argument("--evals-per-chunk", type=int, default=2, help="evaluations per checkpoint chunk")
+    sq.add_argument("--eval-samples", type=int, default=500)
+    sq.add_argument("--budget", type=float, default=900.0, help="training seconds per long run")
+    sq.add_argument("--max-steps", type=int, default=20_000)
+    sq.add_argument("--sweep", action="store_true", help="successive-halving sweep per method first")
+    sq.add_argument("--sweep-lr-g", default="5e-5,1e-4,2e-4")
+    sq.add_argument("--sweep-lr-aux", default="5e-5,1e-4,2e-4")
+    sq.add_argument("--sweep-key", default="", help="override key options: 'sid:sid_alpha=1.0,1.2;vsd:aux_steps=1,2'")
+    sq.add_argument("--sweep-steps", type=int, default=200, help="steps of the first rung")
+    sq.add_argument("--eta", type=int, default=3, help="successive halving: keep 1/eta, eta x steps per rung")
+    sq.add_argument("--work-dir", help="where runs and cached results live (resumable); default a temp dir")
+    sq.add_argument("--threads", type=int, default=1)
+    sq.add_argument("--device", default="cpu")
+    for p in (sp, sq):
+        p.add_argument("--dry-run", action="store_true", help="tiny budget smoke test; prints, writes nothing")
+        p.add_argument("--note", default="")
+        p.add_argument("--json", help="also write the raw results here")
+        p.add_argument("--write", action="store_true", help="replace this section of benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.cmd == "speed":
+        if args.dry_run:
+            args.sizes, args.batch, args.rounds, args.warmup, args.timed_steps = "test", 4, 2, 1, 2
+            args.matmul_sizes = [128]
+        raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")]) if args.from_json \
+            else run_speed(args)
+        text = render_speed(raw)
+        name = NAME
+    else:
+        if args.dry_run:
+            args.batch, args.eval_every, args.evals_per_chunk, args.eval_samples = 4, 1, 1, 16
+            args.max_steps, args.sweep_steps, args.budget, args.teacher_steps = 3, 1, 60.0, 2
+        elif not args.teacher:
+            ap.error("quality needs --teacher RUN_DIR (or --dry-run)")
+        raw = run_quality(args)
+        text = render_quality(raw)
+        name = QUALITY_NAME
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
     if args.write:
-        write_section(text)
+        write_section(name, text)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker_main()
+    else:
+        main()

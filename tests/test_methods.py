@@ -214,6 +214,44 @@ def test_registry_and_method_facts():
         get_method("dmd")
 
 
+@pytest.mark.parametrize("method", ["diffratio-js", "vsd"])
+def test_teacher_is_released_after_set_up_unless_the_method_uses_it(tiny_teacher, tmp_path, monkeypatch, method):
+    # Weak references to the teacher denoiser and to every one of its tensors, taken as the loop loads
+    # it; checked inside the first training step after a gc pass. Dead references mean no object of
+    # the training state (generator, ratio net, optimisers, EMA, loop locals) holds a teacher tensor.
+    import gc
+    import weakref
+
+    import train.student.loop as loop
+
+    refs, seen = {}, {}
+
+    def spy_load(path, device="cpu"):
+        model = load_model(path, device)
+        refs["denoiser"] = weakref.ref(model.denoiser)
+        refs["tensors"] = [weakref.ref(t) for t in (*model.denoiser.parameters(), *model.denoiser.buffers())]
+        return model
+
+    class Spy(get_method(method)):
+        def aux_loss(self, fake, real, rng):
+            if not seen:
+                gc.collect()
+                seen["denoiser"] = refs["denoiser"]() is not None
+                seen["tensors"] = sum(r() is not None for r in refs["tensors"])
+            return super().aux_loss(fake, real, rng)
+
+    monkeypatch.setattr(loop, "load_model", spy_load)
+    monkeypatch.setattr(loop, "get_method", lambda name: Spy)
+    loop.train_student(loop.StudentConfig(out=str(tmp_path / "run"), teacher=str(tiny_teacher), method=method,
+                                          steps=1, batch=4, checkpoint_every=10), progress=False)
+    n = len(refs["tensors"])
+    assert n > 0
+    if Spy.uses_teacher:
+        assert seen == {"denoiser": True, "tensors": n}   # vsd evaluates it every step
+    else:
+        assert seen == {"denoiser": False, "tensors": 0}  # diffratio: not one teacher tensor left
+
+
 def test_initialise_generator(tiny_teacher):
     teacher = load_model(tiny_teacher)
     copy, report = initialise_generator("teacher", teacher, seed=0)

@@ -64,7 +64,7 @@ class RegressConfig:
     grad_clip: float = 0.0                     # max gradient norm, 0 = off
     log_every: int = 50                        # steps between metrics.jsonl rows
     checkpoint_every: int = 500                # steps between checkpoints (and validation)
-    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE  # non-finite steps in a row that stop the run (exit code 3)
     eval_samples: int = 500                    # final sample-quality evaluation (one step), 0 = skip
     eval_seed: int = 0                         # seed of the evaluation latents and the evaluator's reference
     seed: int = 0                              # seed of the pairs, the initialisation and every training draw

@@ -60,7 +60,7 @@ class TeacherConfig:
     sigma_range: tuple | None = None           # (lo, hi): train only on sigmas in this band
     grad_clip: float = 0.0                     # max gradient norm, 0 = off
     checkpoint_every: int = 500                # steps between checkpoints
-    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE  # non-finite steps in a row that stop the run (exit code 3)
     sample_steps: int = 18                     # Heun steps for the sample grid and evaluation
     eval_samples: int = 500                    # one-off sample-quality evaluation at the end, 0 = skip
     seed: int = 0                              # seed of every random draw

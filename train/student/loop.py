@@ -29,6 +29,7 @@ toolkit model directory), sample grids from a fixed z in ``samples/`` and ``samp
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -36,23 +37,41 @@ from pathlib import Path
 
 import torch
 
-from probe.core.errors import UserError
-from probe.core.progress import progress_bar
 from probe.core.data import load_dataset
-from probe.core.distributed import (autocast_for, barrier, cuda_speedups, distributed_session, is_main, on_main,
-                                    split_batch, world_size, wrap_ddp)
+from probe.core.distributed import (
+    autocast_for,
+    barrier,
+    cuda_speedups,
+    distributed_session,
+    is_main,
+    on_main,
+    split_batch,
+    world_size,
+    wrap_ddp,
+)
 from probe.core.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
 from probe.core.ema import EMA
+from probe.core.errors import UserError
 from probe.core.images import save_grid
+from probe.core.locks import exclusive
+from probe.core.models import load_model, save_model
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite
+from probe.core.progress import progress_bar
+from probe.core.runs import (
+    MetricsLog,
+    announce_resume,
+    load_state,
+    mark_finished,
+    restore,
+    save_state,
+    start_run,
+    test_point,
+    write_json,
+)
 from train.init import initialise_generator
 from train.student.losses import SIGMA_DISTS, WEIGHTINGS
 from train.student.methods import DEFAULT_METHOD, get_method
-from probe.core.models import load_model, save_model
 from train.student.ratio_net import RATIO_NETS
-from probe.core.locks import exclusive
-from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite
-from probe.core.runs import (MetricsLog, announce_resume, load_state, mark_finished, restore, save_state, start_run,
-                             test_point, write_json)
 from train.student.step import StepParts, student_step
 
 
@@ -93,7 +112,7 @@ class StudentConfig:
     eval_samples: int = 500                    # samples per evaluation (train.metrics.QualityEvaluator)
     eval_seed: int = 0                         # seed of the fixed eval z and of the evaluator's reference
     checkpoint_every: int = 500                # steps between checkpoints (and sample grids)
-    max_nonfinite: int = DEFAULT_MAX_NONFINITE # steps in a row with a non-finite loss/gradient that stop the run (exit 3)
+    max_nonfinite: int = DEFAULT_MAX_NONFINITE  # non-finite steps in a row that stop the run (exit code 3)
     seed: int = 0                              # seed of every random draw in training
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
@@ -214,6 +233,12 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     gen_net, init_report = initialise_generator(cfg.init, teacher, cfg.seed)
     generator = OneStepGenerator(gen_net, cfg.sigma_init)
     method = method_cls(cfg, teacher.denoiser, generator)
+    record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
+              "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
+              "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
+    del teacher  # the loop's last reference: a method with uses_teacher False kept none (methods/base.py)
+    if not method.uses_teacher:
+        gc.collect()  # free the teacher's weights before training (module graphs can hold cycles)
     evaluator = None
     if cfg.eval_every > 0 and is_main():
         from probe.quality.metrics import QualityEvaluator
@@ -222,12 +247,12 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     with ExitStack() as stack:
         if is_main():  # one writer per run directory; other ranks only read it
             stack.enter_context(exclusive(cfg.out, "student run"))
-        return _train_locked(cfg, device, resume, progress, stop_after, micros, teacher, dataset, images,
-                             gen_net, init_report, generator, method, evaluator)
+        return _train_locked(cfg, device, resume, progress, stop_after, micros, record, dataset, images,
+                             gen_net, generator, method, evaluator)
 
 
 def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None, micros,
-                  teacher, dataset, images, gen_net, init_report, generator, method, evaluator) -> Path:
+                  record, dataset, images, gen_net, generator, method, evaluator) -> Path:
     kept = {}
 
     def start():  # rank 0: check everything a resume needs, then open the run directory
@@ -237,14 +262,11 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
 
     out = on_main(start)  # only now: bad options above leave nothing behind
     state = kept.get("state") if is_main() else (load_state(out, STATE_KEYS) if resume else None)
-    record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
-              "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
-              "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
-    del teacher  # score-free methods keep no reference: the teacher is never evaluated
     ema = EMA(gen_net, cfg.ema_halflife_images)
     betas = tuple(float(b) for b in cfg.betas)  # Adam refuses a mix of int and float
-    opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr_g, betas=betas)
-    opt_a = torch.optim.Adam(method.aux.parameters(), lr=cfg.lr_aux, betas=betas)
+    # fused: one kernel over all tensors instead of a Python loop of ~10 ops per tensor (3-4x faster steps on CPU)
+    opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr_g, betas=betas, fused=True)
+    opt_a = torch.optim.Adam(method.aux.parameters(), lr=cfg.lr_aux, betas=betas, fused=True)
     rng = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch, gen_net.unet.config.in_channels, *([gen_net.unet.config.sample_size] * 2))
     parts = StepParts(cfg, method, generator, wrap_ddp(generator, device), wrap_ddp(method.aux, device), images,

@@ -26,7 +26,7 @@ class Method:
     """Base class: stores the config, the teacher and the generator; subclasses build ``self.aux``."""
 
     name: str = "base"
-    uses_teacher: bool = False   # is the teacher denoiser evaluated during training?
+    uses_teacher: bool = False   # is the teacher evaluated during training? False: the loop frees it after set-up
     uses_data: bool = True       # does the method need real images?
     aux_dir: str = "aux"         # sub-folder of the run directory the auxiliary network is saved in
 

@@ -1,0 +1,172 @@
+"""The benchmark drivers: measurement helpers, summaries, successive halving, and the --dry-run paths."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_methods as bm  # noqa: E402
+
+RESULTS = BENCH / "RESULTS.md"
+
+
+def _speed_run(step_s, peak, after=400.0, aux=10):
+    return {"step_s": step_s, "peak_rss_mib": peak, "after_imports_mib": after, "aux_parameters": aux, "threads": 1}
+
+
+# ------------------------------------------------------------------------ pure helpers
+def test_speed_summary_medians_ratios_flags_and_utilisation():
+    raw = {"matmul": [{"peak_gflops": 10.0}, {"peak_gflops": 20.0}, {"peak_gflops": 12.0}],
+           "runs": {"tiny": {
+               # steady: per-round medians 1.0, 1.1, 1.05 -> spread 0.1/1.05 < 20%
+               "diffratio-js": [_speed_run([1.0, 1.0, 9.0], 500), _speed_run([1.1], 520), _speed_run([1.05], 510)],
+               # noisy: 2, 3, 2 -> spread 0.5 > 20%
+               "vsd": [_speed_run([2.0], 600), _speed_run([3.0], 600), _speed_run([2.0], 600)],
+               "vsd@before": [_speed_run([4.0], 600), _speed_run([6.0], 600), _speed_run([4.0], 600)]}},
+           "flops": {"tiny": {"diffratio-js": {"flops_per_step": 6e9}, "vsd": {"flops_per_step": 10e9}}}}
+    s = bm.summarise_speed(raw)
+    assert s["matmul_gflops"] == 12.0 and s["matmul_range"] == (10.0, 20.0)
+    js, vsd, before = (s["sizes"]["tiny"][k] for k in ("diffratio-js", "vsd", "vsd@before"))
+    assert js["step_s"] == pytest.approx(1.05) and not js["flag"]      # median of rounds, not of all steps
+    assert vsd["step_s"] == 2.0 and vsd["flag"] and vsd["step_spread"] == pytest.approx(0.5)
+    assert js["step_vs_vsd"] == pytest.approx(1.05 / 2.0)
+    assert js["peak_vs_vsd"] == pytest.approx(510 / 600)
+    assert js["over_imports_vs_vsd"] == pytest.approx((510 - 400) / (600 - 400))
+    assert js["gflops"] == pytest.approx(6 / 1.05) and js["utilisation"] == pytest.approx(6 / 1.05 / 12.0)
+    assert before["paired_variant_over_base"] == pytest.approx(2.0)   # 4/2, 6/3, 4/2 round by round
+    assert before["step_vs_vsd"] == 1.0                                # variants compare with vsd@variant
+    text = bm.render_speed({**raw, "loads": [1.0, 3.0], "meta": {
+        "date": "d", "minutes": 1, "cpu": "cpu", "cpus": 2, "torch": "t", "threads": 1, "data": "digits", "batch": 4,
+        "teacher": None, "teacher_size": "tiny", "rounds": 3, "timed_steps": 1, "warmup": 1,
+        "matmul_sizes": [64], "compare_src": "/src", "note": ""}}, s)
+    assert "| vsd ! |" in text and "| diffratio-js |" in text and "Before/after on `tiny`" in text
+    assert "| vsd | 4000 | 2000 | 0.500 |" in text
+
+
+def test_threshold_hits_take_the_first_evaluation_at_or_below_each_target():
+    evals = [{"step": 0, "seconds": 0.0, "eval_fd": 50.0}, {"step": 100, "seconds": 9.0, "eval_fd": 14.0},
+             {"step": 200, "seconds": 18.0, "eval_fd": 11.0}, {"step": 300, "seconds": 27.0, "eval_fd": 12.0}]
+    hits = bm.threshold_hits(evals, {"1.5x": 15.0, "1.1x": 11.0, "1.0x": 10.0})
+    assert hits == {"1.5x": {"step": 100, "seconds": 9.0}, "1.1x": {"step": 200, "seconds": 18.0}, "1.0x": None}
+
+
+def test_sweep_grid_and_rungs():
+    grid = bm.sweep_settings("sid", [1e-4, 2e-4], [1e-4, 2e-4, 4e-4], bm.KEY_OPTIONS)
+    assert len(grid) == 2 * 3 * len(bm.KEY_OPTIONS["sid"][1]) and {"sid_alpha"} < set(grid[0])
+    assert len(bm.sweep_settings("diffratio-js", [1e-4], [1e-4, 2e-4], bm.KEY_OPTIONS)) == 2
+    assert bm.rung_steps(200, 9, 3, chunk=100) == [200, 600]           # 9 -> 3 settings
+    assert bm.rung_steps(200, 18, 3, chunk=100) == [200, 600, 1800]    # 18 -> 6 -> 2
+    assert bm.rung_steps(150, 18, 3, chunk=100) == [200, 500, 1400]    # rounded up to checkpoint chunks
+    assert bm.rung_steps(200, 1, 3, chunk=100) == [200]
+
+
+def test_successive_halving_keeps_the_best_third_and_picks_the_winner():
+    # FD of setting i after s steps: 4, 7 and 0 lead after 100 steps, then 7 overtakes 4
+    def fd(i, steps):
+        if steps < 300:
+            return {4: 1.0, 7: 2.0, 0: 3.0}.get(i, 10.0 + i)
+        return {4: 9.0, 7: 5.0}.get(i, 20.0 + i)
+
+    calls = []
+
+    class FakeStudy:
+        def run(self, method, setting, seed, stop_step, stop_at_targets, budget):
+            calls.append((setting["i"], stop_step))
+            return {"best_fd": fd(setting["i"], stop_step)}
+
+    settings = [{"i": i} for i in (4, 7, 0, 1, 2, 3, 5, 6, 8)]
+    sw = bm.successive_halving(FakeStudy(), "m", settings, [100, 300], eta=3)
+    survivors = [i for i, s in calls if s == 300]
+    assert sorted(survivors) == [0, 4, 7] and sw["best_setting"] == {"i": 7}
+    assert len(calls) == 9 + 3
+
+
+# ------------------------------------------------------------------ workers, in process
+def test_flops_per_step_scale_with_batch_and_method(tiny_teacher, tmp_path):
+    common = dict(teacher=str(tiny_teacher), threads=1, seed=0)
+    js4 = bm.worker_flops({**common, "method": "diffratio-js", "batch": 4, "out": str(tmp_path / "a")})
+    js8 = bm.worker_flops({**common, "method": "diffratio-js", "batch": 8, "out": str(tmp_path / "b")})
+    vsd8 = bm.worker_flops({**common, "method": "vsd", "batch": 8, "out": str(tmp_path / "c")})
+    assert js4["flops_per_step"] > 0
+    assert js8["flops_per_step"] == pytest.approx(2 * js4["flops_per_step"], rel=0.02)  # linear in the batch
+    # vsd: generator fwd+bwd, fake-score fwd+bwd, teacher and fake-score forwards: more than the classifier
+    assert vsd8["flops_per_step"] > js8["flops_per_step"]
+
+
+def test_speed_worker_reports_per_step_times(tiny_teacher, tmp_path):
+    r = bm.worker_speed({"teacher": str(tiny_teacher), "method": "gan", "batch": 4, "threads": 1, "seed": 0,
+                         "dataset": "digits", "warmup": 1, "timed_steps": 2, "out": str(tmp_path / "s")})
+    assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
+    assert r["hwm_mib"] >= r["after_imports_mib"] > 0 and r["threads"] == 1 and r["aux_parameters"] > 0
+
+
+def test_run_worker_measures_the_child_and_honours_its_timeout():
+    r = bm.run_worker("matmul", {"threads": 1, "sizes": [64], "repeats": 2, "flop_per_timing": 1e6})
+    assert r["peak_gflops"] > 0 and r["peak_rss_mib"] > 10   # the child's own ru_maxrss
+    with pytest.raises(TimeoutError):
+        bm.run_worker("matmul", {"threads": 1, "sizes": [2048], "repeats": 50, "flop_per_timing": 1e12},
+                      timeout=0.5)
+
+
+# ----------------------------------------------------------------------- dry-run CLIs
+@pytest.mark.slow
+def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp_path, capsys):
+    before = RESULTS.read_text()
+    argv = ["quality", "--dry-run", "--teacher", str(tiny_teacher), "--methods", "diffratio-js,vsd", "--seeds", "0,1",
+            "--sweep", "--sweep-lr-g", "1e-4,2e-4", "--sweep-lr-aux", "1e-4", "--sweep-key", "vsd:aux_steps=1",
+            "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]
+    bm.main(argv)
+    first = capsys.readouterr().out
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert set(q["runs"]) == {"diffratio-js", "vsd"} and [r["seed"] for r in q["runs"]["vsd"]] == [0, 1]
+    assert set(q["targets"]) == {"1.5x", "1.1x"}
+    assert q["targets"]["1.1x"] == pytest.approx(1.1 * q["teacher_fd"])
+    for runs in q["runs"].values():
+        for r in runs:
+            assert r["evals"][0]["step"] == 0 and r["evals"][-1]["step"] == r["last_step"] <= 3
+            assert [e["step"] for e in r["evals"]] == sorted(e["step"] for e in r["evals"])
+            assert r["eval_s"] > 0   # evaluation time, measured apart from the training seconds
+    assert q["sweeps"]["diffratio-js"]["rungs"] == [1] and len(q["sweeps"]["diffratio-js"]["settings"]) == 2
+    assert "## One-step methods: time to quality" in first and "**(chosen)**" in first
+    results = sorted((tmp_path / "w" / "results").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    bm.main(argv)   # everything cached: no run repeats, same table
+    assert capsys.readouterr().out.split("| method |")[1] == first.split("| method |")[1]
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert RESULTS.read_text() == before   # a dry run writes nothing it was not asked to
+
+
+@pytest.mark.slow
+def test_speed_dry_run_cli(tmp_path):
+    before = RESULTS.read_text()
+    out = subprocess.run([sys.executable, str(BENCH / "bench_methods.py"), "speed", "--dry-run", "--methods",
+                          "diffratio-js", "--json", str(tmp_path / "s.json")], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    raw = json.loads((tmp_path / "s.json").read_text())
+    runs = raw["runs"]["test"]["diffratio-js"]
+    assert len(runs) == 2 and all(r["peak_rss_mib"] > r["after_imports_mib"] > 0 for r in runs)
+    assert raw["flops"]["test"]["diffratio-js"]["flops_per_step"] > 0 and len(raw["matmul"]) == 2
+    assert "### UNet `test`" in out.stdout and "| diffratio-js" in out.stdout
+    assert RESULTS.read_text() == before
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_on_cpu(tmp_path):
+    before = RESULTS.read_text()
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_bench.py"), "--dry-run", "--methods", "diffratio-js,vsd",
+                          "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    g = json.loads((tmp_path / "g.json").read_text())
+    for m in ("diffratio-js", "vsd"):
+        r = g["results"]["train"][m]
+        assert r["img_per_s"] > 0 and r["peak_mib"] > 0
+        q = g["results"]["ttq"]["results"][m]
+        assert q["evals"] and set(q["hits"]) == {"1.5x", "1.1x"} and q["eval_s"] > 0
+    assert g["results"]["extract"]["img_per_s"] > 0 and g["meta"]["dry_run"]
+    assert "## GPU check" in out.stdout and "| diffratio-js | no |" in out.stdout
+    assert RESULTS.read_text() == before
