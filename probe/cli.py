@@ -136,26 +136,55 @@ def train_regress_cmd(
 
 @train_app.command("ablation")
 def train_ablation_cmd(
-    config: str = typer.Option(..., help="Grid TOML file, or a shipped grid: paper | quick"),
-    out: Path = typer.Option(..., help="Ablation directory; rerunning skips finished runs and resumes partial ones."),
+    config: Optional[str] = typer.Option(None, help="Grid TOML file, or a shipped grid: paper | quick"),
+    out: Optional[Path] = typer.Option(None, help="Ablation directory; rerunning skips finished jobs and resumes partial ones."),
     teacher: Optional[Path] = typer.Option(None, help="Use this teacher instead of the grid's."),
     steps: Optional[int] = typer.Option(None, help="Override the grid's generator steps."),
     seeds: Optional[str] = typer.Option(None, help="Override the grid's seeds, e.g. 0,1,2"),
     features: Optional[bool] = typer.Option(None, "--features/--no-features", help="Extract features, CKA, probes."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    status: Optional[Path] = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
+                                                     "failed with its log's last line, pending) and exit."),
+    launcher: str = typer.Option("local", help="local: on this machine | slurm: submitted through submitit"),
+    jobs: int = typer.Option(1, help="local: jobs at once, each its own process with cores/N threads and, with "
+                                     "GPUs, its own GPU (1 = in this process; 0 = one per GPU, or per core)."),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's)."),
+    time: int = typer.Option(120, help="slurm: time limit per job in minutes (a job past it is requeued and resumes)."),
+    gpus_per_job: int = typer.Option(0, help="slurm: GPUs per job."),
+    cpus_per_job: int = typer.Option(4, help="slurm: CPUs per job (= torch threads)."),
+    mem_gb: float = typer.Option(16.0, help="slurm: memory per job in GB."),
+    array_limit: int = typer.Option(0, help="slurm: arms of the job array running at once (0 = no limit)."),
+    wait: bool = typer.Option(False, "--wait/--no-wait", help="slurm: wait for the jobs, then write the verdict here "
+                                                               "(default: submit and return)."),
+    submitit_cluster: str = typer.Option("slurm", hidden=True, help="slurm | local | debug (local: CI, no cluster)"),
 ):
-    """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict."""
+    """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict (docs/grids.md)."""
     from train.ablation.grid import AblationConfig
+
+    if status is not None:
+        from train.ablation.jobs import format_status
+
+        typer.echo(format_status(status))
+        return
+    if not config or out is None:
+        raise UserError("--config and --out are required (or --status OUT to look at a grid)")
     from probe.pipeline import run_ablation
+    from train.ablation.launch import LaunchConfig
 
     cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
                          seeds=tuple(int(v) for v in _floats(seeds)) if seeds else None, features=features,
                          device=device)
-    result = run_ablation(cfg)
-    verdict = Path(result) / "verdict.txt"
-    if verdict.exists():
-        typer.echo(verdict.read_text())
-    typer.echo(f"ablation written to {result}")
+    launch_cfg = LaunchConfig(launcher=launcher, jobs=jobs, partition=partition, time_min=time, gpus=gpus_per_job,
+                              cpus=cpus_per_job, mem_gb=mem_gb, array_limit=array_limit, wait=wait,
+                              cluster=submitit_cluster)
+    result = run_ablation(cfg, launch_cfg=launch_cfg)
+    from train.ablation.jobs import AGGREGATE, job_done, read_jobs
+
+    if all(job_done(result, j) for j in read_jobs(result) if j.kind == AGGREGATE):
+        typer.echo((Path(result) / "verdict.txt").read_text())
+        typer.echo(f"ablation written to {result}")
+    else:
+        typer.echo(f"jobs submitted; follow them with: probe train ablation --status {result}")
 
 
 @app.command("report")
