@@ -1,7 +1,8 @@
 """One job of a grid, run with its record and log: ``python -m train.ablation.job OUT/jobs/NAME.job.json``.
 
 Every launcher runs a job through ``run_job``: the local one in its own process (``--jobs 1``) or
-as this module in a child process (``--jobs N``), the SLURM one inside a submitit worker. The job
+in one of N worker processes (``--jobs N``: ``python -m train.ablation.job --worker``, which runs
+the jobs it is sent one after another), the SLURM one inside a submitit worker. The job
 writes only its own files: ``jobs/NAME.state.json`` (running, then done or failed) and
 ``logs/NAME.log`` (what it did; on failure the traceback, then one last line ``failed: ...``, the
 line the status view shows).
@@ -123,10 +124,54 @@ def run_job_file(path: str | Path, threads: int | None = None, finalize=None) ->
     return job.name
 
 
+def _run_with_fds_in_log(path: Path) -> int:
+    """A job inside a worker: everything the process writes meanwhile, C libraries included, goes to
+    the job's log (a worker runs one job at a time, so its file descriptors are the job's)."""
+    path = Path(path).resolve()
+    log = log_file(path.parent.parent, path.name[:-len(".job.json")])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        run_job_file(path)
+        return 0
+    except Exception:  # recorded in the job's state file and log
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def serve() -> int:
+    """Worker of the local launcher's ``--jobs N``: reads job files from stdin, one per line, runs
+    each, answers its exit status (0 done, 1 failed) on a line of the stdout it was started with.
+    torch and the trainers are imported once per worker instead of once per job."""
+    answer = os.fdopen(os.dup(1), "w", buffering=1)  # the reply channel; fd 1 itself then goes to stderr
+    os.dup2(2, 1)
+    set_threads(int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
+    import train.student.loop  # noqa: F401  (imported before the first job: its time is not any job's)
+
+    answer.write("ready\n")
+    for line in sys.stdin:
+        if line.strip():
+            answer.write(f"{_run_with_fds_in_log(Path(line.strip()))}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--worker"]:
+        return serve()
     if len(argv) != 1:
-        print("usage: python -m train.ablation.job OUT/jobs/NAME.job.json", file=sys.stderr)
+        print("usage: python -m train.ablation.job OUT/jobs/NAME.job.json | --worker", file=sys.stderr)
         return 2
     try:
         run_job_file(argv[0])

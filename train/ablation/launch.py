@@ -6,10 +6,12 @@ every launcher alike (their run directories say so), so rerunning after a failur
 runs what is unfinished.
 
 - ``local``, ``jobs=1``: each job in this process, in plan order (the behaviour of a single process).
-- ``local``, ``jobs=N``: up to N jobs at once, each ``python -m train.ablation.job JOB`` in its own
-  process with ``cores // N`` torch threads and, on a box with GPUs, its own GPU
+- ``local``, ``jobs=N``: up to N jobs at once in N worker processes (``python -m train.ablation.job
+  --worker``), each with ``cores // N`` torch threads and, on a box with GPUs, its own GPU
   (``CUDA_VISIBLE_DEVICES``, round robin over the visible ones); ``jobs=0`` picks one per GPU (or
-  per core without GPUs). A job whose dependency failed is not started.
+  per core without GPUs). A worker runs the jobs it is given one after another (torch is imported
+  once per worker, not per job); a worker that dies fails its job and is replaced. A job whose
+  dependency failed is not started.
 - ``slurm``: submitit; the classifier, prerequisites and reference figure as single jobs, each
   after (``afterok``) the ones it needs; the arms as one job array after those; the aggregate step
   after the array. Each job is requeued on timeout or preemption and resumes its unit. Jobs of an
@@ -171,19 +173,73 @@ def _child_env(slot: dict) -> dict:
     return env
 
 
+class _Worker:
+    """One slot of ``--jobs N``: a ``python -m train.ablation.job --worker`` process with the slot's
+    threads and GPU, running the jobs it is sent one after another (a job's output goes to its own
+    log; what the worker prints between jobs to ``logs/worker-I.log``)."""
+
+    def __init__(self, out: Path, index: int, env: dict, cwd: str):
+        self.out, self.index, self.env, self.cwd = out, index, env, cwd
+        self.job, self.proc, self.ready = None, None, False
+        self.start()
+
+    def start(self) -> None:
+        self.errors = open(log_file(self.out, f"worker-{self.index}"), "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "train.ablation.job", "--worker"], cwd=self.cwd,
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                     text=True, bufsize=1)
+        self.ready = False
+
+    def send(self, job: Job) -> None:
+        self.job = job
+        self.proc.stdin.write(str(job_file(self.out, job.name).resolve()) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, interrupt: bool = False) -> None:
+        if interrupt:
+            self.proc.send_signal(signal.SIGINT)
+        else:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.errors.close()
+
+
 def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, report: LaunchReport, log) -> None:
+    import selectors
+
     from train.ablation.job import run_job
 
     out = plan.out
     gpus = list(opts.devices) if opts.devices is not None else visible_gpus(str(plan.grid.student.get("device", "auto")))
     cores = opts.cores or available_cores()
-    slots = job_slots(opts.jobs, cores, gpus)
+    units = sum(j.kind != AGGREGATE for j in todo)
+    slots = job_slots(opts.jobs, cores, gpus)[:max(1, units)]  # no idle workers for a short list
     log(f"{len(slots)} jobs at once, {slots[0]['OMP_NUM_THREADS']} threads each"
         + (f", GPUs {', '.join(s['CUDA_VISIBLE_DEVICES'] for s in slots)}" if gpus else ""))
     done = {j.name for j in plan.jobs} - {j.name for j in todo}
-    pending, running, free = list(todo), {}, list(range(len(slots)))
+    pending = list(todo)
+    workers = [_Worker(out, i, _child_env(env), os.getcwd()) for i, env in enumerate(slots)] if units else []
+    selector = selectors.DefaultSelector()
+    for w in workers:
+        selector.register(w.proc.stdout, selectors.EVENT_READ, w)
+
+    def finished(w: _Worker, code: int | None) -> None:
+        job, w.job = w.job, None
+        if code == 0 and job_done(out, job):
+            done.add(job.name)
+            report.ran.append(job.name)
+            log(f"done {job.name}")
+        else:
+            _note_exit(out, job.name, code)
+            report.failed[job.name] = last_log_line(out, job.name)
+            log(f"failed {job.name}: {report.failed[job.name]}")
+
     try:
-        while pending or running:
+        while pending or any(w.job for w in workers):
             for job in list(pending):
                 if _blocked_by(job, report) or (job.kind == AGGREGATE and finalize is None):
                     report.blocked.append(job.name)
@@ -197,44 +253,40 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
                             report.ran.append(job.name)
                         except Exception:
                             report.failed[job.name] = last_log_line(out, job.name)
-                    elif free:
+                        continue
+                    idle = next((w for w in workers if w.ready and w.job is None), None)
+                    if idle is not None:
                         pending.remove(job)
-                        slot = free.pop(0)
-                        handle = open(log_file(out, job.name), "ab")
-                        proc = subprocess.Popen([sys.executable, "-m", "train.ablation.job",
-                                                 str(job_file(out, job.name).resolve())],
-                                                cwd=job.cwd, env=_child_env(slots[slot]), stdout=handle,
-                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                        running[job.name] = (proc, slot, handle, job)
-                        log(f"started {job.name}" + (f" on GPU {slots[slot]['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
-            for name, (proc, slot, handle, job) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                handle.close()
-                free.append(slot)
-                del running[name]
-                if code == 0 and job_done(out, job):
-                    done.add(name)
-                    report.ran.append(name)
-                    log(f"done {name}")
-                else:
-                    _note_exit(out, name, code)
-                    report.failed[name] = last_log_line(out, name)
-                    log(f"failed {name}: {report.failed[name]}")
-            time.sleep(0.2)
-    except BaseException:  # interrupted: stop the children; each job's log says it ended
-        for proc, _, handle, _ in running.values():
-            proc.send_signal(signal.SIGINT)
-        for name, (proc, _, handle, _) in running.items():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            handle.close()
-            _note_exit(out, name, proc.returncode)
+                        idle.send(job)
+                        log(f"started {job.name}" + (f" on GPU {slots[idle.index]['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
+            if not pending and not any(w.job for w in workers):
+                break
+            for key, _ in selector.select(timeout=0.5):
+                w = key.data
+                line = w.proc.stdout.readline()
+                if line.strip() == "ready":
+                    w.ready = True
+                elif line.strip() in ("0", "1"):
+                    finished(w, int(line))
+                else:  # the worker died (killed, crashed): its job failed; a fresh worker takes the slot
+                    selector.unregister(w.proc.stdout)
+                    code = w.proc.wait()
+                    w.errors.close()
+                    if w.job is not None:
+                        finished(w, code or 1)
+                    w.start()
+                    selector.register(w.proc.stdout, selectors.EVENT_READ, w)
+    except BaseException:  # interrupted: stop the workers; each running job's log says it ended
+        for w in workers:
+            if w.job is not None:
+                w.stop(interrupt=True)
+                _note_exit(out, w.job.name, w.proc.returncode)
         raise
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.stop()
+        selector.close()
 
 
 def _note_exit(out: Path, name: str, code: int) -> None:
@@ -288,7 +340,7 @@ def _launch_submitit(plan: Plan, todo: list, opts: LaunchConfig, finalize, repor
     on_slurm = opts.cluster == "slurm"
     folder = out / "submitit"
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
-    common = dict(name=f"ablation-{out.resolve().name}", timeout_min=int(opts.time_min), cpus_per_task=int(opts.cpus),
+    common = dict(name=f"probe-{out.resolve().name}", timeout_min=int(opts.time_min), cpus_per_task=int(opts.cpus),
                   gpus_per_node=int(opts.gpus), mem_gb=float(opts.mem_gb),
                   slurm_partition=opts.partition or None, slurm_signal_delay_s=120)
     done = {j.name for j in plan.jobs} - {j.name for j in todo}
