@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -56,11 +57,12 @@ def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None, laun
         if not report.complete:
             write_tables(plan.out, plan.grid, plan.refs)  # what there is so far (unfinished runs marked)
             names = list(report.failed) + report.blocked
-            first = next(iter(report.failed.items()), None)
-            raise UserError(f"{len(report.failed)} jobs failed ({', '.join(list(report.failed)[:5])}"
-                            f"{', ...' if len(report.failed) > 5 else ''})"
+            failed = list(report.failed)
+            first = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", report.failed[failed[0]]) if failed else ""
+            raise UserError(f"{len(failed)} job{'s' if len(failed) != 1 else ''} failed ({', '.join(failed[:5])}"
+                            f"{', ...' if len(failed) > 5 else ''})"
                             + (f" and {len(report.blocked)} could not start" if report.blocked else "")
-                            + (f"; {first[0]}: {first[1]}" if first else "")
+                            + (f"; {failed[0]}: {first}" if failed else "")
                             + f"; logs in {plan.out / 'logs'}; rerunning the same command runs the "
                             f"{len(names)} unfinished jobs")
     verdict = plan.out / "verdict.txt"

@@ -3,7 +3,6 @@ SLURM submissions it would make), the status view, reruns and the launch lock.""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -261,7 +260,7 @@ def test_two_jobs_at_once_give_the_same_rows_and_rerun_only_what_failed(serial, 
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "full__diffratio-js__s1").write_text("in the way")   # this arm's run directory cannot be made
     two = LaunchConfig(jobs=2, cores=2)
-    with pytest.raises(UserError, match=r"1 jobs failed \(full__diffratio-js__s1\) and 1 could not start"):
+    with pytest.raises(UserError, match=r"1 job failed \(full__diffratio-js__s1\) and 1 could not start"):
         run_ablation(AblationConfig(config=grid_file, out=str(out)), progress=False, launch_cfg=two)
     state = statuses(out)
     assert state == {"classifier": "done", "prereq.reg": "done", "reference": "done", "full__diffratio-js__s0": "done",
