@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,19 @@ BUDGET_FRACTIONS = (0.25, 0.5, 1.0)     # fd_at_<step>: the evaluation steps nea
 THRESHOLDS = {"steps_to_150pct": 1.5, "steps_to_110pct": 1.1}   # x the teacher's own FD (reference.json)
 PLATEAU_TAIL = 0.25                     # plateau rule: the last quarter of the evaluations (at least two) ...
 PLATEAU_FLOOR_SD = 2.0                  # ... span at most this many floor standard deviations
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    # Beside the target, then renamed: a reader (the status view, a report) never sees half a table.
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _eval_rows(run_dir: Path) -> list[dict]:
@@ -170,10 +184,10 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
                 rows.append({**keys, **row, "run_dir": str(run_dir)})
                 curves += [{**keys, **c} for c in curve]
     summary = pd.DataFrame.from_records(rows)
-    summary.to_csv(out / "summary.csv", index=False)
-    pd.DataFrame.from_records(curves, columns=["run", "init", "init_spec", "init_group", "method", "seed", "step",
-                                               "metric", "value"]).to_csv(out / "curves.csv", index=False)
-    aggregate(summary).to_csv(out / "aggregate.csv", index=False)
+    _write_csv(summary, out / "summary.csv")
+    _write_csv(pd.DataFrame.from_records(curves, columns=["run", "init", "init_spec", "init_group", "method", "seed",
+                                                          "step", "metric", "value"]), out / "curves.csv")
+    _write_csv(aggregate(summary), out / "aggregate.csv")
     return summary
 
 
@@ -224,10 +238,10 @@ def run_ablation_features(out: Path, grid: Grid, refs: dict, summary: pd.DataFra
     front = keys + ["layer", "sigma"]
     if cka_rows:
         cka = pd.concat(cka_rows, ignore_index=True)
-        cka[front + [c for c in cka.columns if c not in front]].to_csv(Path(out) / "cka_teacher_student.csv", index=False)
+        _write_csv(cka[front + [c for c in cka.columns if c not in front]], Path(out) / "cka_teacher_student.csv")
     if probe_rows:
         probes = pd.concat(probe_rows, ignore_index=True)
-        probes[front + [c for c in probes.columns if c not in front]].to_csv(Path(out) / "probes.csv", index=False)
+        _write_csv(probes[front + [c for c in probes.columns if c not in front]], Path(out) / "probes.csv")
 
 
 def _dataset_of(model_path: str) -> str:
@@ -250,9 +264,9 @@ def analyse_grid(out: Path, grid: Grid, refs: dict, progress: bool = False) -> V
     reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
     result = verdict(summary, reference=reference, contrasts=grid.contrasts or None)
     write_json(out / "verdict.json", result.to_dict())
-    (out / "verdict.txt").write_text(result.text() + "\n")
+    _write_text(out / "verdict.txt", result.text() + "\n")
     if attribution_ready(summary):
         fit = attribute(summary)
         write_json(out / "attribution.json", fit.to_dict())
-        (out / "attribution.txt").write_text(fit.text() + "\n")
+        _write_text(out / "attribution.txt", fit.text() + "\n")
     return result

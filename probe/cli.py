@@ -37,6 +37,7 @@ app.add_typer(train_app, name="train")
 T, S, R = "train.teacher:TeacherConfig", "train.student.loop:StudentConfig", "train.regress:RegressConfig"
 E, EV, A = "probe.features.extract:ExtractConfig", "probe.quality.evaluate:EvalConfig", "train.ablation.grid:AblationConfig"
 REP, DEMO = "analysis.report:ReportConfig", "probe.demo:DemoConfig"
+L = "train.ablation.launch:LaunchConfig"
 CKA, LIN, UMAP = "analysis.cka:cka_table", "analysis.linear:probe_table", "analysis.umap_view:umap_panels"
 
 
@@ -262,18 +263,45 @@ def train_regress_cmd(
 
 @train_app.command("ablation")
 def train_ablation_cmd(
-    config: str = typer.Option(..., help="Grid TOML file, or a shipped grid: paper | quick"),
-    out: Path = typer.Option(..., help="Ablation directory; rerunning skips finished runs and resumes partial ones."),
+    config: Optional[str] = typer.Option(None, help="Grid TOML file, or a shipped grid: paper | quick"),
+    out: Optional[Path] = typer.Option(None, help="Ablation directory; rerunning skips finished jobs and resumes "
+                                                  "partial ones."),
     teacher: Optional[Path] = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),
     steps: Optional[int] = typer.Option(_d(A, "steps"), help="Override the grid's generator steps."),
     seeds: Optional[str] = typer.Option(_d(A, "seeds"), help="Override the grid's seeds, e.g. 0,1,2"),
     features: Optional[bool] = typer.Option(_d(A, "features"), "--features/--no-features",
                                             help="Extract features, CKA, probes."),
     device: Optional[str] = typer.Option(_d(A, "device"), help="auto | cpu | cuda"),
+    status: Optional[Path] = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
+                                                     "failed with its log's last line, pending) and exit."),
+    launcher: str = typer.Option(_d(L, "launcher"), help="local: on this machine | slurm: submitted through submitit"),
+    jobs: int = typer.Option(_d(L, "jobs"), help="local: jobs at once, each its own process with cores/N threads "
+                                                 "and, with GPUs, its own GPU (1 = in this process; 0 = one per "
+                                                 "GPU, or per core)."),
+    partition: Optional[str] = typer.Option(_d(L, "partition"), help="slurm: partition (default: the cluster's)."),
+    time: int = typer.Option(_d(L, "time_min"), help="slurm: time limit per job in minutes (a job past it is "
+                                                     "requeued and resumes)."),
+    gpus_per_job: int = typer.Option(_d(L, "gpus"), help="slurm: GPUs per job."),
+    cpus_per_job: int = typer.Option(_d(L, "cpus"), help="slurm: CPUs per job (= torch threads)."),
+    mem_gb: float = typer.Option(_d(L, "mem_gb"), help="slurm: memory per job in GB."),
+    array_limit: int = typer.Option(_d(L, "array_limit"), help="slurm: arms of the job array running at once "
+                                                               "(0 = no limit)."),
+    wait: bool = typer.Option(_d(L, "wait"), "--wait/--no-wait", help="slurm: wait for the jobs, then write the "
+                                                                      "verdict here (default: submit and return)."),
+    submitit_cluster: str = typer.Option(_d(L, "cluster"), hidden=True,
+                                         help="slurm | local | debug (local: CI, no cluster)"),
 ):
-    """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict."""
+    """A grid of init specs x methods x seeds, with summary.csv, aggregate.csv and the verdict (docs/grids.md)."""
     from probe.pipeline import run_ablation
     from train.ablation.grid import AblationConfig
+    from train.ablation.jobs import AGGREGATE, format_status, job_done, read_jobs
+    from train.ablation.launch import LaunchConfig
+
+    if status is not None:
+        typer.echo(format_status(status))
+        return
+    if not config or out is None:
+        raise UserError("--config and --out are required (or --status OUT to look at a grid)")
 
     if steps is not None:
         checks.nonneg_int(steps, "--steps")
@@ -281,12 +309,16 @@ def train_ablation_cmd(
         checks.device(device, "--device")
     cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
                          seeds=_ints(seeds, "--seeds"), features=features, device=device)
+    launch_cfg = LaunchConfig(launcher=launcher, jobs=jobs, partition=partition, time_min=time, gpus=gpus_per_job,
+                              cpus=cpus_per_job, mem_gb=mem_gb, array_limit=array_limit, wait=wait,
+                              cluster=submitit_cluster)
     _out_dir(out)
-    result = run_ablation(cfg)
-    verdict = Path(result) / "verdict.txt"
-    if verdict.exists():
-        typer.echo(verdict.read_text())
-    typer.echo(f"ablation written to {result}")
+    result = run_ablation(cfg, launch_cfg=launch_cfg)
+    if all(job_done(result, j) for j in read_jobs(result) if j.kind == AGGREGATE):
+        typer.echo((Path(result) / "verdict.txt").read_text())
+        typer.echo(f"ablation written to {result}")
+    else:
+        typer.echo(f"jobs submitted; follow them with: probe train ablation --status {result}")
 
 
 @app.command("report")

@@ -30,8 +30,10 @@ def _recording(calls, stop_first=None):
 def test_quick_grid_end_to_end_and_resume(tmp_path):
     out = tmp_path / "abl"
     calls = []
-    # first pass: the "band" run is killed after one step (before its first checkpoint)
-    run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls, "band"))
+    # first pass: the "band" run is killed after one step (before its first checkpoint); the other
+    # jobs go on, the summary shows what there is, and the launch names the unfinished job
+    with pytest.raises(UserError, match=r"1 job failed \(band__diffratio-js__s0\) and 1 could not start"):
+        run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls, "band"))
     assert [c[1] for c in calls] == [False, False, False]
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.init) == ["full", "band", "regressed"]

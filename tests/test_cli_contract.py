@@ -33,7 +33,9 @@ SOURCES = {
     "train teacher": ("train.teacher:TeacherConfig", {"ema_halflife": "ema_halflife_images"}),
     "train student": ("train.student.loop:StudentConfig", {}),
     "train regress": ("train.regress:RegressConfig", {}),
-    "train ablation": ("train.ablation.grid:AblationConfig", {}),
+    "train ablation": ("train.ablation.grid:AblationConfig|train.ablation.launch:LaunchConfig",
+                       {"time": "time_min", "gpus_per_job": "gpus", "cpus_per_job": "cpus",
+                        "submitit_cluster": "cluster"}),
     "report": ("analysis.report:ReportConfig", {}),
     "demo": ("probe.demo:DemoConfig", {}),
     "eval": ("probe.quality.evaluate:EvalConfig", {}),
@@ -50,7 +52,8 @@ CONVERTED = {"layers": "text 'a,b' -> a tuple / list", "sigmas": "text 'a,b' -> 
              "mode": "cka: None = pair with two files, layers with one"}
 # Options of the call that are no setting of the config (the only other exceptions).
 EXTRAS = {"resume", "overwrite", "fig", "csv", "grid", "out",
-          "health", "model"}  # eval: --health DATA replaces the (then optional) model argument
+          "health", "model",  # eval: --health DATA replaces the (then optional) model argument
+          "status", "config"}  # train ablation: --status OUT replaces --config/--out
 
 
 def _commands(group=None, prefix=""):
@@ -66,6 +69,10 @@ def _commands(group=None, prefix=""):
 
 
 def _source_defaults(source: str) -> dict:
+    """Field (or keyword) defaults of "module:Name", or of several joined with "|" (a command that fills
+    two configs, e.g. the grid and its launcher)."""
+    if "|" in source:
+        return {k: v for part in source.split("|") for k, v in _source_defaults(part).items()}
     module, owner = source.split(":")
     obj = getattr(importlib.import_module(module), owner)
     if dataclasses.is_dataclass(obj):

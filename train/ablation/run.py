@@ -1,22 +1,22 @@
-"""Running a grid: prerequisites first, then every init x method x seed arm, each a resumable student run.
+"""What one job of a grid runs, and when it counts as finished: prerequisites (teacher, regressed
+generator), the metric classifier, the teacher's reference figure and every init x method x seed arm,
+each a resumable unit.
 
-Finished runs are skipped and half-finished ones resumed, so the same command continues a grid that
-was stopped. The grid file itself is parsed and checked by ``train.ablation.grid``.
+Finished units are skipped and half-finished ones resumed, so the same command continues a grid that
+was stopped. The grid file is parsed and checked by ``train.ablation.grid``, expanded into jobs by
+``train.ablation.jobs`` and run by ``train.ablation.launch``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
 from probe.core.errors import UserError
-from probe.core.locks import exclusive
 from probe.core.runs import pick_device, run_status, write_json
-from train.ablation.grid import (RESERVED_STUDENT, AblationConfig, Grid, InitEntry, _coerce, _prereq_config,
-                                 check_grid, load_grid, prereq_order)
+from train.ablation.grid import RESERVED_STUDENT, Grid, InitEntry, _coerce
 from train.initspec import CATEGORIES, resolve_refs
 
 # ------------------------------------------------------------------------------- running
@@ -52,102 +52,139 @@ def init_sources(run_dir: Path) -> dict:
     return {f"init_frac_{k}": np.nan for k in CATEGORIES}
 
 
-def build_prereqs(grid: Grid, out: Path, refs: dict, progress: bool, log) -> None:
-    """Train the grid's prerequisites that are not finished yet (resuming started ones)."""
-    from train.regress import regress_generator
-    from train.teacher import train_teacher
 
-    for name in prereq_order(grid.prereqs, grid.external):
-        kind, cfg = _prereq_config(name, grid.prereqs[name], out, refs)
-        run_dir = Path(cfg.out)
-        if run_status(run_dir, cfg.steps) == "done":
-            log(f"prerequisite {name}: finished, skipped")
-            continue
-        resume = (run_dir / "config.json").exists()
-        log(f"prerequisite {name}: {'resuming' if resume else 'training'} ({kind})")
-        (train_teacher if kind == "teacher" else regress_generator)(cfg, resume=resume, progress=progress)
-
-
-def reference_figure(grid: Grid, out: Path, refs: dict, progress: bool) -> dict | None:
-    """The teacher's own sample quality with the students' evaluator settings (cached in reference.json)."""
-    from probe.quality.evaluate import EvalConfig, evaluate_model
-    from probe.core.models import load_model
+def reference_config(grid: Grid, out: Path, refs: dict) -> dict | None:
+    """What the teacher's own quality figure is computed from (the students' evaluator settings), or
+    None when the grid asks for none (``reference_steps = 0``)."""
     from train.student.loop import StudentConfig
 
     if grid.reference_steps <= 0:
         return None
     defaults = StudentConfig(out="", teacher="")
-    n = int(grid.student.get("eval_samples", defaults.eval_samples))
-    seed = int(grid.student.get("eval_seed", defaults.eval_seed))
-    device = str(pick_device(grid.student.get("device", "auto")))
-    cfg = EvalConfig(model=teacher_path(grid, refs), data=grid.data, n_samples=n, steps=grid.reference_steps,
-                     seed=seed, device=device)
-    path = out / "reference.json"
-    key = {"model": cfg.model, "sha256": load_model(cfg.model).sha256(), "n_samples": n, "steps": cfg.steps,
-           "seed": seed, "data": grid.data}
+    return {"model": teacher_path(grid, refs), "data": grid.data,
+            "n_samples": int(grid.student.get("eval_samples", defaults.eval_samples)),
+            "steps": grid.reference_steps, "seed": int(grid.student.get("eval_seed", defaults.eval_seed)),
+            "device": grid.student.get("device", "auto"), "path": str(out / "reference.json")}
+
+
+def _reference_key(c: dict) -> dict:
+    from probe.core.models import load_model
+
+    return {"model": c["model"], "sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
+            "steps": c["steps"], "seed": c["seed"], "data": c["data"]}
+
+
+def reference_done(c: dict) -> bool:
+    """Is ``reference.json`` there and computed from this teacher (same weights) and these settings?"""
+    path = Path(c["path"])
+    if not path.exists() or not Path(c["model"]).exists():
+        return False
+    return json.loads(path.read_text()).get("key") == _reference_key(c)
+
+
+def compute_reference(c: dict, progress: bool) -> dict:
+    """The teacher's sample quality with the students' evaluator settings (cached in reference.json)."""
+    from probe.quality.evaluate import EvalConfig, evaluate_model
+
+    path = Path(c["path"])
+    key = _reference_key(c)
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
+    cfg = EvalConfig(model=c["model"], data=c["data"], n_samples=c["n_samples"], steps=c["steps"], seed=c["seed"],
+                     device=str(pick_device(c["device"])))
     result, _ = evaluate_model(cfg, progress=progress)
     result = {**result, "key": key}
     write_json(path, result)
     return result
 
 
-def run_grid(cfg: AblationConfig, progress: bool = True, train_fn=None, after_run=None) -> tuple[Path, Grid, dict]:
-    """Train (or resume) every prerequisite and arm of a grid; returns (directory, grid, prerequisite refs).
+def reference_figure(grid: Grid, out: Path, refs: dict, progress: bool) -> dict | None:
+    """The teacher's own sample quality with the students' evaluator settings (cached in reference.json)."""
+    c = reference_config(grid, out, refs)
+    return None if c is None else compute_reference(c, progress)
 
-    Analysing the finished arms (tables, features, verdict) is ``analysis.ablation_summary``'s job;
-    ``probe.pipeline.run_ablation`` runs both.
 
-    progress  : progress bars and one line per run                                       (default True)
-    train_fn  : ``f(StudentConfig, resume: bool, progress: bool) -> run dir``; default
-                ``train.student.loop.train_student`` (tests inject a wrapper)                 (default None)
-    after_run : ``f(out, grid, refs)`` called after each arm, e.g. to refresh the summary  (default None)
+# ---------------------------------------------------------------------------- job units
+UNIT_KINDS = ("classifier", "teacher", "regress", "reference", "student")
+
+
+def config_from_dict(cls, values: dict):
+    """A run config back from its JSON form (JSON lists become the tuples the dataclasses hold)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _at(base: Path | None, path: str) -> Path:
+    # A job's paths are relative to the directory it was planned in; an absolute path stays as it is.
+    return Path(path) if base is None else Path(base) / path
+
+
+def _classifier_files(dataset: str) -> tuple[Path, Path]:
+    from probe.core.data import dataset_fingerprint, load_dataset
+    from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, default_cache_dir
+
+    key = cache_key(dataset, ClassifierConfig(), dataset_fingerprint(load_dataset(dataset, "train")))
+    return cache_paths(default_cache_dir(), dataset, key)
+
+
+def unit_state(kind: str, config: dict, base: Path | None = None) -> str:
+    """"done", "partial" (started, resumable) or "missing" for one job's unit; paths in ``config`` are
+    read relative to ``base`` (default: the current directory)."""
+    if kind == "classifier":
+        return "done" if all(p.exists() for p in _classifier_files(config["dataset"])) else "missing"
+    if kind == "reference":
+        c = {**config, "model": str(_at(base, config["model"])), "path": str(_at(base, config["path"]))}
+        return "done" if reference_done(c) else "missing"
+    if kind not in ("student", "teacher", "regress"):
+        raise ValueError(f"unknown job kind {kind!r}")
+    return run_status(_at(base, config["out"]), int(config["steps"]))  # the one "finished" rule
+
+
+def run_unit(kind: str, config: dict, progress: bool = False, say=print, train_fn=None) -> None:
+    """Run (or resume) one job's unit in this process, from the directory it was planned in.
+
+    say      : ``f(message)`` for the job's log lines                                   (default print)
+    train_fn : ``f(StudentConfig, resume, progress)`` for arms; default ``train_student``   (default None)
+    Raises ``UserError`` when the unit returned without finishing (a stopped run: rerun to resume).
     """
-    from rich.console import Console
+    state = unit_state(kind, config)
+    if state == "done":
+        say("finished before, skipped")
+        return
+    verb = "resuming" if state == "partial" else "running"
+    if kind == "classifier":
+        from probe.quality.classifier import load_or_train_classifier
 
-    if train_fn is None:
-        from train.student.loop import train_student
+        say(f"{verb}: metric classifier of {config['dataset']}")
+        _, info = load_or_train_classifier(config["dataset"], progress=progress)
+        say(f"classifier {'loaded from cache' if info['cached'] else 'trained'}: test accuracy {info['test_accuracy']}")
+    elif kind == "reference":
+        say(f"{verb}: the teacher's {config['steps']}-step Heun figure on {config['n_samples']} samples")
+        result = compute_reference(config, progress)
+        say(f"reference fd {result.get('fd')}")
+    elif kind in ("teacher", "regress"):
+        from train.regress import RegressConfig, regress_generator
+        from train.teacher import TeacherConfig, train_teacher
 
-        def train_fn(c, resume, progress):
-            return train_student(c, resume=resume, progress=progress)
+        cls, fn = (TeacherConfig, train_teacher) if kind == "teacher" else (RegressConfig, regress_generator)
+        say(f"{verb}: prerequisite ({kind})")
+        fn(config_from_dict(cls, config), resume=state == "partial", progress=progress)
+    elif kind == "student":
+        from train.student.loop import StudentConfig
 
-    console = Console(stderr=True, quiet=not progress)
-
-    def log(message: str) -> None:
-        console.print(message, markup=False, highlight=False)
-
-    out = Path(cfg.out)
-    grid = load_grid(cfg.config, cfg)
-    refs = check_grid(grid, out)
-    with exclusive(out, "ablation grid"):
-        return _run_locked(cfg, out, grid, refs, progress, train_fn, after_run, log)
-
-
-def _run_locked(cfg: AblationConfig, out: Path, grid: Grid, refs: dict, progress: bool, train_fn, after_run,
-                log) -> tuple[Path, Grid, dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "grid.json", {"config": dataclasses.asdict(cfg), "grid": dataclasses.asdict(grid)})
-    build_prereqs(grid, out, refs, progress, log)
-    reference_figure(grid, out, refs, progress)
-    plan = [(e, m, s) for e in grid.inits for m in grid.methods for s in grid.seeds]
-    for i, (entry, method, seed) in enumerate(plan, start=1):
-        scfg = student_config(grid, entry, method, seed, out, refs)
-        name = Path(scfg.out).name
-        status = student_status(Path(scfg.out), scfg.steps)
-        if status == "done":
-            log(f"[{i}/{len(plan)}] {name}: finished, skipped")
-            continue
-        log(f"[{i}/{len(plan)}] {name}: {'resuming' if status == 'partial' else 'training'} (init {entry.spec!r})")
-        try:
-            train_fn(scfg, status == "partial", progress)
-        except UserError as e:  # keeps the class: a diverged arm still exits with code 3
-            raise type(e)(f"run {name}: {e}") from None
+        if train_fn is None:
+            from train.student.loop import train_student as train_fn
+        scfg = config_from_dict(StudentConfig, config)
+        say(f"{verb} (init {scfg.init!r}, method {scfg.method}, seed {scfg.seed})")
+        train_fn(scfg, state == "partial", progress)
         fractions = init_sources(Path(scfg.out))
-        log("    parameters from: " + ", ".join(f"{k[len('init_frac_'):]} {v:.1%}" for k, v in fractions.items()
-                                                 if np.isfinite(v) and v > 0))
-        if after_run is not None:
-            after_run(out, grid, refs)
-    return out, grid, refs
+        say("parameters from: " + ", ".join(f"{k[len('init_frac_'):]} {v:.1%}" for k, v in fractions.items()
+                                            if np.isfinite(v) and v > 0))
+    else:
+        raise ValueError(f"unknown job kind {kind!r}")
+    if unit_state(kind, config) != "done":
+        raise UserError(f"{kind} returned before it finished (stopped early); rerun the grid to resume it")
+    if kind == "student":
+        final = json.loads((Path(config["out"]) / "eval.json").read_text())
+        say(f"finished at step {final.get('step')}: fd {final.get('fd')}")
