@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -58,7 +57,7 @@ def _d(source: str, name: str):
         return inspect.signature(obj).parameters[name].default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree(module: str) -> ast.Module:
     spec = importlib.util.find_spec(module)  # imports the (light) parent packages only
     return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
@@ -109,14 +108,14 @@ def _floats(text: str, option: str = "the list") -> list[float]:
         raise UserError(f"{option} expects a comma-separated list of numbers, got {text!r}") from None
 
 
-def _sigmas(text: Optional[str], option: str = "--sigmas") -> Optional[list]:
+def _sigmas(text: str | None, option: str = "--sigmas") -> list | None:
     """None (all / the default) when not given; else a non-empty list of finite sigmas >= 0."""
     if text is None:
         return None
     return list(checks.sigma_list(_floats(text, option), option))
 
 
-def _ints(text: Optional[str], option: str) -> Optional[tuple]:
+def _ints(text: str | None, option: str) -> tuple | None:
     """Distinct non-negative integers (seeds), or None when not given."""
     if text is None:
         return None
@@ -129,7 +128,7 @@ def _ints(text: Optional[str], option: str) -> Optional[tuple]:
     return tuple(checks.seed(v, option) for v in values)
 
 
-def _band(text: Optional[str]) -> Optional[tuple]:
+def _band(text: str | None) -> tuple | None:
     """'LO,HI' as two numbers (their rules are TeacherConfig's), or None."""
     if text is None:
         return None
@@ -146,7 +145,7 @@ def _out_dir(path: Path, option: str = "--out") -> Path:
     return checks.writable_output(path, option)
 
 
-def _out_file(path: Optional[Path], option: str = "--out") -> Optional[Path]:
+def _out_file(path: Path | None, option: str = "--out") -> Path | None:
     """An output file that can be written (checked before any work); None passes."""
     if path is None:
         return None
@@ -166,7 +165,7 @@ def train_teacher_cmd(
     accum: int = typer.Option(_d(T, "accum"), help="Gradient-accumulation rounds per step and process."),
     lr: float = typer.Option(_d(T, "lr"), help="Adam learning rate."),
     ema_halflife: float = typer.Option(_d(T, "ema_halflife_images"), help="EMA half-life in training images."),
-    sigma_range: Optional[str] = typer.Option(_d(T, "sigma_range"),
+    sigma_range: str | None = typer.Option(_d(T, "sigma_range"),
                                               help="'LO,HI': train only on sigmas in this band."),
     checkpoint_every: int = typer.Option(_d(T, "checkpoint_every"), help="Steps between checkpoints."),
     sample_steps: int = typer.Option(_d(T, "sample_steps"), help="Heun steps for samples and evaluation."),
@@ -197,7 +196,7 @@ def train_student_cmd(
     init: str = typer.Option(_d(S, "init"), help="Init spec: teacher | random | keep:GLOBS | reinit:GLOBS "
                                                  "| shuffle[:GLOBS] | from:PATH, joined with '+' "
                                                  "(see train/initspec.py)."),
-    data: Optional[str] = typer.Option(_d(S, "data"), help="Real data (default: the teacher's data set)."),
+    data: str | None = typer.Option(_d(S, "data"), help="Real data (default: the teacher's data set)."),
     sigma_init: float = typer.Option(_d(S, "sigma_init"), help="G(z) = D(sigma_init z; sigma_init)."),
     steps: int = typer.Option(_d(S, "steps"), help="Generator steps (0 = write the initialised generator)."),
     batch: int = typer.Option(_d(S, "batch"), help="Generated (and real) images per step (global: across every process)."),
@@ -263,22 +262,22 @@ def train_regress_cmd(
 
 @train_app.command("ablation")
 def train_ablation_cmd(
-    config: Optional[str] = typer.Option(None, help="Grid TOML file, or a shipped grid: paper | quick"),
-    out: Optional[Path] = typer.Option(None, help="Ablation directory; rerunning skips finished jobs and resumes "
+    config: str | None = typer.Option(None, help="Grid TOML file, or a shipped grid: paper | quick"),
+    out: Path | None = typer.Option(None, help="Ablation directory; rerunning skips finished jobs and resumes "
                                                   "partial ones."),
-    teacher: Optional[Path] = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),
-    steps: Optional[int] = typer.Option(_d(A, "steps"), help="Override the grid's generator steps."),
-    seeds: Optional[str] = typer.Option(_d(A, "seeds"), help="Override the grid's seeds, e.g. 0,1,2"),
-    features: Optional[bool] = typer.Option(_d(A, "features"), "--features/--no-features",
+    teacher: Path | None = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),
+    steps: int | None = typer.Option(_d(A, "steps"), help="Override the grid's generator steps."),
+    seeds: str | None = typer.Option(_d(A, "seeds"), help="Override the grid's seeds, e.g. 0,1,2"),
+    features: bool | None = typer.Option(_d(A, "features"), "--features/--no-features",
                                             help="Extract features, CKA, probes."),
-    device: Optional[str] = typer.Option(_d(A, "device"), help="auto | cpu | cuda"),
-    status: Optional[Path] = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
+    device: str | None = typer.Option(_d(A, "device"), help="auto | cpu | cuda"),
+    status: Path | None = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
                                                      "failed with its log's last line, pending) and exit."),
     launcher: str = typer.Option(_d(L, "launcher"), help="local: on this machine | slurm: submitted through submitit"),
     jobs: int = typer.Option(_d(L, "jobs"), help="local: jobs at once, each its own process with cores/N threads "
                                                  "and, with GPUs, its own GPU (1 = in this process; 0 = one per "
                                                  "GPU, or per core)."),
-    partition: Optional[str] = typer.Option(_d(L, "partition"), help="slurm: partition (default: the cluster's)."),
+    partition: str | None = typer.Option(_d(L, "partition"), help="slurm: partition (default: the cluster's)."),
     time: int = typer.Option(_d(L, "time_min"), help="slurm: time limit per job in minutes (a job past it is "
                                                      "requeued and resumes)."),
     gpus_per_job: int = typer.Option(_d(L, "gpus"), help="slurm: GPUs per job."),
@@ -323,7 +322,7 @@ def train_ablation_cmd(
 
 @app.command("report")
 def report_cmd(
-    inputs: List[Path] = typer.Argument(..., help="Run, ablation and analysis directories to gather."),
+    inputs: list[Path] = typer.Argument(..., help="Run, ablation and analysis directories to gather."),
     out: Path = typer.Option(Path(_d(REP, "out")), help="The PDF; figures and tables go to <stem>_files/."),
     title: str = typer.Option(_d(REP, "title"), help="Title of the first page."),
     umap: bool = typer.Option(_d(REP, "umap"), "--umap/--no-umap", help="Draw UMAP panels (needs feature files)."),
@@ -379,19 +378,19 @@ def _print_eval(run: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[Path] = typer.Argument(None, help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
-    data: Optional[str] = typer.Option(_d(EV, "data"), help="Data set to compare with (default: the model's own)."),
-    n_samples: Optional[int] = typer.Option(_d(EV, "n_samples"), help="Generated images per score; the floor uses as "
+    model: Path | None = typer.Argument(None, help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
+    data: str | None = typer.Option(_d(EV, "data"), help="Data set to compare with (default: the model's own)."),
+    n_samples: int | None = typer.Option(_d(EV, "n_samples"), help="Generated images per score; the floor uses as "
                                             "many (default: measured per data set, see docs/metric.md)."),
     draws: int = typer.Option(_d(EV, "draws"), help="Batches of latents scored: the model's own spread."),
     steps: int = typer.Option(_d(EV, "steps"), help="Heun steps for multi-step models."),
     seed: int = typer.Option(_d(EV, "seed"), help="Seed of the latents and the reference choice."),
     device: str = typer.Option(_d(EV, "device"), help="auto | cpu | cuda"),
-    inception_weights: Optional[Path] = typer.Option(_d(EV, "inception_weights"),
+    inception_weights: Path | None = typer.Option(_d(EV, "inception_weights"),
                                                      help="Local Inception-v3 file for Inception FID."),
-    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
-    grid: Optional[Path] = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
-    health: Optional[str] = typer.Option(None, help="No model: print the metric's health on this data set "
+    out: Path | None = typer.Option(None, help="Also write the figures as JSON here."),
+    grid: Path | None = typer.Option(None, help="Also write a PNG grid of 64 samples here."),
+    health: str | None = typer.Option(None, help="No model: print the metric's health on this data set "
                                          "(degradation ladder, floor and spread, sample counts)."),
 ):
     """Sample quality of a teacher (multi-step Heun) or a one-step generator, next to the real-vs-real floor."""
@@ -409,8 +408,8 @@ def eval_cmd(
         return
     if model is None:
         raise UserError("give a model to evaluate, or --health DATA")
-    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
     from probe.core.images import save_grid
+    from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
 
     cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, draws=draws, steps=steps, seed=seed,
                      device=device, inception_weights=str(inception_weights) if inception_weights else None)
@@ -429,12 +428,12 @@ def eval_cmd(
 @app.command("layers")
 def layers_cmd(
     model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
-    layers: Optional[str] = typer.Option(None, help="Only modules matching these comma-separated paths / globs."),
-    depth: Optional[int] = typer.Option(None, help="Only module paths with at most this many dots + 1."),
+    layers: str | None = typer.Option(None, help="Only modules matching these comma-separated paths / globs."),
+    depth: int | None = typer.Option(None, help="Only module paths with at most this many dots + 1."),
 ):
     """Every hookable module path with its output shape for one input; '*' marks the default selection."""
-    from probe.features.hooks import list_layers
     from probe.core.models import load_model
+    from probe.features.hooks import list_layers
 
     if depth is not None:
         checks.positive_int(depth, "--depth")
@@ -453,15 +452,15 @@ def extract_cmd(
     model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
     out: Path = typer.Option(..., help="Feature file (.h5); an interrupted one is resumed."),
     data: str = typer.Option(_d(E, "data"), help="digits | shapes | mnist | cifar10 | folder:PATH"),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated module paths or globs (default: down blocks, "
+    layers: str | None = typer.Option(None, help="Comma-separated module paths or globs (default: down blocks, "
                                                     "mid block, up blocks)."),
-    sigmas: Optional[str] = typer.Option(None, help="Comma-separated EDM sigmas, 0 = clean input "
+    sigmas: str | None = typer.Option(None, help="Comma-separated EDM sigmas, 0 = clean input "
                                                     "(default 0,0.1,0.5,2,10)."),
     pooling: str = typer.Option(_d(E, "pooling"), help="mean | flatten | avgK (K x K average pool)"),
     dtype: str = typer.Option(_d(E, "dtype"), help="float32 | float16 on disk"),
     batch: int = typer.Option(_d(E, "batch"), help="Samples per forward pass (per process under torchrun)."),
     split: str = typer.Option(_d(E, "split"), help="train | test"),
-    n_samples: Optional[int] = typer.Option(_d(E, "n_samples"), help="First N samples of the split (default: all)."),
+    n_samples: int | None = typer.Option(_d(E, "n_samples"), help="First N samples of the split (default: all)."),
     noise_seed: int = typer.Option(_d(E, "noise_seed"), "--noise-seed", "--seed", help="Seed of the per-sample noise."),
     source: str = typer.Option(_d(E, "source"), help="denoiser (noised real images) | generation (G's own input)."),
     compression: str = typer.Option(_d(E, "compression"), help="lzf | gzip | none"),
@@ -483,11 +482,11 @@ def extract_cmd(
 
 
 # ------------------------------------------------------------------------------- analyses
-def _list(text: Optional[str]) -> Optional[list]:
+def _list(text: str | None) -> list | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _names(text: Optional[str], option: str) -> Optional[list]:
+def _names(text: str | None, option: str) -> list | None:
     """None when not given; else a non-empty list of comma-separated names."""
     if text is None:
         return None
@@ -513,12 +512,12 @@ def _open_stores(files) -> list:
 
 @app.command("linear")
 def linear_cmd(
-    files: List[Path] = typer.Argument(..., help="Feature files; several = several noise seeds (mean and std)."),
+    files: list[Path] = typer.Argument(..., help="Feature files; several = several noise seeds (mean and std)."),
     out: Path = typer.Option(..., help="Tidy CSV: layer, sigma, target, accuracy, ..."),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
-    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
-    targets: Optional[str] = typer.Option(None, help="Comma-separated targets: label and/or factor names."),
-    fig: Optional[Path] = typer.Option(None, help="Heatmap PNG (one per target: the target's name is appended)."),
+    layers: str | None = typer.Option(None, help="Comma-separated layers (default: all)."),
+    sigmas: str | None = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    targets: str | None = typer.Option(None, help="Comma-separated targets: label and/or factor names."),
+    fig: Path | None = typer.Option(None, help="Heatmap PNG (one per target: the target's name is appended)."),
     seed: int = typer.Option(_d(LIN, "seed"), help="Seed of the train/validation/test split."),
 ):
     """Linear probes (logistic regression, C chosen on a validation split) per layer and sigma."""
@@ -548,18 +547,18 @@ def linear_cmd(
 @app.command("cka")
 def cka_cmd(
     file_a: Path = typer.Argument(..., help="Feature file A."),
-    file_b: Optional[Path] = typer.Argument(None, help="Feature file B (same data, sigmas and noise seed)."),
+    file_b: Path | None = typer.Argument(None, help="Feature file B (same data, sigmas and noise seed)."),
     out: Path = typer.Option(..., help="Tidy CSV: layer_a, sigma_a, layer_b, sigma_b, estimator, cka, null_mean, ..."),
-    mode: Optional[str] = typer.Option(None, help="pair (A vs B, same layer and sigma) | layers | sigmas. "
+    mode: str | None = typer.Option(None, help="pair (A vs B, same layer and sigma) | layers | sigmas. "
                                                   "Default: pair with two files, layers with one."),
     estimator: str = typer.Option(_d(CKA, "estimator"), help="debiased | linear | minibatch | rbf | cknna"),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
-    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    layers: str | None = typer.Option(None, help="Comma-separated layers (default: all)."),
+    sigmas: str | None = typer.Option(None, help="Comma-separated sigmas (default: all)."),
     n_perm: int = typer.Option(_d(CKA, "n_perm"), help="Permutations of the null (rows of one side shuffled); "
                                                              "0 = none."),
     k: int = typer.Option(_d(CKA, "k"), help="Neighbours for CKNNA."),
     sigma_factor: float = typer.Option(_d(CKA, "sigma_factor"), help="RBF bandwidth = median distance x this."),
-    fig: Optional[Path] = typer.Option(None, help="Heatmap PNG."),
+    fig: Path | None = typer.Option(None, help="Heatmap PNG."),
     seed: int = typer.Option(_d(CKA, "seed"), help="Seed of the null and of subsampling."),
 ):
     """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
@@ -596,13 +595,13 @@ def cka_cmd(
 def umap_cmd(
     file: Path = typer.Argument(..., help="Feature file."),
     out: Path = typer.Option(..., help="PNG with one panel per sigma (or per layer with --layers)."),
-    layer: Optional[str] = typer.Option(_d(UMAP, "layer"), help="Layer to embed (one panel per sigma)."),
-    sigmas: Optional[str] = typer.Option(None, help="Comma-separated sigmas (default: all)."),
-    layers: Optional[str] = typer.Option(None, help="Instead: these layers at --sigma, one panel each."),
-    sigma: Optional[float] = typer.Option(_d(UMAP, "sigma"), help="The sigma for --layers."),
+    layer: str | None = typer.Option(_d(UMAP, "layer"), help="Layer to embed (one panel per sigma)."),
+    sigmas: str | None = typer.Option(None, help="Comma-separated sigmas (default: all)."),
+    layers: str | None = typer.Option(None, help="Instead: these layers at --sigma, one panel each."),
+    sigma: float | None = typer.Option(_d(UMAP, "sigma"), help="The sigma for --layers."),
     color_by: str = typer.Option(_d(UMAP, "color_by"), help="label or a factor name."),
     max_points: int = typer.Option(_d(UMAP, "max_points"), help="Points per panel (seeded subset)."),
-    csv: Optional[Path] = typer.Option(None, help="Also write the k-NN accuracy per panel as CSV."),
+    csv: Path | None = typer.Option(None, help="Also write the k-NN accuracy per panel as CSV."),
     seed: int = typer.Option(_d(UMAP, "seed"), help="UMAP seed."),
 ):
     """2-D UMAP views coloured by label, each panel with the k-NN accuracy of its embedding."""

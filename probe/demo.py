@@ -67,8 +67,8 @@ def _quick(cfg: DemoConfig) -> DemoConfig:
 def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = None) -> Path:
     """Run every stage; returns the report path."""
     from analysis.report import ReportConfig, build_report
-    from train.ablation.grid import AblationConfig
     from probe.pipeline import run_ablation
+    from train.ablation.grid import AblationConfig
     from train.teacher import TeacherConfig, train_teacher
 
     console = console or Console()

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probe.core.errors import UserError
 from analysis.ablation_summary import aggregate
+from probe.core.errors import UserError
 from probe.pipeline import run_ablation
 from train.ablation.grid import AGG_METRICS, AblationConfig, check_grid, grid_path, load_grid, prereq_order
 from train.initspec import CATEGORIES
@@ -197,8 +197,8 @@ def test_regressed_generator_fits_the_teachers_samples_and_resumes_exactly(tiny_
 
     from probe.core.edm import heun_sample
     from probe.core.models import load_model
-    from train.regress import RegressConfig, is_finished, regress_generator
     from probe.core.runs import load_state, read_metrics
+    from train.regress import RegressConfig, is_finished, regress_generator
 
     def cfg(out, **kw):
         return RegressConfig(out=str(out), teacher=str(tiny_teacher), n_pairs=16, n_val=8, sample_steps=2, steps=12,

@@ -7,7 +7,6 @@ import math
 
 import pandas as pd
 import pytest
-
 from _cli import ok, run_probe
 
 TINY_TEACHER = ["--preset", "test", "--steps", "4", "--batch", "16", "--checkpoint-every", "2", "--sample-steps", "2",

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import run_probe
+from _store_fixture import random_features, write_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probe.cli import app, main
-from _cli import run_probe
-from _store_fixture import random_features, write_store
-
 
 # ------------------------------------------------------------------------------- defaults
 # command -> (where its defaults live, {option name: field name} where they differ)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from probe.core.errors import UserError
-from probe.features.extract import ExtractConfig, extract
 from probe.core.distributed import Micro, micro_generator, no_sync, split_batch, wrap_ddp
+from probe.core.errors import UserError
 from probe.core.runs import load_state, read_metrics
+from probe.features.extract import ExtractConfig, extract
 from train.teacher import TeacherConfig, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,10 +119,10 @@ def student_run(teacher_dir, accum: int, steps: int = 2) -> dict:
     from probe.core.data import load_dataset
     from probe.core.distributed import autocast_for, split_batch, world_size
     from probe.core.edm import OneStepGenerator
-    from train.init import initialise_generator
-    from train.student.methods import get_method
     from probe.core.models import load_model
+    from train.init import initialise_generator
     from train.student.loop import StudentConfig
+    from train.student.methods import get_method
     from train.student.step import StepParts, student_step
 
     cpu = torch.device("cpu")

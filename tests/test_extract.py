@@ -11,13 +11,13 @@ import torch
 
 import probe
 import probe.core.models
+from probe.core.data import load_dataset
+from probe.core.edm import SIGMA_DATA, SIGMA_MIN, EDMDenoiser
 from probe.core.errors import UserError
+from probe.core.models import build_unet, load_model, save_model
 from probe.features.extract import ExtractConfig, extract, extract_features, sample_noise
 from probe.features.hooks import FeatureHooks
 from probe.features.store import FORMAT, FORMAT_VERSION, FeatureStore, check_aligned
-from probe.core.data import load_dataset
-from probe.core.edm import SIGMA_DATA, SIGMA_MIN, EDMDenoiser
-from probe.core.models import build_unet, load_model, save_model
 
 SIGMAS = [0.0, 0.5, 2.0]
 CONTRACT_ATTRS = {"format", "format_version", "complete", "model", "model_sha256", "dataset", "split",

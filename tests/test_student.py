@@ -7,12 +7,12 @@ import torch
 
 import train.student.loop as student
 from probe.core.errors import UserError
-from train.student.methods import METHODS
-from train.student.methods.diffratio import DiffRatioJS
 from probe.core.models import build_unet, load_model
-from train.student.ratio_net import load_ratio_net
 from probe.core.runs import load_state, read_metrics
 from train.student.loop import StudentConfig, train_student
+from train.student.methods import METHODS
+from train.student.methods.diffratio import DiffRatioJS
+from train.student.ratio_net import load_ratio_net
 
 
 def _cfg(out, teacher, **kw):

@@ -29,18 +29,29 @@ from pathlib import Path
 
 import torch
 
-from probe.core.errors import UserError
-from probe.core.progress import progress_bar
 from probe.core.edm import SIGMA_MAX, OneStepGenerator, heun_sample
 from probe.core.ema import EMA
+from probe.core.errors import UserError
 from probe.core.images import save_grid
-from train.initspec import apply_init_spec
-from probe.core.models import load_model, save_model
 from probe.core.locks import exclusive
+from probe.core.models import load_model, save_model
 from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
-from probe.core.runs import (MetricsLog, announce_resume, atomic_torch_save, mark_finished, pick_device,
-                             restore_training, run_status, save_state, start_run, test_point, verify_files,
-                             write_json)
+from probe.core.progress import progress_bar
+from probe.core.runs import (
+    MetricsLog,
+    announce_resume,
+    atomic_torch_save,
+    mark_finished,
+    pick_device,
+    restore_training,
+    run_status,
+    save_state,
+    start_run,
+    test_point,
+    verify_files,
+    write_json,
+)
+from train.initspec import apply_init_spec
 
 PAIRS_FILE = "pairs.pt"
 DONE_FILE = "regress.json"

@@ -29,18 +29,38 @@ from pathlib import Path
 
 import torch
 
-from probe.core.progress import progress_bar
 from probe.core.data import load_dataset
-from probe.core.distributed import (all_reduce_mean, autocast_for, barrier, cuda_speedups, distributed_session, is_main,
-                               no_sync, on_main, split_batch, world_size, wrap_ddp)
+from probe.core.distributed import (
+    all_reduce_mean,
+    autocast_for,
+    barrier,
+    cuda_speedups,
+    distributed_session,
+    is_main,
+    no_sync,
+    on_main,
+    split_batch,
+    world_size,
+    wrap_ddp,
+)
 from probe.core.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
 from probe.core.ema import EMA
 from probe.core.images import save_grid
-from probe.core.models import build_unet, save_model
 from probe.core.locks import exclusive
+from probe.core.models import build_unet, save_model
 from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
-from probe.core.runs import (MetricsLog, announce_resume, load_state, mark_finished, restore_training, save_state,
-                             start_run, test_point, write_json)
+from probe.core.progress import progress_bar
+from probe.core.runs import (
+    MetricsLog,
+    announce_resume,
+    load_state,
+    mark_finished,
+    restore_training,
+    save_state,
+    start_run,
+    test_point,
+    write_json,
+)
 
 
 @dataclass

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.core.errors import UserError
 from probe.core.edm import SIGMA_DATA, DDPMDenoiser, EDMDenoiser, OneStepGenerator
+from probe.core.errors import UserError
 from probe.core.runs import TMP_SUFFIX, install_file, read_manifest, verify_files, write_json
 
 MODEL_FILE = "model.json"

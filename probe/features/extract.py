@@ -36,13 +36,13 @@ resumes with any K.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
 import hashlib
 import json
 import math
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +51,20 @@ import numpy as np
 import torch
 
 from probe import __version__
+from probe.core.distributed import barrier, distributed_session, gather_to_main, is_main, on_main, rank, world_size
 from probe.core.errors import UserError
 from probe.core.locks import exclusive
-from probe.core.runs import test_point
-from probe.features.hooks import FeatureHooks, parse_pooling, pooled_dim, resolve_layers, to_numpy_per_layer, trace_modules
 from probe.core.progress import progress_bar
+from probe.core.runs import test_point
+from probe.features.hooks import (
+    FeatureHooks,
+    parse_pooling,
+    pooled_dim,
+    resolve_layers,
+    to_numpy_per_layer,
+    trace_modules,
+)
 from probe.features.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
-from probe.core.distributed import barrier, distributed_session, gather_to_main, is_main, on_main, rank, world_size
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.5, 2.0, 10.0)   # clean, low, moderate, high, near pure noise
 SOURCES = ("denoiser", "generation")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -90,7 +90,7 @@ class FeatureStore:
     # ----------------------------------------------------------------------------------------- open
 
     @classmethod
-    def open(cls, path, allow_incomplete: bool = False) -> "FeatureStore":
+    def open(cls, path, allow_incomplete: bool = False) -> FeatureStore:
         """Open ``path`` for reading; refuse anything that is not a complete feature file."""
         path = os.fspath(path)
         if not os.path.exists(path):
@@ -143,7 +143,7 @@ class FeatureStore:
     def close(self) -> None:
         self._h5.close()
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:

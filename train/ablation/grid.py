@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-
 from probe.core.errors import UserError
 from train.initspec import validate_init_spec
 
@@ -410,8 +409,8 @@ def _check_same_architecture(label: str, source: str, want: dict, grid: Grid) ->
 
 def check_grid(grid: Grid, out: Path) -> dict:
     """Validate everything before training; returns {prerequisite name: its directory}."""
-    from train.student.methods import get_method
     from train.student.loop import StudentConfig, validate
+    from train.student.methods import get_method
 
     refs = {**{name: out / "prereq" / name for name in grid.prereqs},
             **{name: Path(p) for name, p in grid.external.items()}}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from probe.core.errors import UserError
 from probe.core.runs import write_json
-from train.ablation.grid import AblationConfig, Grid, check_grid, load_grid, prereq_order, _prereq_config
+from train.ablation.grid import AblationConfig, Grid, _prereq_config, check_grid, load_grid, prereq_order
 from train.ablation.run import reference_config, run_name, student_config, teacher_path, unit_state
 from train.initspec import parse_init_spec
 
@@ -60,7 +60,7 @@ class Job:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Job":
+    def from_dict(cls, d: dict) -> Job:
         return cls(**d)
 
 

@@ -32,8 +32,20 @@ from pathlib import Path
 
 from probe.core.errors import UserError
 from probe.core.runs import write_json
-from train.ablation.jobs import (AGGREGATE, Job, Plan, _read, _utc, job_done, job_file, last_log_line, log_file,
-                                 pid_alive, queued_file, state_file)
+from train.ablation.jobs import (
+    AGGREGATE,
+    Job,
+    Plan,
+    _read,
+    _utc,
+    job_done,
+    job_file,
+    last_log_line,
+    log_file,
+    pid_alive,
+    queued_file,
+    state_file,
+)
 
 LAUNCHERS = ("local", "slurm")
 CLUSTERS = ("slurm", "local", "debug")

@@ -19,6 +19,7 @@ from probe.core.runs import pick_device, run_status, write_json
 from train.ablation.grid import RESERVED_STUDENT, Grid, InitEntry, _coerce
 from train.initspec import CATEGORIES, resolve_refs
 
+
 # ------------------------------------------------------------------------------- running
 def run_name(init: str, method: str, seed: int) -> str:
     return f"{init}__{method}__s{seed}"
