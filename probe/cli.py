@@ -146,8 +146,8 @@ def train_ablation_cmd(
     status: Optional[Path] = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
                                                      "failed with its log's last line, pending) and exit."),
     launcher: str = typer.Option("local", help="local: on this machine | slurm: submitted through submitit"),
-    jobs: int = typer.Option(1, help="local: jobs at once, each its own process with cores/N threads and, with "
-                                     "GPUs, its own GPU (1 = in this process; 0 = one per GPU, or per core)."),
+    jobs: int = typer.Option(1, help="local: jobs at once, in N worker processes with cores/N threads each and, "
+                                     "with GPUs, a GPU each (1 = in this process; 0 = one per GPU, or per core)."),
     partition: Optional[str] = typer.Option(None, help="slurm: partition (default: the cluster's)."),
     time: int = typer.Option(120, help="slurm: time limit per job in minutes (a job past it is requeued and resumes)."),
     gpus_per_job: int = typer.Option(0, help="slurm: GPUs per job."),
