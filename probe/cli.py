@@ -274,9 +274,9 @@ def train_ablation_cmd(
     status: Path | None = typer.Option(None, help="Show every job of the grid in this directory (done, running, "
                                                      "failed with its log's last line, pending) and exit."),
     launcher: str = typer.Option(_d(L, "launcher"), help="local: on this machine | slurm: submitted through submitit"),
-    jobs: int = typer.Option(_d(L, "jobs"), help="local: jobs at once, each its own process with cores/N threads "
-                                                 "and, with GPUs, its own GPU (1 = in this process; 0 = one per "
-                                                 "GPU, or per core)."),
+    jobs: int = typer.Option(_d(L, "jobs"), help="local: jobs at once, in N worker processes with cores/N threads "
+                                                 "each and, with GPUs, a GPU each (1 = in this process; 0 = one "
+                                                 "per GPU, or per core)."),
     partition: str | None = typer.Option(_d(L, "partition"), help="slurm: partition (default: the cluster's)."),
     time: int = typer.Option(_d(L, "time_min"), help="slurm: time limit per job in minutes (a job past it is "
                                                      "requeued and resumes)."),

@@ -96,7 +96,8 @@ def test_slots_share_the_cores_and_spread_jobs_over_the_gpus(monkeypatch):
     assert visible_gpus() == []
 
 
-def test_a_grid_expands_into_jobs_with_their_dependencies(tmp_path):
+def test_a_grid_expands_into_jobs_with_their_dependencies(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_PROBE_CACHE", str(tmp_path / "cache"))   # no classifier cached: nothing is done
     plan = plan_grid(AblationConfig(config="quick", out=str(tmp_path / "g")))
     jobs = plan.by_name()
     assert list(jobs) == ["classifier", "prereq.teacher", "prereq.band_teacher", "prereq.regressed", "reference",
@@ -120,7 +121,8 @@ def test_a_grid_expands_into_jobs_with_their_dependencies(tmp_path):
     assert "waits for 8 jobs" in text.splitlines()[-1] and text.splitlines()[-1].split()[:2] == ["pending", "aggregate"]
 
 
-def test_status_tells_running_from_dead_jobs(tmp_path):
+def test_status_tells_running_from_dead_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_PROBE_CACHE", str(tmp_path / "cache"))   # no classifier cached: nothing is done
     plan = plan_grid(AblationConfig(config="quick", out=str(tmp_path / "g")))
     write_plan(plan)
     host = socket.gethostname()
