@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from probe.core.errors import UserError
 from probe.core.runs import write_json
@@ -54,8 +55,8 @@ CLUSTERS = ("slurm", "local", "debug")
 @dataclass
 class LaunchConfig:
     launcher: str = "local"           # local | slurm
-    jobs: int = 1                     # local: jobs at once; 1 = in this process; 0 = one per visible GPU (else per core)
-    devices: tuple | None = None      # local: GPU ids to spread jobs over (None = CUDA_VISIBLE_DEVICES, else all visible)
+    jobs: int = 1                     # local: jobs at once; 1 = in this process; 0 = one per GPU (else per core)
+    devices: tuple | None = None      # local: GPU ids to spread jobs over (None = CUDA_VISIBLE_DEVICES or all)
     cores: int | None = None          # local: cores the jobs share (None = this process's CPU affinity)
     partition: str | None = None      # slurm: partition (None = the cluster's default)
     time_min: int = 120               # slurm: time limit per job, minutes (a job past it is requeued and resumes)
@@ -134,7 +135,7 @@ def launch(plan: Plan, opts: LaunchConfig, progress: bool = True, train_fn=None,
         raise UserError("a train function can only be injected with the local launcher and --jobs 1")
     start = time.time()
     report = LaunchReport(total=len(plan.jobs))
-    todo = []
+    todo: list[Job] = []
     for job in plan.jobs:
         # new results (any unit still to run) make an earlier aggregate out of date
         stale = job.kind == AGGREGATE and bool(todo)
@@ -190,9 +191,14 @@ class _Worker:
     threads and GPU, running the jobs it is sent one after another (a job's output goes to its own
     log; what the worker prints between jobs to ``logs/worker-I.log``)."""
 
+    proc: subprocess.Popen[str]           # set by start(), which __init__ calls
+    stdin: IO[str]                        # its pipes (start() asks for both)
+    stdout: IO[str]
+    job: Job | None                       # the job it is running, None while idle
+
     def __init__(self, out: Path, index: int, env: dict, cwd: str):
         self.out, self.index, self.env, self.cwd = out, index, env, cwd
-        self.job, self.proc, self.ready = None, None, False
+        self.job, self.ready = None, False
         self.start()
 
     def start(self) -> None:
@@ -200,18 +206,20 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "train.ablation.job", "--worker"], cwd=self.cwd,
                                      env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                      text=True, bufsize=1)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPE was asked for both
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self.ready = False
 
     def send(self, job: Job) -> None:
         self.job = job
-        self.proc.stdin.write(str(job_file(self.out, job.name).resolve()) + "\n")
-        self.proc.stdin.flush()
+        self.stdin.write(str(job_file(self.out, job.name).resolve()) + "\n")
+        self.stdin.flush()
 
     def stop(self, interrupt: bool = False) -> None:
         if interrupt:
             self.proc.send_signal(signal.SIGINT)
         else:
-            self.proc.stdin.close()
+            self.stdin.close()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -226,7 +234,8 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
     from train.ablation.job import run_job
 
     out = plan.out
-    gpus = list(opts.devices) if opts.devices is not None else visible_gpus(str(plan.grid.student.get("device", "auto")))
+    device = str(plan.grid.student.get("device", "auto"))
+    gpus = list(opts.devices) if opts.devices is not None else visible_gpus(device)
     cores = opts.cores or available_cores()
     units = sum(j.kind != AGGREGATE for j in todo)
     slots = job_slots(opts.jobs, cores, gpus)[:max(1, units)]  # no idle workers for a short list
@@ -237,10 +246,11 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
     workers = [_Worker(out, i, _child_env(env), os.getcwd()) for i, env in enumerate(slots)] if units else []
     selector = selectors.DefaultSelector()
     for w in workers:
-        selector.register(w.proc.stdout, selectors.EVENT_READ, w)
+        selector.register(w.stdout, selectors.EVENT_READ, w)
 
     def finished(w: _Worker, code: int | None) -> None:
         job, w.job = w.job, None
+        assert job is not None  # only a busy worker finishes
         if code == 0 and job_done(out, job):
             done.add(job.name)
             report.ran.append(job.name)
@@ -260,7 +270,7 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
                     if job.kind == AGGREGATE:  # everything else is done: the analysis runs here
                         pending.remove(job)
                         try:
-                            run_job(out, job, finalize=finalize, echo=lambda m: log(f"{job.name}: {m}"))
+                            run_job(out, job, finalize=finalize, echo=lambda m, job=job: log(f"{job.name}: {m}"))
                             done.add(job.name)
                             report.ran.append(job.name)
                         except Exception:
@@ -270,24 +280,25 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
                     if idle is not None:
                         pending.remove(job)
                         idle.send(job)
-                        log(f"started {job.name}" + (f" on GPU {slots[idle.index]['CUDA_VISIBLE_DEVICES']}" if gpus else ""))
+                        gpu = f" on GPU {slots[idle.index]['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+                        log(f"started {job.name}{gpu}")
             if not pending and not any(w.job for w in workers):
                 break
             for key, _ in selector.select(timeout=0.5):
                 w = key.data
-                line = w.proc.stdout.readline()
+                line = w.stdout.readline()
                 if line.strip() == "ready":
                     w.ready = True
                 elif line.strip() in ("0", "1"):
                     finished(w, int(line))
                 else:  # the worker died (killed, crashed): its job failed; a fresh worker takes the slot
-                    selector.unregister(w.proc.stdout)
+                    selector.unregister(w.stdout)
                     code = w.proc.wait()
                     w.errors.close()
                     if w.job is not None:
                         finished(w, code or 1)
                     w.start()
-                    selector.register(w.proc.stdout, selectors.EVENT_READ, w)
+                    selector.register(w.stdout, selectors.EVENT_READ, w)
     except BaseException:  # interrupted: stop the workers; each running job's log says it ended
         for w in workers:
             if w.job is not None:
@@ -301,13 +312,14 @@ def _launch_processes(plan: Plan, todo: list, opts: LaunchConfig, finalize, repo
         selector.close()
 
 
-def _note_exit(out: Path, name: str, code: int) -> None:
+def _note_exit(out: Path, name: str, code: int | None) -> None:
     """A child that died without recording its end (killed, crashed): say so as its log's last line.
     The child has exited, so its log has one writer again."""
     rec = _read(state_file(out, name)) or {}
     if rec.get("state") in ("done", "failed"):
         return
-    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    how = ("ended without a status" if code is None else
+           f"killed by signal {-code}" if code < 0 else f"exit code {code}")
     with open(log_file(out, name), "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: the process ended ({how}) without recording a result\n")
 
@@ -356,7 +368,8 @@ def _launch_submitit(plan: Plan, todo: list, opts: LaunchConfig, finalize, repor
                   gpus_per_node=int(opts.gpus), mem_gb=float(opts.mem_gb),
                   slurm_partition=opts.partition or None, slurm_signal_delay_s=120)
     done = {j.name for j in plan.jobs} - {j.name for j in todo}
-    ids, handles = {}, {}
+    ids: dict[str, str] = {}
+    handles: dict[str, object] = {}
 
     for job in todo:  # an earlier launch's jobs still on the cluster are not submitted twice
         if job.kind != AGGREGATE or finalize is not None:
@@ -400,9 +413,9 @@ def _launch_submitit(plan: Plan, todo: list, opts: LaunchConfig, finalize, repor
             hs = [executor.submit(r) for r in runners]
         for j, h in zip(jobs, hs):
             ids[j.name], handles[j.name] = h.job_id, h
-            write_json(queued_file(out, j.name), {"cluster": opts.cluster, "job_id": h.job_id, "folder": str(folder / "%j"),
-                                                  "host": socket.gethostname(), "submitted_s": submitted_s,
-                                                  "submitted_utc": _utc(submitted_s)})
+            write_json(queued_file(out, j.name), {"cluster": opts.cluster, "job_id": h.job_id,
+                                                  "folder": str(folder / "%j"), "host": socket.gethostname(),
+                                                  "submitted_s": submitted_s, "submitted_utc": _utc(submitted_s)})
             report.ran.append(j.name)
         log(f"submitted {', '.join(j.name for j in jobs) if len(jobs) <= 3 else f'{len(jobs)} arms as one array'}"
             f" as job {hs[0].job_id.split('_')[0]}" + (f" (after {after[len('afterok:'):]})" if after else ""))
