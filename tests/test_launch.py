@@ -101,7 +101,8 @@ def test_a_grid_expands_into_jobs_with_their_dependencies(tmp_path, monkeypatch)
     plan = plan_grid(AblationConfig(config="quick", out=str(tmp_path / "g")))
     jobs = plan.by_name()
     assert list(jobs) == ["classifier", "prereq.teacher", "prereq.band_teacher", "prereq.regressed", "reference",
-                          "full__diffratio-js__s0", "band__diffratio-js__s0", "regressed__diffratio-js__s0", "aggregate"]
+                          "full__diffratio-js__s0", "band__diffratio-js__s0", "regressed__diffratio-js__s0",
+                          "aggregate"]
     assert not (tmp_path / "g").exists()                     # planning writes nothing
     assert jobs["prereq.regressed"].depends_on == ["prereq.teacher"]
     assert jobs["reference"].depends_on == ["classifier", "prereq.teacher"]
@@ -135,7 +136,8 @@ def test_status_tells_running_from_dead_jobs(tmp_path, monkeypatch):
     (plan.out / "jobs" / "prereq.regressed.state.json").write_text(json.dumps(
         {"state": "running", "host": "another-node", "pid": 1, "started_s": 0, "cluster_job": "77_3"}))
     state = {r["name"]: r for r in grid_status(plan.out)}
-    assert state["prereq.teacher"]["state"] == "running" and f"pid {os.getpid()} on {host}" in state["prereq.teacher"]["note"]
+    assert state["prereq.teacher"]["state"] == "running"
+    assert f"pid {os.getpid()} on {host}" in state["prereq.teacher"]["note"]
     assert state["prereq.band_teacher"]["state"] == "failed"    # its process is gone and recorded no end
     assert state["prereq.band_teacher"]["note"] == "the process ended without recording a result"
     assert state["prereq.regressed"]["state"] == "running" and "cluster job 77_3" in state["prereq.regressed"]["note"]
@@ -145,7 +147,8 @@ def test_status_tells_running_from_dead_jobs(tmp_path, monkeypatch):
     from probe.cli import app
 
     result = CliRunner().invoke(app, ["train", "ablation", "--status", str(plan.out)])
-    assert result.exit_code == 0 and result.output.startswith(f"{plan.out}: 0/9 jobs done (0/3 arms), 2 running, 1 failed")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"{plan.out}: 0/9 jobs done (0/3 arms), 2 running, 1 failed")
 
 
 @contextmanager
@@ -238,7 +241,8 @@ def test_slurm_submissions_prereqs_then_an_array_then_the_aggregate(tmp_path, mo
     assert dep("aggregate").startswith("afterok:") and array in dep("aggregate").split(":")
     assert subs["aggregate"]["finalize"] and not subs["classifier"]["finalize"]
     p = subs["reference"]["params"]
-    assert (p["slurm_partition"], p["timeout_min"], p["gpus_per_node"], p["cpus_per_task"], p["mem_gb"]) == ("gpu", 90, 1, 8, 32)
+    got = (p["slurm_partition"], p["timeout_min"], p["gpus_per_node"], p["cpus_per_task"], p["mem_gb"])
+    assert got == ("gpu", 90, 1, 8, 32)
     assert json.loads((plan.out / "jobs" / "prereq.teacher.queued.json").read_text())["job_id"] == ids["prereq.teacher"]
     assert statuses(plan.out)["prereq.teacher"] == "pending"
     assert "queued as slurm job" in format_status(plan.out)
@@ -247,12 +251,14 @@ def test_slurm_submissions_prereqs_then_an_array_then_the_aggregate(tmp_path, mo
     # after the teacher's queued job
     import train.ablation.launch as launch_module
 
-    monkeypatch.setattr(launch_module, "still_queued", lambda out, name: ids[name] if name == "prereq.teacher" else None)
+    monkeypatch.setattr(launch_module, "still_queued",
+                        lambda out, name: ids[name] if name == "prereq.teacher" else None)
     FakeExecutor.submissions = []
     launch(plan, opts, progress=False, finalize=print, log=lambda m: None)
     again = {s["job"]: s for s in FakeExecutor.submissions}
     assert "prereq.teacher" not in again and len(again) == len(subs) - 1
-    assert again["prereq.regressed"]["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{ids['prereq.teacher']}"
+    dependency = again["prereq.regressed"]["params"]["slurm_additional_parameters"]["dependency"]
+    assert dependency == f"afterok:{ids['prereq.teacher']}"
 
 
 # ---------------------------------------------------------------------------------- slow
