@@ -241,7 +241,12 @@ def train_student_cmd(
     _out_dir(out)
     run = train_student(cfg, resume=resume)
     if _is_main():
+        import json
+
+        from train.initspec import format_init_report
+
         _print_eval(run)
+        typer.echo(format_init_report(json.loads((Path(run) / "model.json").read_text())["init"]))
         typer.echo(f"generator written to {run}")
 
 
@@ -571,12 +576,14 @@ def cka_cmd(
                                                              "0 = none."),
     k: int = typer.Option(_d(CKA, "k"), help="Neighbours for CKNNA."),
     sigma_factor: float = typer.Option(_d(CKA, "sigma_factor"), help="RBF bandwidth = median distance x this."),
+    bandwidth: str = typer.Option(_d(CKA, "bandwidth"), help="RBF: how that median is taken: kornblith (all n^2 "
+                                                             "pairs, zero diagonal included) | offdiag (distinct "
+                                                             "pairs only)."),
     fig: Path | None = typer.Option(None, help="Heatmap PNG."),
     seed: int = typer.Option(_d(CKA, "seed"), help="Seed of the null and of subsampling."),
 ):
     """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
     from analysis.cka import cka_table
-    from analysis.heatmaps import plot_cka_heatmap
 
     checks.nonneg_int(n_perm, "--n-perm")
     checks.positive_int(k, "--k")
@@ -591,13 +598,16 @@ def cka_cmd(
     stores = _open_stores([file_a] + ([file_b] if file_b else []))
     try:
         df = cka_table(stores[0], stores[1] if file_b else None, mode=mode, estimator=estimator, layers=names,
-                       sigmas=sig, n_perm=n_perm, seed=seed, progress=True, k=k, sigma_factor=sigma_factor)
+                       sigmas=sig, n_perm=n_perm, seed=seed, progress=True, k=k, sigma_factor=sigma_factor,
+                       bandwidth=bandwidth)
     finally:
         for s in stores:
             s.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     if fig:
+        from analysis.heatmaps import plot_cka_heatmap  # matplotlib: only when a figure is asked for
+
         plot_cka_heatmap(df, fig)
     typer.echo(f"{estimator} CKA ({mode}): mean {df['cka'].mean():.3f}, min {df['cka'].min():.3f}, "
                f"max {df['cka'].max():.3f}; permutation null mean {df['null_mean'].mean():.3f}")
