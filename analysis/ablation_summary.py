@@ -99,7 +99,8 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
     if span and span[-1][0] >= steps and len(after) >= n_tail:
         tail = after[-n_tail:]
         row["plateau_spread"] = float(max(tail) - min(tail))
-        row["plateau"] = float(row["plateau_spread"] <= PLATEAU_FLOOR_SD * floor_std) if math.isfinite(floor_std) else np.nan
+        row["plateau"] = (float(row["plateau_spread"] <= PLATEAU_FLOOR_SD * floor_std) if math.isfinite(floor_std)
+                          else np.nan)
     else:
         row["plateau_spread"], row["plateau"] = np.nan, np.nan
     return row
@@ -225,14 +226,15 @@ def run_ablation_features(out: Path, grid: Grid, refs: dict, summary: pd.DataFra
     keys = ["run", "init", "init_group", "method", "seed"]
     with FeatureStore.open(t_path) as t_store:
         if opts["probes"]:
-            probe_rows.append(probe_table(t_store, targets=["label"]).assign(run="teacher", init="(teacher)",
-                                                                             init_group="reference", method="", seed=-1))
+            probe_rows.append(probe_table(t_store, targets=["label"]).assign(
+                run="teacher", init="(teacher)", init_group="reference", method="", seed=-1))
         for _, r in summary[summary["status"] == "done"].iterrows():
             path = features(r["run_dir"], r["run"])
             with FeatureStore.open(path) as s_store:
                 table = cka_table(t_store, s_store, mode="pair", estimator="debiased", n_perm=10)
-                cka_rows.append(table.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})
-                                [["layer", "sigma", "cka", "null_mean", "null_p95", "n_perm", "estimator", "n"]].assign(**{k: r[k] for k in keys}))
+                columns = ["layer", "sigma", "cka", "null_mean", "null_p95", "n_perm", "estimator", "n"]
+                cka_rows.append(table.rename(columns={"layer_a": "layer", "sigma_a": "sigma"})[columns]
+                                .assign(**{k: r[k] for k in keys}))
                 if opts["probes"]:
                     probe_rows.append(probe_table(s_store, targets=["label"]).assign(**{k: r[k] for k in keys}))
     front = keys + ["layer", "sigma"]

@@ -20,11 +20,15 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from probe.core import checks
 from probe.core.errors import UserError
+
+# Only these light modules are imported at the top: every command imports the heavy layers it uses (torch,
+# diffusers, matplotlib, train, analysis) inside its body, so `probe --help` and usage errors stay fast.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train one-step diffusion generators and look inside them.")
@@ -34,7 +38,8 @@ app.add_typer(train_app, name="train")
 
 # Where each command's defaults live ("module:Class" of a config dataclass, or "module:function").
 T, S, R = "train.teacher:TeacherConfig", "train.student.loop:StudentConfig", "train.regress:RegressConfig"
-E, EV, A = "probe.features.extract:ExtractConfig", "probe.quality.evaluate:EvalConfig", "train.ablation.grid:AblationConfig"
+E, EV = "probe.features.extract:ExtractConfig", "probe.quality.evaluate:EvalConfig"
+A = "train.ablation.grid:AblationConfig"
 REP, DEMO = "analysis.report:ReportConfig", "probe.demo:DemoConfig"
 L = "train.ablation.launch:LaunchConfig"
 CKA, LIN, UMAP = "analysis.cka:cka_table", "analysis.linear:probe_table", "analysis.umap_view:umap_panels"
@@ -53,13 +58,18 @@ def _d(source: str, name: str):
         obj = getattr(importlib.import_module(module), owner)
         if dataclasses.is_dataclass(obj):
             f = {f.name: f for f in dataclasses.fields(obj)}[name]
-            return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if not callable(f.default_factory):
+                raise LookupError(f"{source}.{name} has no default") from None
+            return f.default_factory()
         return inspect.signature(obj).parameters[name].default
 
 
 @functools.cache
 def _tree(module: str) -> ast.Module:
     spec = importlib.util.find_spec(module)  # imports the (light) parent packages only
+    assert spec is not None and spec.origin is not None, f"{module}: not found (a CLI default source is mistyped)"
     return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
 
 
@@ -92,9 +102,10 @@ def _literal(module: str, node: ast.expr):
     for stmt in _tree(module).body:
         if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.id for t in stmt.targets):
             return _literal(module, stmt.value)
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == node.id:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == node.id \
+                and stmt.value is not None:
             return _literal(module, stmt.value)
-        if isinstance(stmt, ast.ImportFrom) and stmt.level == 0:
+        if isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.module is not None:
             for alias in stmt.names:
                 if (alias.asname or alias.name) == node.id:
                     return _literal(stmt.module, ast.Name(id=alias.name))
@@ -199,7 +210,8 @@ def train_student_cmd(
     data: str | None = typer.Option(_d(S, "data"), help="Real data (default: the teacher's data set)."),
     sigma_init: float = typer.Option(_d(S, "sigma_init"), help="G(z) = D(sigma_init z; sigma_init)."),
     steps: int = typer.Option(_d(S, "steps"), help="Generator steps (0 = write the initialised generator)."),
-    batch: int = typer.Option(_d(S, "batch"), help="Generated (and real) images per step (global: across every process)."),
+    batch: int = typer.Option(_d(S, "batch"), help="Generated (and real) images per step (global: across every "
+                                                   "process)."),
     accum: int = typer.Option(_d(S, "accum"), help="Gradient-accumulation rounds per step and process."),
     lr_g: float = typer.Option(_d(S, "lr_g"), help="Generator learning rate."),
     lr_aux: float = typer.Option(_d(S, "lr_aux"), help="Ratio classifier / fake-score learning rate."),
@@ -222,14 +234,19 @@ def train_student_cmd(
     from train.student.loop import StudentConfig, train_student
 
     cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
-                        steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps, ratio_net=ratio_net,
-                        sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha, fkl_clip=fkl_clip,
-                        grad_clip=grad_clip, eval_every=eval_every, eval_samples=eval_samples,
+                        steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps,
+                        ratio_net=ratio_net, sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha,
+                        fkl_clip=fkl_clip, grad_clip=grad_clip, eval_every=eval_every, eval_samples=eval_samples,
                         checkpoint_every=checkpoint_every, seed=seed, device=device)
     _out_dir(out)
     run = train_student(cfg, resume=resume)
     if _is_main():
+        import json
+
+        from train.initspec import format_init_report
+
         _print_eval(run)
+        typer.echo(format_init_report(json.loads((Path(run) / "model.json").read_text())["init"]))
         typer.echo(f"generator written to {run}")
 
 
@@ -536,8 +553,9 @@ def linear_cmd(
             s.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
-    for target in df["target"].unique() if fig else []:
-        plot_probe_heatmap(df, target, fig.with_name(f"{fig.stem}-{target}{fig.suffix}"))
+    if fig is not None:
+        for target in df["target"].unique():
+            plot_probe_heatmap(df, target, fig.with_name(f"{fig.stem}-{target}{fig.suffix}"))
     best = df.loc[df.groupby("target")["accuracy"].idxmax()]
     for _, r in best.iterrows():
         typer.echo(f"{r['target']}: best {r['metric']} {r['accuracy']:.3f} at layer {r['layer']}, sigma {r['sigma']:g}")
@@ -558,12 +576,14 @@ def cka_cmd(
                                                              "0 = none."),
     k: int = typer.Option(_d(CKA, "k"), help="Neighbours for CKNNA."),
     sigma_factor: float = typer.Option(_d(CKA, "sigma_factor"), help="RBF bandwidth = median distance x this."),
+    bandwidth: str = typer.Option(_d(CKA, "bandwidth"), help="RBF: how that median is taken: kornblith (all n^2 "
+                                                             "pairs, zero diagonal included) | offdiag (distinct "
+                                                             "pairs only)."),
     fig: Path | None = typer.Option(None, help="Heatmap PNG."),
     seed: int = typer.Option(_d(CKA, "seed"), help="Seed of the null and of subsampling."),
 ):
     """CKA between two models (same inputs), or layer x layer / sigma x sigma within one."""
     from analysis.cka import cka_table
-    from analysis.heatmaps import plot_cka_heatmap
 
     checks.nonneg_int(n_perm, "--n-perm")
     checks.positive_int(k, "--k")
@@ -578,13 +598,16 @@ def cka_cmd(
     stores = _open_stores([file_a] + ([file_b] if file_b else []))
     try:
         df = cka_table(stores[0], stores[1] if file_b else None, mode=mode, estimator=estimator, layers=names,
-                       sigmas=sig, n_perm=n_perm, seed=seed, progress=True, k=k, sigma_factor=sigma_factor)
+                       sigmas=sig, n_perm=n_perm, seed=seed, progress=True, k=k, sigma_factor=sigma_factor,
+                       bandwidth=bandwidth)
     finally:
         for s in stores:
             s.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     if fig:
+        from analysis.heatmaps import plot_cka_heatmap  # matplotlib: only when a figure is asked for
+
         plot_cka_heatmap(df, fig)
     typer.echo(f"{estimator} CKA ({mode}): mean {df['cka'].mean():.3f}, min {df['cka'].min():.3f}, "
                f"max {df['cka'].max():.3f}; permutation null mean {df['null_mean'].mean():.3f}")
@@ -621,7 +644,8 @@ def umap_cmd(
     if csv:
         df.to_csv(csv, index=False)
     for _, r in df.iterrows():
-        typer.echo(f"{r['layer']} sigma {r['sigma']:g}: {r['knn_k']}-NN accuracy of the embedding {r['knn_accuracy']:.3f}")
+        typer.echo(f"{r['layer']} sigma {r['sigma']:g}: {r['knn_k']}-NN accuracy of the embedding "
+                   f"{r['knn_accuracy']:.3f}")
     typer.echo(f"wrote {out}")
 
 
@@ -630,12 +654,12 @@ USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.
                   errno.EDQUOT, errno.ENAMETOOLONG, errno.EEXIST}
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
 # click's base of usage errors: typer >= 0.22 vendors click, older typer uses it as a dependency
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ERROR: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,14 +22,15 @@ from train.ablation.launch import LaunchConfig, launch
 def finish_ablation(out: str, progress: bool = False) -> None:
     """The aggregate step of a grid directory whose jobs are all done: tables, features and verdict.
     Run by the launchers as the grid's last job (on SLURM, as a job of its own)."""
-    out = Path(out)
-    cfg = AblationConfig(**json.loads((out / "grid.json").read_text())["config"])
+    grid_dir = Path(out)
+    cfg = AblationConfig(**json.loads((grid_dir / "grid.json").read_text())["config"])
     cfg.seeds = tuple(cfg.seeds) if cfg.seeds else None
     grid = load_grid(cfg.config, cfg)
-    analyse_grid(out, grid, check_grid(grid, out), progress=progress)
+    analyse_grid(grid_dir, grid, check_grid(grid, grid_dir), progress=progress)
 
 
-def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None, launch_cfg: LaunchConfig | None = None) -> Path:
+def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None,
+                 launch_cfg: LaunchConfig | None = None) -> Path:
     """Run (or resume) a grid's jobs, then write its tables, features and verdict; returns the grid directory.
 
     progress   : progress bars and one line per job                                     (default True)
@@ -49,8 +50,9 @@ def run_ablation(cfg: AblationConfig, progress: bool = True, train_fn=None, laun
         write_plan(plan)
         report = launch(plan, launch_cfg, progress=progress, train_fn=train_fn,
                         finalize=functools.partial(finish_ablation, str(plan.out), progress), log=log)
-        log(f"{plan.out}: {report.total - len(report.failed) - len(report.blocked) - len(report.queued)}/{report.total} "
-            f"jobs done ({len(report.ran)} run now, {len(report.skipped)} before) in {report.seconds:.1f} s")
+        done = report.total - len(report.failed) - len(report.blocked) - len(report.queued)
+        log(f"{plan.out}: {done}/{report.total} jobs done ({len(report.ran)} run now, {len(report.skipped)} before) "
+            f"in {report.seconds:.1f} s")
         if report.queued:
             log(f"{len(report.queued)} jobs on the cluster; follow them with: probe train ablation --status {plan.out}")
             return plan.out

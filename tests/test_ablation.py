@@ -58,14 +58,15 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     for _, r in summary.iterrows():
         final = json.loads((out / "runs" / r.run / "eval.json").read_text())
         assert r.fd_final == pytest.approx(final["fd"]) and r.recall_final == pytest.approx(final["recall"])
-        fds = [row["eval_fd"] for row in map(json.loads, (out / "runs" / r.run / "metrics.jsonl").read_text().split("\n")[:-1])
-               if "eval_fd" in row]
+        lines = (out / "runs" / r.run / "metrics.jsonl").read_text().split("\n")[:-1]
+        fds = [row["eval_fd"] for row in map(json.loads, lines) if "eval_fd" in row]
         assert r.fd_best == pytest.approx(min(fds))
         assert sum(r[f"init_frac_{c}"] for c in CATEGORIES) == pytest.approx(1.0)
     assert summary.set_index("init").loc["full", "init_frac_teacher"] == 1.0
     assert summary.set_index("init").loc["band", "init_frac_other"] == 1.0
     regressed = summary.set_index("init").loc["regressed"]
-    assert 0 < regressed.init_frac_shuffled < 0.01 and regressed.init_frac_other == pytest.approx(1 - regressed.init_frac_shuffled)
+    assert 0 < regressed.init_frac_shuffled < 0.01
+    assert regressed.init_frac_other == pytest.approx(1 - regressed.init_frac_shuffled)
 
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.metric) >= {"fd", "precision", "recall"} and set(curves.step) == {0, 2}
@@ -81,7 +82,8 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     assert v["contrasts"][2]["match"]["property"] == "cka_start" and v["contrasts"][2]["match"]["arm"] is not None
     # learning-curve and step-0 columns; the teacher init's step-0 features are the teacher's own
     s = summary.set_index("init")
-    assert {"fd_at_2", "fd_auc", "steps_to_150pct", "steps_to_110pct", "plateau", "cka_start", "cka_start_s2.5"} <= set(s.columns)
+    assert {"fd_at_2", "fd_auc", "steps_to_150pct", "steps_to_110pct", "plateau", "cka_start",
+            "cka_start_s2.5"} <= set(s.columns)
     assert s.loc["full", "cka_start"] == pytest.approx(1.0, abs=1e-6) and s.cka_start.between(-1, 1).all()
     assert (s.fd_at_2 == s.fd_final).all()
     step0 = pd.read_csv(out / "cka_step0.csv")
@@ -119,7 +121,8 @@ preset = "test"
 @pytest.mark.parametrize("change, message", [
     (("[inits]\nfull = \"teacher\"", "[inits]\nfull = \"keep:down_blcks.*\""), "'down_blcks.*' matches no module"),
     (("[inits]\nfull = \"teacher\"", "[inits]\nfull = \"from:@nowhere\""), "'@nowhere'"),
-    (("[inits]\nfull = \"teacher\"", "[inits]\nfull = { spec = \"teacher\", group = \"best\" }"), "unknown group 'best'"),
+    (("[inits]\nfull = \"teacher\"", "[inits]\nfull = { spec = \"teacher\", group = \"best\" }"),
+     "unknown group 'best'"),
     (("eval_every = 2", "eval_every = 0"), "eval_every must be > 0"),
     (("eval_every = 2", "eval_every = 2\nlearning_rate = 1"), "unknown option 'learning_rate'"),
     (("eval_every = 2", "eval_every = 2\nseed = 1"), "'seed' is set by the grid"),
@@ -138,7 +141,8 @@ def test_invalid_grids_are_refused_before_training(tmp_path, change, message):
 
 
 def test_prerequisite_of_another_architecture_is_refused_before_training(tmp_path):
-    text = BASE.replace('full = "teacher"', 'full = "teacher"\nband = "from:@b"') + '[prereq.b]\nkind = "teacher"\npreset = "tiny"\n'
+    text = (BASE.replace('full = "teacher"', 'full = "teacher"\nband = "from:@b"')
+            + '[prereq.b]\nkind = "teacher"\npreset = "tiny"\n')
     with pytest.raises(UserError, match=r"init 'band': @b does not fit the teacher: tensor 'conv_in.weight'"):
         check_grid(load_grid(_write(tmp_path, text)), tmp_path / "out")
     check_grid(load_grid(_write(tmp_path, text.replace('"tiny"', '"test"'))), tmp_path / "out")
@@ -163,7 +167,8 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert paper.seeds == [0, 1, 2, 3, 4] and paper.methods == ["diffratio-js"]
     # every arm is in a declared contrast; the mapping-held-fixed ones declare their match on step-0 FD
     contrasts = {c.name: c for c in paper.contrasts}
-    assert {e.label for e in paper.inits} == {c.arm for c in paper.contrasts} | {c.versus for c in paper.contrasts} - {"reference"}
+    arms = {c.arm for c in paper.contrasts} | {c.versus for c in paper.contrasts} - {"reference"}
+    assert {e.label for e in paper.inits} == arms
     for name in ("band-vs-full", "single-vs-full", "regressed-vs-full"):
         assert contrasts[name].match["property"] == "fd_start"
     assert not contrasts["regressed-vs-full"].in_claim and contrasts["full-vs-reference"].claim == "1"

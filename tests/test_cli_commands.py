@@ -62,6 +62,7 @@ def test_train_student(cli_student):
     assert quality["sampler"] == "one-step" and quality["n"] == 100 and math.isfinite(quality["fd"])
     assert "one-step: n = 100" in result.stdout and "Frechet distance" in result.stdout
     assert f"generator written to {out}" in result.stdout
+    assert "init 'teacher' (seed 0): " in result.stdout  # where the parameters came from (format_init_report)
 
 
 def test_train_regress(cli_teacher, tmp_path):
@@ -105,6 +106,9 @@ def test_cka(cli_features, tmp_path):
     assert len(df) == 4 and (df["mode"] == "pair").all() and (df["n_perm"] == 2).all()
     assert df["cka"].between(-0.5, 1.0 + 1e-6).all() and (tmp_path / "cka.png").exists()
     assert "debiased CKA (pair)" in result.stdout
+    ok(run_probe("cka", cli_features["teacher"], cli_features["student"], "--out", tmp_path / "rbf.csv",
+                 "--estimator", "rbf", "--bandwidth", "offdiag", "--n-perm", "0"))
+    assert (pd.read_csv(tmp_path / "rbf.csv")["bandwidth_rule"] == "offdiag").all()
 
 
 def test_umap(cli_features, tmp_path):

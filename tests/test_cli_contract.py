@@ -246,7 +246,8 @@ BAD = {
     "ablation unknown device": (A + ["--config", "quick", "--device", "tpu"], "unknown --device 'tpu'"),
     "ablation grid bad syntax": (A + ["--config", "{dir}/bad-syntax.toml"], "is not valid TOML"),
     "ablation grid extract n_samples": (A + ["--config", "{dir}/extract-n.toml"], "n_samples must be an integer >= 1"),
-    "ablation grid extract nan sigma": (A + ["--config", "{dir}/extract-sigmas.toml"], "each of sigmas must be a finite"),
+    "ablation grid extract nan sigma": (A + ["--config", "{dir}/extract-sigmas.toml"],
+                                        "each of sigmas must be a finite"),
     "ablation grid student lr nan": (A + ["--config", "{dir}/student-lr.toml"], "lr_g must be a finite number > 0"),
     "ablation grid student steps": (A + ["--config", "{dir}/student-steps.toml"], "steps must be an integer >= 0"),
     "ablation grid float steps": (A + ["--config", "{dir}/student-float-steps.toml"], "steps must be an integer"),
@@ -308,7 +309,8 @@ BAD = {
     "report out under a file": (["report", "{dir}", "--out", "{afile}/r.pdf"], "is a file, not a directory"),
     # demo
     "demo seed negative": (["demo", "--out", "{tmp}/d", "--report", "{tmp}/d.pdf", "--seed", "-1"], "seed must be"),
-    "demo unknown device": (["demo", "--out", "{tmp}/d", "--report", "{tmp}/d.pdf", "--device", "tpu"], "unknown device"),
+    "demo unknown device": (["demo", "--out", "{tmp}/d", "--report", "{tmp}/d.pdf", "--device", "tpu"],
+                            "unknown device"),
     "demo out under a file": (["demo", "--out", "{afile}/d", "--report", "{tmp}/d.pdf"], "is a file, not a directory"),
     # the command line itself
     "unknown command": (["trian"], "No such command 'trian'"),

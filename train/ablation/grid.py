@@ -183,7 +183,8 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
             raise UserError(f"{path}: [extract] unknown key {k!r} (allowed: {', '.join(EXTRACT_KEYS)})")
         extract[k] = v
     grid = Grid(teacher=str(raw["teacher"]), methods=list(raw["methods"]), seeds=[int(s) for s in raw["seeds"]],
-                inits=inits, student=dict(raw.get("student", {})), prereqs={k: dict(v) for k, v in raw.get("prereq", {}).items()},
+                inits=inits, student=dict(raw.get("student", {})),
+                prereqs={k: dict(v) for k, v in raw.get("prereq", {}).items()},
                 data=raw.get("data"), features=bool(raw.get("features", False)), extract=extract,
                 reference_steps=int(raw.get("reference_steps", 18)), source=str(path),
                 contrasts=[parse_contrast(name, value, str(path)) for name, value in raw.get("contrasts", {}).items()])
@@ -319,7 +320,8 @@ def _coerce(cls, values: dict, where: str, reserved=()) -> dict:
         if k in reserved:
             raise UserError(f"{where}: {k!r} is set by the grid for each run; remove it")
         if k not in fields:
-            raise UserError(f"{where}: unknown option {k!r} (valid: {', '.join(n for n in fields if n not in reserved)})")
+            valid = ", ".join(n for n in fields if n not in reserved)
+            raise UserError(f"{where}: unknown option {k!r} (valid: {valid})")
         default = fields[k].default
         out[k] = tuple(v) if isinstance(v, list) and (isinstance(default, tuple) or k == "sigma_range") else v
     return out
@@ -332,7 +334,8 @@ def _refs_in(values: dict) -> list[str]:
 def prereq_order(prereqs: dict, external=()) -> list[str]:
     """Prerequisites in an order where each comes after the ones it refers to ("@NAME"); names in
     ``external`` are given as paths and need no building."""
-    order, state = [], {}
+    order: list[str] = []
+    state: dict[str, str] = {}  # name -> "done" once it is in order
 
     def visit(name: str, chain: tuple):
         if state.get(name) == "done":

@@ -53,8 +53,9 @@ def run_recorded(out: Path, name: str, action, capture: bool = False, echo=None)
     log_path = log_file(out, name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base = {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "started_s": started, "cluster_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),
+    base = {"host": socket.gethostname(), "pid": os.getpid(),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "started_s": started,
+            "cluster_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),
             "array_task": os.environ.get("SLURM_ARRAY_TASK_ID")}
     with open(log_path, "a", buffering=1) as log:
         def say(message: str) -> None:

@@ -264,7 +264,8 @@ def format_status(out: Path) -> str:
     rows = grid_status(out)
     count = {s: sum(r["state"] == s for r in rows) for s in ("done", "running", "failed", "pending")}
     arms = [r for r in rows if r["kind"] == "student"]
-    head = (f"{out}: {count['done']}/{len(rows)} jobs done ({sum(r['state'] == 'done' for r in arms)}/{len(arms)} arms), "
+    arms_done = sum(r["state"] == "done" for r in arms)
+    head = (f"{out}: {count['done']}/{len(rows)} jobs done ({arms_done}/{len(arms)} arms), "
             f"{count['running']} running, {count['failed']} failed, {count['pending']} pending")
     width = max(len(r["name"]) for r in rows)
     lines = [head] + [f"  {r['state']:<8} {r['name']:<{width}}  {r['note']}".rstrip() for r in rows]
