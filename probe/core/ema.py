@@ -12,7 +12,6 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-
 M = TypeVar("M", bound=nn.Module)
 
 
