@@ -219,7 +219,8 @@ def run_speed(args) -> dict:
     """All speed measurements; returns the raw results (JSON-able)."""
     methods = [m for m in args.methods.split(",") if m]
     sizes = [s for s in args.sizes.split(",") if s]
-    variants = [("", None)] + ([(args.compare_label, str(Path(args.compare_src).resolve()))] if args.compare_src else [])
+    variants = [("", None)] + ([(args.compare_label, str(Path(args.compare_src).resolve()))]
+                               if args.compare_src else [])
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     from probe.core.data import load_dataset
 
@@ -267,7 +268,8 @@ def run_speed(args) -> dict:
     return {"runs": runs, "flops": flops, "matmul": matmul, "loads": loads,
             "meta": {"methods": methods, "sizes": sizes, "variants": [lab for lab, _ in variants],
                      "compare_src": args.compare_src, "batch": args.batch, "threads": args.threads,
-                     "rounds": args.rounds, "matmul_sizes": list(args.matmul_sizes), "warmup": args.warmup, "timed_steps": args.timed_steps,
+                     "rounds": args.rounds, "matmul_sizes": list(args.matmul_sizes), "warmup": args.warmup,
+                     "timed_steps": args.timed_steps,
                      "data": args.data, "teacher": args.teacher, "teacher_size": args.teacher_size,
                      "cpus": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - t_start) / 60,
@@ -337,7 +339,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
     s = summary or summarise_speed(raw)
     meta, loads = raw["meta"], raw["loads"]
     lo, hi = s["matmul_range"]
-    lines = [f"<!-- {NAME}:start -->", "## One-step methods: memory, step time, FLOPs (`benchmarks/bench_methods.py speed`)",
+    lines = [f"<!-- {NAME}:start -->",
+             "## One-step methods: memory, step time, FLOPs (`benchmarks/bench_methods.py speed`)",
              "",
              f"Measured {meta['date']} by `benchmarks/bench_methods.py speed` in {meta['minutes']:.0f} min on "
              f"{meta['cpu']} ({meta['cpus']} CPUs), torch {meta['torch']}, **{meta['threads']} torch thread(s)**, "
@@ -346,8 +349,9 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              "times are slower than on a quiet machine; ratios come from interleaved runs under the same load.", "",
              f"Set-up: data `{meta['data']}`, batch {meta['batch']}, generator = copy of the teacher, default options "
              "of every method (ratio network: teacher encoder + pooled head), evaluation off. Teacher per size: "
-             "an untrained UNet of that preset" + (f" (`{meta['teacher_size']}`: `{meta['teacher']}`)" if meta["teacher"]
-                                                   else "") + " (weights change neither speed nor memory). "
+             "an untrained UNet of that preset"
+             + (f" (`{meta['teacher_size']}`: `{meta['teacher']}`)" if meta["teacher"] else "")
+             + " (weights change neither speed nor memory). "
              f"Every (size, method) in a fresh subprocess, {meta['rounds']} rounds, methods rotated each round; "
              f"{meta['timed_steps']} timed steps after {meta['warmup']} warm-up steps per process.", "",
              "Columns: **peak MiB** = whole-process peak RSS (`ru_maxrss` of the child via `os.wait4`), median over "
@@ -362,11 +366,12 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              f"(range {lo:.1f}-{hi:.1f})."]
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
-                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms | range ms "
+                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd "
+                  "| step ms | range ms "
                   "| spread | vs vsd | GFLOP/step | GFLOP/s | util. |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
-            def f(name, fmt, default="-"):
+            def f(name, fmt, default="-", r=r):
                 return format(r[name], fmt) if name in r else default
             lines.append(
                 f"| {key}{' !' if r['flag'] else ''} | {r['aux_parameters']:,} | {r['peak_mib']:.0f} | "
@@ -380,7 +385,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
             lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code in `{meta['compare_src']}`, "
                       "interleaved with the current code in the same rounds; paired ratio = median over rounds of "
                       f"(current / {lab}) step time of the same round (range over rounds).", "",
-                      f"| method | {lab} ms | current ms | paired current / {lab} | range |", "|---|---:|---:|---:|---:|"]
+                      f"| method | {lab} ms | current ms | paired current / {lab} | range |",
+                      "|---|---:|---:|---:|---:|"]
             for key, r in paired.items():
                 cur = rows[key.split("@")[0]]
                 lo, hi = (1 / x for x in r["paired_range"])

@@ -83,7 +83,8 @@ def test_contract_layout_with_plain_h5py(models, tmp_path):
         assert attrs["format"] == FORMAT and attrs["format_version"] == FORMAT_VERSION
         assert attrs["complete"] == True and attrs["rows_done"] == 40  # noqa: E712 (numpy bool)
         assert attrs["model_sha256"] == model.sha256() and attrs["model"] == str(models / "a")
-        assert (attrs["dataset"], attrs["split"], attrs["pooling"], attrs["noise_seed"]) == ("digits", "test", "mean", 0)
+        assert ((attrs["dataset"], attrs["split"], attrs["pooling"], attrs["noise_seed"])
+                == ("digits", "test", "mean", 0))
         assert attrs["toolkit_version"] == probe.__version__ and attrs["source"] == "denoiser"
         datetime.strptime(attrs["created_utc"], "%Y-%m-%dT%H:%M:%SZ")
         assert json.loads(attrs["args_json"])["config"]["sigmas"] == SIGMAS

@@ -150,7 +150,8 @@ CASES = [  # (id, which run, file, damage, command, fragment of the message)
      "diffusion_pytorch_model.safetensors is damaged"),
     ("unet-config-garbage", "teacher", "unet/config.json", _garbage, EVAL, "unet/config.json is damaged"),
     ("student-state-truncated", "student", "state.pt", _truncate,
-     ["train", "student", "--teacher", "{teacher}", "--out", "{run}", *STUDENT_FLAGS, "--resume"], "state.pt is damaged"),
+     ["train", "student", "--teacher", "{teacher}", "--out", "{run}", *STUDENT_FLAGS, "--resume"],
+     "state.pt is damaged"),
     ("student-weights-middle", "student", "unet/diffusion_pytorch_model.safetensors", _middle,
      ["extract", "{run}", "--out", "{tmp}/x.h5", *EXTRACT_FLAGS], "diffusion_pytorch_model.safetensors is damaged"),
     ("h5-truncated", "features", "", _truncate, ["cka", "{run}", "--out", "{tmp}/c.csv", "--n-perm", "2"], "f.h5"),
@@ -244,9 +245,11 @@ def test_every_command_refuses_an_output_another_process_holds(tiny_teacher, fea
 
     targets = {"student": tmp_path / "s", "regress": tmp_path / "r", "extract": tmp_path / "f.h5",
                "report": tmp_path / "report.pdf", "ablation": tmp_path / "abl"}
-    holders = {k: Proc(runner_argv("hold", {"out": str(v)}, False), tmp_path / f"{k}.trace") for k, v in targets.items()}
+    holders = {k: Proc(runner_argv("hold", {"out": str(v)}, False), tmp_path / f"{k}.trace")
+               for k, v in targets.items()}
     for h, target in zip(holders.values(), targets.values()):
-        h.wait_for(lambda pts: (target.parent / f".{target.name}.lock.json").exists() or False, timeout=120)
+        h.wait_for(lambda pts, target=target: (target.parent / f".{target.name}.lock.json").exists() or False,
+                   timeout=120)
     commands = {
         "student": ["train", "student", "--teacher", tiny_teacher, "--out", targets["student"], *STUDENT_FLAGS],
         "extract": ["extract", tiny_teacher, "--out", targets["extract"], *EXTRACT_FLAGS],

@@ -137,7 +137,8 @@ def load_or_make_pairs(out: Path, cfg: RegressConfig, teacher, device, progress:
             raise UserError(f"{path} is damaged: cannot read it ({type(err).__name__}); delete it to sample the "
                             "pairs again") from None
         if cached_key != key:
-            raise UserError(f"{path} was made from another teacher or with other settings; delete it or use a new --out")
+            raise UserError(f"{path} was made from another teacher or with other settings; "
+                            "delete it or use a new --out")
         return cached
     z, x = teacher_pairs(teacher, key["n"], cfg.sample_steps, cfg.seed, device, progress=progress)
     pairs = {"z": z, "x": x, "key": key}

@@ -43,7 +43,7 @@ from probe.core.distributed import (
     world_size,
     wrap_ddp,
 )
-from probe.core.edm import EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
+from probe.core.edm import Denoiser, EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
 from probe.core.ema import EMA
 from probe.core.images import save_grid
 from probe.core.locks import exclusive
@@ -197,10 +197,12 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 barrier()
                 if is_main():
+                    assert log is not None  # rank 0 opened it
                     _checkpoint(out, net, ema, opt, rng, step, cfg, guard, log)
             if stop_after is not None and step >= stop_after:
                 return out
     if is_main():
+        assert log is not None  # rank 0 opened it
         _finish(out, ema.net, cfg, device, log, progress)
         mark_finished(out, cfg.steps)
     return out
@@ -221,12 +223,12 @@ def _checkpoint(out: Path, net, ema: EMA, opt, rng, step: int, cfg: TeacherConfi
 
 
 @torch.no_grad()
-def _finish(out: Path, denoiser, cfg: TeacherConfig, device, log: MetricsLog, progress: bool) -> None:
+def _finish(out: Path, denoiser: Denoiser, cfg: TeacherConfig, device, log: MetricsLog, progress: bool) -> None:
     """Sample grid from the EMA weights and, when asked, the sample-quality figure."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n = max(cfg.eval_samples, 64)
-    latents = torch.randn(n, denoiser.unet.config.in_channels, denoiser.unet.config.sample_size,
-                          denoiser.unet.config.sample_size, generator=gen)
+    size = denoiser.unet.config["sample_size"]
+    latents = torch.randn(n, denoiser.unet.config["in_channels"], size, size, generator=gen)
     samples = torch.cat([heun_sample(denoiser, lat.to(device), cfg.sample_steps).cpu()
                          for lat in latents.split(500)])
     save_grid(samples[:64], out / "samples.png")

@@ -35,6 +35,7 @@ import inspect
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -131,13 +132,14 @@ def on_main(fn, *args, **kwargs):
     """
     if not is_distributed():
         return fn(*args, **kwargs)
-    box = [None]
+    box: list[tuple[str, Any] | None] = [None]
     if is_main():
         try:
             box[0] = ("ok", fn(*args, **kwargs))
         except UserError as err:
             box[0] = ("error", (type(err), str(err)))   # the class keeps its exit code (RunDiverged: 3)
     dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None  # rank 0 filled it in before the broadcast
     status, value = box[0]
     if status == "error":
         raise value[0](value[1])
@@ -243,7 +245,7 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool = False)
     ids = [device.index] if device.type == "cuda" else None
     # newer torch renamed broadcast_buffers (and warns on the old name); buffers are equal at init anyway
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    sync: dict[str, Any] = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused, **sync)
 
 

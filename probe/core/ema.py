@@ -7,17 +7,20 @@ so the per-step decay is ``0.5 ** (batch / halflife_images)`` and does not depen
 from __future__ import annotations
 
 import copy
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 
-class EMA:
+
+class EMA(Generic[M]):
     """A frozen copy of ``net`` updated towards it after every optimiser step."""
 
-    def __init__(self, net: nn.Module, halflife_images: float):
+    def __init__(self, net: M, halflife_images: float):
         self.halflife_images = float(halflife_images)
-        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.net: M = copy.deepcopy(net).eval().requires_grad_(False)
 
     def decay(self, batch: int) -> float:
         return 0.5 ** (batch / max(self.halflife_images, 1e-8))

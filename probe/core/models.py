@@ -18,18 +18,22 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from probe.core.edm import SIGMA_DATA, DDPMDenoiser, EDMDenoiser, OneStepGenerator
+from probe.core.edm import SIGMA_DATA, DDPMDenoiser, Denoiser, EDMDenoiser, OneStepGenerator
 from probe.core.errors import UserError
 from probe.core.runs import TMP_SUFFIX, install_file, read_manifest, verify_files, write_json
+
+if TYPE_CHECKING:  # the package root resolves to a dummy for mypy; diffusers is imported where used
+    from diffusers.models.unets.unet_2d import UNet2DModel
 
 MODEL_FILE = "model.json"
 
 # UNet2DModel shapes; "tiny" is the ~1.2M-parameter net used on 8x8 digits in the demo.
-UNET_PRESETS = {
+UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
@@ -71,22 +75,22 @@ class LoadedModel:
 
     path: Path
     kind: str                          # "teacher" | "generator" | "diffusers"
-    denoiser: nn.Module                # EDMDenoiser | DDPMDenoiser
+    denoiser: Denoiser                 # EDMDenoiser | DDPMDenoiser
     info: dict = field(default_factory=dict)  # model.json contents (or what was inferred)
     generator: OneStepGenerator | None = None
 
     @property
-    def unet(self) -> nn.Module:
+    def unet(self) -> UNet2DModel:
         return self.denoiser.unet
 
     @property
     def resolution(self) -> int:
-        return int(self.unet.config.sample_size if isinstance(self.unet.config.sample_size, int)
-                   else self.unet.config.sample_size[0])
+        size = self.unet.config["sample_size"]
+        return int(size if isinstance(size, int) else size[0])
 
     @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.unet.config["in_channels"])
 
     @property
     def dataset(self) -> str | None:
@@ -106,7 +110,7 @@ def model_sha256(unet: nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_model(run_dir: Path, denoiser: nn.Module, kind: str, dataset: str | None,
+def save_model(run_dir: Path, denoiser: Denoiser, kind: str, dataset: str | None,
                sigma_init: float | None = None, extra: dict | None = None) -> None:
     """Write ``unet/`` (diffusers' save_pretrained) and ``model.json`` into ``run_dir``, every file
     atomically and recorded (sha256, size) in ``run_dir``'s manifest.json, model.json last."""
@@ -118,7 +122,8 @@ def save_model(run_dir: Path, denoiser: nn.Module, kind: str, dataset: str | Non
         denoiser.unet.save_pretrained(stage)
     except OSError as err:
         shutil.rmtree(stage, ignore_errors=True)
-        raise UserError(f"cannot write {run_dir / 'unet'}: {err.strerror or err}; the previous version is kept") from None
+        raise UserError(f"cannot write {run_dir / 'unet'}: {err.strerror or err}; "
+                        f"the previous version is kept") from None
     for f in sorted(stage.iterdir()):
         install_file(f, run_dir / "unet" / f.name, manifest=run_dir)
     shutil.rmtree(stage, ignore_errors=True)
@@ -126,7 +131,7 @@ def save_model(run_dir: Path, denoiser: nn.Module, kind: str, dataset: str | Non
             "sigma_data": getattr(denoiser, "sigma_data", SIGMA_DATA)}
     if sigma_init is not None:
         info["sigma_init"] = float(sigma_init)
-    if denoiser.parameterisation == "ddpm":
+    if isinstance(denoiser, DDPMDenoiser):  # parameterisation "ddpm"
         a = (denoiser.log_sigmas.double().exp() ** 2 + 1).reciprocal()  # alphas_cumprod back from sigmas
         info["alphas_cumprod"] = a.tolist()
     info.update(extra or {})
@@ -149,7 +154,8 @@ def load_model(path, device: str | torch.device = "cpu") -> LoadedModel:
     else:
         raise UserError(f"{path} is neither a toolkit run directory ({MODEL_FILE}) nor a diffusers "
                         f"UNet2DModel or DDPMPipeline directory")
-    bad = [name for name, t in loaded.unet.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [name for name, t in loaded.unet.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise UserError(f"{path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); the model is broken")
     loaded.denoiser.to(device).eval().requires_grad_(False)
@@ -183,6 +189,7 @@ def _load_toolkit(path: Path) -> LoadedModel:
     except (OSError, ValueError) as err:
         raise UserError(f"{path / MODEL_FILE} is damaged ({type(err).__name__}: {str(err)[:120]})") from None
     unet = _unet_from(path / "unet")
+    denoiser: Denoiser
     if info.get("parameterisation") == "ddpm":
         denoiser = DDPMDenoiser(unet, info["alphas_cumprod"])
     else:
@@ -192,7 +199,7 @@ def _load_toolkit(path: Path) -> LoadedModel:
 
 
 def _alphas_cumprod(scheduler_dir: Path | None):
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # the root's name is a dummy for mypy
 
     if scheduler_dir is None or not scheduler_dir.exists():
         return DDPMScheduler().alphas_cumprod, "default DDPMScheduler (linear, 1000 steps)"

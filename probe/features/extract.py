@@ -16,7 +16,8 @@ uses the same tensor as ``z``, so its inputs equal the denoiser's at sigma_init 
 Streaming and resume. Datasets /features/<layer> [S, N, D] are created up front (chunked, one
 chunk per sigma and batch where it fits 1 MiB, compressed) and filled batch by batch, so memory
 does not grow with N. Compression defaults to lzf: float activations shrink only 5-15% under
-either filter, and gzip's cost is comparable to a small UNet's forward pass (benchmarks/RESULTS.md). After each batch is flushed the root attribute ``rows_done`` advances;
+either filter, and gzip's cost is comparable to a small UNet's forward pass (benchmarks/RESULTS.md).
+After each batch is flushed the root attribute ``rows_done`` advances;
 ``complete`` turns True only after the last row is flushed. Running the same extraction again
 continues from ``rows_done`` (or does nothing when complete); a file at ``out`` made by another
 model or with other arguments is refused and left untouched. A new file is first written as a
@@ -45,6 +46,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -65,6 +67,9 @@ from probe.features.hooks import (
     trace_modules,
 )
 from probe.features.store import FORMAT, FORMAT_VERSION, LAYER_ORDER_ATTR
+
+if TYPE_CHECKING:  # load_model is imported where a model is loaded
+    from probe.core.models import LoadedModel
 
 DEFAULT_SIGMAS = (0.0, 0.1, 0.5, 2.0, 10.0)   # clean, low, moderate, high, near pure noise
 SOURCES = ("denoiser", "generation")
@@ -151,7 +156,7 @@ def sample_noise(noise_seed: int, sample_ids, shape: tuple) -> torch.Tensor:
 class _Plan:
     """Everything resolved before the first forward pass."""
 
-    model: object                       # LoadedModel
+    model: LoadedModel
     layers: list
     sigmas: np.ndarray                  # float64 [S]
     images: torch.Tensor | None         # [N, C, H, W] in [-1, 1]; None for source="generation"
@@ -203,7 +208,7 @@ def _plan(cfg: ExtractConfig, device) -> _Plan:
         n = len(data) if cfg.n_samples is None else int(cfg.n_samples)
         if n > len(data):
             raise UserError(f"n_samples {n} exceeds the {len(data)} samples of {cfg.data} ({cfg.split})")
-        sigmas = DEFAULT_SIGMAS if cfg.sigmas is None else [float(s) for s in cfg.sigmas]
+        sigmas = list(DEFAULT_SIGMAS) if cfg.sigmas is None else [float(s) for s in cfg.sigmas]
         images, dataset, split = data.images[:n], data.name, cfg.split
         labels = data.labels[:n].numpy().astype(np.int64)
         factors = {k: np.asarray(v)[:n] for k, v in data.factors.items()}
@@ -306,8 +311,10 @@ def _batch_features(plan: _Plan, hooks: FeatureHooks, source: str, ids: np.ndarr
     per_sigma = []
     for sigma in plan.sigmas:
         if source == "generation":
+            assert plan.model.generator is not None  # _plan refuses generation from a non-generator
             plan.model.generator(eps)                        # D(sigma_init * z; sigma_init)
         else:
+            assert plan.images is not None  # images are loaded for every source but generation
             y = plan.images[rows].to(device)
             plan.model.denoiser(y + float(sigma) * eps, float(sigma))
         per_sigma.append(hooks.take())

@@ -233,7 +233,8 @@ class FeatureStore:
 
     def shape(self, layer: str) -> tuple[int, int, int]:
         """(S, N, D) of one layer's features."""
-        return tuple(int(x) for x in self._dataset(layer).shape)
+        n_sigmas, n, d = (int(x) for x in self._dataset(layer).shape)  # _dataset checked it is 3-D
+        return n_sigmas, n, d
 
     def layer_attrs(self, layer: str) -> dict:
         return {k: _decode(v) for k, v in self._dataset(layer).attrs.items()}
@@ -278,7 +279,7 @@ class FeatureStore:
         if seed is None:
             what = f"/features/{layer} at sigma {self._sigmas[s]:g}"
             for start in range(0, n, batch_rows):
-                yield _read(self._path, what, lambda: ds[s, start:start + batch_rows])
+                yield _read(self._path, what, lambda start=start: ds[s, start:start + batch_rows])
             return
         perm = np.random.default_rng(seed).permutation(n)
         for start in range(0, n, batch_rows):

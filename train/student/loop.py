@@ -161,7 +161,8 @@ class Accumulator:
     """Means of logged scalars over a logging interval (part of the checkpoint for exact resume)."""
 
     def __init__(self, state: dict | None = None):
-        self.sums, self.count = (dict(state["sums"]), state["count"]) if state else ({}, 0)
+        self.sums: dict[str, float] = dict(state["sums"]) if state else {}
+        self.count: int = state["count"] if state else 0
 
     def add(self, **values) -> None:
         for k, v in values.items():
@@ -263,7 +264,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     out = on_main(start)  # only now: bad options above leave nothing behind
     state = kept.get("state") if is_main() else (load_state(out, STATE_KEYS) if resume else None)
     ema = EMA(gen_net, cfg.ema_halflife_images)
-    betas = tuple(float(b) for b in cfg.betas)  # Adam refuses a mix of int and float
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))  # Adam refuses a mix of int and float; validate: 2 values
     # fused: one kernel over all tensors instead of a Python loop of ~10 ops per tensor (3-4x faster steps on CPU)
     opt_g = torch.optim.Adam(gen_net.parameters(), lr=cfg.lr_g, betas=betas, fused=True)
     opt_a = torch.optim.Adam(method.aux.parameters(), lr=cfg.lr_aux, betas=betas, fused=True)
@@ -296,6 +297,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         barrier()
         if not is_main():
             return
+        assert log is not None  # rank 0 opened it
         check_finite({"generator": gen_net, "auxiliary network": method.aux, "EMA generator": ema.net}, str(out))
         guard.saved(step)
         save_model(out, ema.net, "generator", dataset, sigma_init=cfg.sigma_init, extra={**record, "steps": step})
@@ -308,6 +310,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
                          "guard": guard.state_dict(), "metrics_rows": log.rows})
 
     def evaluate() -> dict:
+        assert evaluator is not None and log is not None  # both exist on rank 0 only, where this runs
         result = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
         log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in result.items()})
         return result

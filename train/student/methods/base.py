@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from probe.core.edm import Denoiser
 from train.student.losses import sample_student_sigmas
 
 
@@ -30,14 +31,14 @@ class Method:
     uses_data: bool = True       # does the method need real images?
     aux_dir: str = "aux"         # sub-folder of the run directory the auxiliary network is saved in
 
-    def __init__(self, cfg, teacher: nn.Module, generator: nn.Module):
+    def __init__(self, cfg, teacher: Denoiser, generator: nn.Module):
         self.cfg = cfg
-        self.teacher = teacher if self.uses_teacher else None  # not even kept when it is not used
+        self.teacher: Denoiser | None = teacher if self.uses_teacher else None  # not even kept when it is not used
         self.generator = generator
         self.aux: nn.Module = self.build_aux(teacher)
 
     # -- to implement -------------------------------------------------------------------
-    def build_aux(self, teacher: nn.Module) -> nn.Module:
+    def build_aux(self, teacher: Denoiser) -> nn.Module:
         raise NotImplementedError
 
     def aux_loss(self, fake: torch.Tensor, real: torch.Tensor | None, rng: torch.Generator):

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from probe.core.edm import Denoiser
 from train.student.losses import classifier_accuracy, h_weight, logistic_ratio_loss, noise_like, sigma_weight
 from train.student.methods.base import Method
-from train.student.ratio_net import build_ratio_net, save_ratio_net
+from train.student.ratio_net import RatioNet, build_ratio_net, save_ratio_net
 
 
 class ClassifierMethod(Method):
@@ -33,12 +33,14 @@ class ClassifierMethod(Method):
     uses_teacher = False
     uses_data = True
     aux_dir = "ratio"
+    aux: RatioNet
 
-    def build_aux(self, teacher: nn.Module) -> nn.Module:
+    def build_aux(self, teacher: Denoiser) -> RatioNet:
         return build_ratio_net(self.cfg.ratio_net, teacher, self.cfg.cnn_width).train()
 
-    def aux_loss(self, fake: torch.Tensor, real: torch.Tensor, rng: torch.Generator):
+    def aux_loss(self, fake: torch.Tensor, real: torch.Tensor | None, rng: torch.Generator):
         """Logistic loss on one batch of each class; both see the same noise levels."""
+        assert real is not None  # uses_data: the loop passes a batch of real images
         b = fake.shape[0]
         sigma = self.sigmas(b, rng, fake.device).repeat(2)
         x = torch.cat([fake.detach(), real[:b]])

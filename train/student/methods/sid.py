@@ -31,6 +31,7 @@ class SiD(FakeScoreMethod):
     name = "sid"
 
     def generator_loss(self, fake: torch.Tensor, rng: torch.Generator):
+        assert self.teacher is not None  # uses_teacher: the base class keeps it
         x_s, sigma = self.noised(fake, rng)
         d_teacher, d_fake = self.teacher(x_s, sigma).float(), self.aux(x_s, sigma).float()
         with torch.no_grad():

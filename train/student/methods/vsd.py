@@ -19,9 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from probe.core.edm import edm_loss
+from probe.core.edm import Denoiser, edm_loss
 from probe.core.models import save_model
 from train.student.losses import noise_like, per_sample, sigma_weight, surrogate_loss
 from train.student.methods.base import Method
@@ -36,8 +35,9 @@ class FakeScoreMethod(Method):
     uses_teacher = True
     uses_data = False
     aux_dir = "fake"
+    aux: Denoiser
 
-    def build_aux(self, teacher: nn.Module) -> nn.Module:
+    def build_aux(self, teacher: Denoiser) -> Denoiser:
         return clone_denoiser(teacher)
 
     def aux_loss(self, fake: torch.Tensor, real, rng: torch.Generator):
@@ -57,6 +57,7 @@ class VSD(FakeScoreMethod):
     name = "vsd"
 
     def generator_loss(self, fake: torch.Tensor, rng: torch.Generator):
+        assert self.teacher is not None  # uses_teacher: the base class keeps it
         with torch.no_grad():
             x_s, sigma = self.noised(fake.detach(), rng)
             d_teacher, d_fake = self.teacher(x_s, sigma), self.aux(x_s, sigma)
