@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -45,6 +47,7 @@ PDF_META = {"Creator": "onestep-probe", "Producer": None, "CreationDate": None, 
 # verdict -> (text colour, cell colour)
 VERDICT_STYLE = {"supported": ("#116329", "#d5f5dc"), "contradicted": ("#a40e26", "#ffe0e0"),
                  "inconclusive": ("#7d4e00", "#fff3c4"), "refused": ("#424a53", "#e6e9ed")}
+GRID = 1440                       # page grid for subfigure rows, units per inch
 SHRINK = 0.72                     # a figure may be drawn this much smaller to fit the rest of a page
 GREY_CELL = "#e4e4e4"             # table cells within the floor's spread
 RULE = "#222222"
@@ -438,6 +441,44 @@ class PageBreak(Block):
         pass
 
 
+@contextmanager
+def pdf_precision(decimals: int = 4):
+    """Numbers in PDF operators rounded to ``decimals`` (1e-4 pt by default) instead of matplotlib's 10.
+
+    The tenth decimal of a text position carries floating-point noise that differs between
+    processes (transform products of inexact numbers); at 1e-4 pt the bytes repeat and nothing visible
+    changes. matplotlib's ``pdfRepr`` is swapped for the duration of a save (it looks itself up by name
+    for nested values, so lists and dictionaries are rounded too).
+    """
+    from matplotlib.backends import backend_pdf
+
+    original = backend_pdf.pdfRepr
+
+    def rounded(obj):
+        if isinstance(obj, (float, np.floating)) and np.isfinite(obj):
+            return original(round(float(obj), decimals) + 0.0)  # + 0.0: no "-0"
+        return original(obj)
+
+    backend_pdf.pdfRepr = rounded
+    try:
+        yield
+    finally:
+        backend_pdf.pdfRepr = original
+
+
+def freeze_layout(fig: Figure) -> None:
+    """Fix the positions constrained layout found, rounded to 1e-6 of the page, and switch it off.
+
+    The layout solver (kiwisolver) can differ in the last bits from one process to the next; images
+    are snapped to whole pixels, so such noise could move a colour bar by a pixel in a cropped export.
+    Rounding removes the noise, and drawing without the engine keeps every later save identical.
+    """
+    for ax in fig.axes:
+        pos = ax.get_position(original=True)
+        ax.set_position([round(v, 6) for v in pos.bounds], which="original")
+    fig.set_layout_engine("none")
+
+
 # -------------------------------------------------------------------------------- document
 @dataclass
 class Placed:
@@ -534,7 +575,8 @@ class Document:
         if not self.pages:
             self.layout()
         manifest = []
-        with matplotlib.rc_context(RC), PdfPages(out_pdf, metadata={"Title": self.title, **PDF_META}) as pdf:
+        with matplotlib.rc_context(RC), pdf_precision(), \
+                PdfPages(out_pdf, metadata={"Title": self.title, **PDF_META}) as pdf:
             for n, placed in enumerate(self.pages, start=1):
                 fig, figures = self._draw_page(n, placed)
                 first = next((p.block.name for p in placed if isinstance(p.block, FigureBlock)), None) or \
@@ -544,7 +586,7 @@ class Document:
                     fig.savefig(self.files / png, dpi=page_png_dpi, metadata={"Software": None})
                 else:
                     fig.canvas.draw()  # the constrained layout runs once, here ...
-                fig.set_layout_engine("none")  # ... and every later save reuses its positions
+                freeze_layout(fig)  # ... and every later save reuses its positions
                 for block, sub in figures:
                     self._export(fig, block, sub)
                 pdf.savefig(fig)
@@ -580,14 +622,19 @@ class Document:
                 kinds += ["gap", "fig"]
             edges.append(PAGE_H)
             kinds.append("gap")
-            heights = [max(b - a, 1e-3) for a, b in zip(edges[:-1], edges[1:])]
-            gs = fig.add_gridspec(len(heights), 3, height_ratios=heights, width_ratios=[MARGIN_X, BODY_W, MARGIN_X],
-                                  hspace=0, wspace=0)
+            # ratios in whole 1/1440 inch: numpy sums them exactly in any order (a float sum's last bit can
+            # depend on the array's memory alignment, which would make the bytes differ from run to run)
+            heights = [max(float(round((b - a) * GRID)), 1.0) for a, b in zip(edges[:-1], edges[1:])]
+            widths = [float(round(w * GRID)) for w in (MARGIN_X, BODY_W, MARGIN_X)]
+            gs = fig.add_gridspec(len(heights), 3, height_ratios=heights, width_ratios=widths, hspace=0, wspace=0)
             row = 0
             for kind in kinds:
                 if kind == "fig":
                     block = figs[len(subfigures)].block
                     sub = fig.add_subfigure(gs[row, 1])
+                    # the page is white already; an invisible patch also keeps a cropped export free of a
+                    # rectangle whose corner would sit at 0 +- rounding noise ("-0" in one run, "0" in another)
+                    sub.patch.set_visible(False)
                     block.draw_fn(sub)
                     subfigures.append((block, sub))
                 row += 1
