@@ -122,9 +122,9 @@ def draw_panels(fig, panels: list[Panel], *,
     nrows = math.ceil(len(panels) / ncols)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     cells = max(max(p.matrix.shape) for p in panels)
-    if annotate is None:
-        annotate = cells * ncols <= 32
-    font = 6.5 if cells * ncols <= 16 else 5.5 if cells * ncols <= 24 else 4.5
+    if annotate is None:  # values in cells only while they can be set at 5.5 pt or more
+        annotate = cells * ncols <= 24
+    font = 6.5 if cells * ncols <= 16 else 5.5
     image = None
     for k, (ax, p) in enumerate(zip(axes.flat, panels)):
         image = _draw_grid(ax, p.matrix, p.rows, p.cols, vmin, vmax, texts=p.texts, grey=p.grey, cmap=cmap,

@@ -296,7 +296,11 @@ def caveats(arms: pd.DataFrame | None, contrasts: pd.DataFrame, settings: dict, 
                 line += (f" {int(sub['within_floor'].sum())} of {plural(len(sub), 'arm')} lie within that spread "
                          f"of the full-teacher arm.")
         if math.isfinite(_f(ref.get(base))):
-            line += f" The teacher's own figure is {fmt(_f(ref[base]) / max(_f(floor[base]), 1e-12))}x the floor."
+            t, f = _f(ref[base]), _f(floor[base])
+            line += f" The teacher's own figure ({fmt(t)}) is {fmt(t / max(f, 1e-12))}x the floor"
+            line += (": at this sample size the metric cannot tell the teacher from real data, so no arm can be "
+                     "shown to match the teacher more closely than that." if t <= f + (spread if math.isfinite(spread)
+                                                                                       else 0.0) else ".")
         out.append(line)
     else:
         out.append("Metric floor: unknown (no reference.json with a real-vs-real floor); differences cannot be "
@@ -333,16 +337,15 @@ def caveats(arms: pd.DataFrame | None, contrasts: pd.DataFrame, settings: dict, 
 
 
 def next_steps(arms: pd.DataFrame | None, contrasts: pd.DataFrame, curve: pd.DataFrame | None,
-               reference: dict | None, steps: int | None, grid_source: str | None, metric: str,
+               reference: dict | None, steps: int | None, command: str, metric: str,
                has_features: bool, has_drift: bool) -> list[str]:
-    """What would settle what is still open, from the same numbers."""
+    """What would settle what is still open, from the same numbers; ``command`` reruns the grid."""
     out = []
-    grid = f"--config {grid_source}" if grid_source else "--config <grid>"
     if arms is not None and len(arms):
         n = int(arms[arms["metric"] == metric]["n"].min())
         if n < 3:
-            out.append(f"More seeds: every arm has {n} (fewer than 3); rerun `probe train ablation {grid} "
-                       f"--seeds 0 1 2` (finished runs are reused).")
+            out.append(f"More seeds: the smallest arm has {plural(n, 'seed')} (fewer than 3); `{command} "
+                       f"--seeds 0,1,2` adds them (finished runs are reused).")
     points = []
     for r in contrasts.itertuples() if len(contrasts) else []:
         if r.verdict != "inconclusive" or not (math.isfinite(r.ci_low) and math.isfinite(r.ci_high)):
@@ -365,7 +368,7 @@ def next_steps(arms: pd.DataFrame | None, contrasts: pd.DataFrame, curve: pd.Dat
         flat, start, end = plateau(curve, spread)
         if flat is False:
             out.append(f"A longer budget: the full-teacher arm still moves ({fmt(start)} to {fmt(end)}) at "
-                       f"{steps} steps; rerun with --steps {2 * int(steps or 0)} (runs resume).")
+                       f"{steps} steps; `{command} --steps {2 * int(steps or 0)}` continues every run.")
     for r in contrasts[contrasts["verdict"] == "refused"].itertuples() if len(contrasts) else []:
         out.append(f"A matched control for {r.name}: {r.match or r.reason}.")
     if not (reference or {}).get("fd"):

@@ -121,6 +121,10 @@ class Block:
         """(part that fits in ``avail`` inches, the rest) or None when it cannot be split usefully."""
         return None
 
+    def least_height(self) -> float:
+        """The least room that lets this block start on a page (a heading needs that much below it)."""
+        return self.height()
+
     def draw(self, page: "PageCanvas", top: float) -> None:
         raise NotImplementedError
 
@@ -189,6 +193,9 @@ class Paragraph(Block):
 
     def height(self):
         return len(self.lines) * leading(self.size)
+
+    def least_height(self):
+        return min(self.height(), 2 * leading(self.size))
 
     def split(self, avail):
         n = int(avail // leading(self.size))
@@ -308,6 +315,11 @@ class Table(Block):
         return (self._cap_h() + self._head_h() + sum(self._row_h(i) for i in range(len(self.cells))) + 0.06
                 + len(self.note_lines) * leading(7.0) + (0.04 if self.note_lines else 0.0))
 
+    def least_height(self):
+        if self.boxed or len(self.cells) < 5:
+            return self.height()
+        return self._cap_h() + self._head_h() + sum(self._row_h(i) for i in range(3)) + 0.06
+
     def split(self, avail):
         if self.boxed:  # a box is read as one thing: it moves whole
             return None
@@ -404,6 +416,9 @@ class FigureBlock(Block):
 
     def height(self):
         return self.height_in + 0.08 + self.cap.height()
+
+    def least_height(self):
+        return SHRINK * self.height_in + 0.08 + self.cap.height()
 
     def split(self, avail):
         """Shrink (down to ``SHRINK`` of its height) to finish a page instead of leaving it half empty."""
@@ -540,8 +555,7 @@ class Document:
             need = b.height()
             if b.keep_with_next and queue and not isinstance(queue[0], PageBreak):
                 nxt = queue[0]
-                need += nxt.space_before + min(nxt.height(), 1.0 if nxt.split(1.0) else
-                                               SHRINK * nxt.height() if isinstance(nxt, FigureBlock) else nxt.height())
+                need += nxt.space_before + nxt.least_height()
             if y + gap + need <= BODY_H or not pages[-1]:
                 pages[-1].append(Placed(b, y + gap))
                 y += gap + b.height()

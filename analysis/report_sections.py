@@ -24,6 +24,7 @@ from analysis.heatmaps import LAYER_KEY, Panel, cka_panel, draw_cka_heatmap, dra
 from analysis.report_data import (METRIC_NAMES, arm_order, arm_table, base_metric, caveats, claim_rows,
                                   contrast_rows, curve_table, drift_table, feature_findings, fmt, interval,
                                   load_verdict, next_steps, reading, teacher_arm, verdict_settings)
+from analysis.report_layout import BODY_W as BODY_WIDTH
 from analysis.report_layout import GREY_CELL, VERDICT_STYLE, Column, Document, Paragraph, Spacer, Table
 
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
@@ -68,6 +69,7 @@ class Grid:
     drift: pd.DataFrame
     metric: str
     steps: int | None
+    config: dict = field(default_factory=dict)    # how the grid was run (grid.json "config")
 
     @classmethod
     def read(cls, path: Path) -> "Grid":
@@ -80,7 +82,8 @@ class Grid:
         agg = pd.read_csv(path / "aggregate.csv") if (path / "aggregate.csv").exists() else None
         curves = pd.read_csv(path / "curves.csv") if (path / "curves.csv").exists() else pd.DataFrame(
             columns=["run", "init", "method", "seed", "step", "metric", "value"])
-        grid = _json(path / "grid.json").get("grid", {})
+        recorded = _json(path / "grid.json")
+        grid = recorded.get("grid", {})
         steps = grid.get("student", {}).get("steps")
         if steps is None and "steps_done" in summary:
             steps = int(summary["steps_done"].max())
@@ -88,7 +91,7 @@ class Grid:
                    summary, arm_table(agg, reference) if agg is not None and len(agg) else None, curves,
                    pd.read_csv(path / "cka_teacher_student.csv") if (path / "cka_teacher_student.csv").exists() else None,
                    pd.read_csv(path / "probes.csv") if (path / "probes.csv").exists() else None,
-                   drift_table(curves), metric, steps)
+                   drift_table(curves), metric, steps, recorded.get("config", {}))
 
     @property
     def name(self) -> str:
@@ -98,6 +101,12 @@ class Grid:
         base = teacher_arm(self.summary) if len(self.summary) else None
         c = curve_table(self.curves, base_metric(self.metric))
         return c[c["init"] == base] if base is not None and len(c) else None
+
+    def command(self) -> str:
+        """The command that reruns (and extends) this grid."""
+        cfg = self.config
+        text = f"probe train ablation --config {cfg.get('config', self.grid.get('source', '<grid>'))} --out {self.path}"
+        return text + (f" --teacher {cfg['teacher']}" if cfg.get("teacher") else "")
 
     def n_eval(self) -> int | None:
         return (self.reference.get("key") or {}).get("n_samples") or self.grid.get("student", {}).get("eval_samples")
@@ -163,7 +172,7 @@ def draw_curves(ax, curves: pd.DataFrame, arms: list[str], colours: dict, metric
         for method, c in table[table["init"] == arm].groupby("method", sort=False):
             c = c.sort_values("step")
             n = int(c["n"].max())
-            label = f"{arm} ({n} seed{'s' if n != 1 else ''})" + (f", {method}" if table["method"].nunique() > 1 else "")
+            label = f"init {arm} ({n} seed{'s' if n != 1 else ''})" + (f", {method}" if table["method"].nunique() > 1 else "")
             ax.plot(c["step"], c["mean"], color=colours[arm], lw=1.4, marker="o", ms=2.5, label=label)
             if n > 1:
                 ax.fill_between(c["step"], c["lo"], c["hi"], color=colours[arm], alpha=0.18, lw=0)
@@ -280,12 +289,13 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
     level = f"{level:.0%}" if math.isfinite(level) else "95%"
     if compact:
         columns = [Column("Contrast"), Column("Claim", "center"), Column("Arm vs versus", wrap=True),
-                   Column("Predicted"), Column(f"Effect ({metric})", "right"), Column(f"{level} interval", "right"),
+                   Column("Predicted"), Column("Effect", "right"), Column(f"{level} interval", "right"),
                    Column("n", "center"), Column("Verdict", "center")]
         cells = [[str(r.name), str(r.claim), f"{r.arm} vs {r.versus}", str(r.predicted), fmt(r.effect, True),
                   interval(r.ci_low, r.ci_high, True), f"{_int(r.n_arm)}/{_int(r.n_versus)}", str(r.verdict)]
                  for r in c.itertuples()]
-        caption = "Verdict per contrast. Effect: mean of arm minus mean of versus (> 0: arm worse); n: runs (arm/versus)."
+        caption = (f"Verdict per contrast. Effect: mean {metric} of arm minus that of versus (> 0: arm worse); "
+                   f"n: runs (arm/versus).")
     else:
         columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True), Column("Match held fixed", wrap=True),
                    Column("Effect", "right"), Column(f"{level} interval", "right"), Column("Verdict", "center"),
@@ -484,7 +494,7 @@ def curves_section(ctx: Ctx) -> bool | str:
             sf.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=6.5,
                       frameon=False)
 
-        ctx.doc.figure(draw, 1.2 + 2.2 * math.ceil(len(present) / 2), (
+        ctx.doc.figure(draw, 1.0 + 2.0 * math.ceil(len(present) / 2), (
             f"Every evaluated metric over training for all arms of {g.name}: mean over seeds, range shaded, the "
             f"floor (grey band) and the teacher's figure (dotted) where known. Look for arms that cross, and for "
             f"precision / recall moving in opposite directions (quality traded for diversity)."), "learning-curves",
@@ -545,7 +555,7 @@ def samples_section(ctx: Ctx) -> bool | str:
     panels = panels[: 1 + ctx.cfg.max_students]
     if not panels:
         return "no sample grids (samples.png) found"
-    cols = 4 if len(panels) > 6 else 3
+    cols = balanced_cols(len(panels), 0, most=4)
     rows = math.ceil(len(panels) / cols)
 
     def draw(sf):
@@ -556,7 +566,7 @@ def samples_section(ctx: Ctx) -> bool | str:
         for ax in axes.flat:
             ax.set_axis_off()
 
-    ctx.doc.figure(draw, min(8.0, 0.4 + 2.2 * rows * (3 / cols) * 1.1), (
+    ctx.doc.figure(draw, min(8.0, 0.35 + rows * (BODY_WIDTH / cols) * 0.95), (
         "Samples: the teacher's multi-step grid beside one one-step grid per arm (first seed; every student uses the "
         "same latents). Look for digit shapes, for blur, and for the same latent giving the same digit across arms."),
         "samples")
@@ -581,7 +591,7 @@ def _cka_students(ctx: Ctx) -> bool | str:
                                                             f"mean {mean['cka'].mean():.2f}"))
             means.append(mean.assign(init=init))
         vmin = min(0.0, float(df["cka"].min()))
-        cols = min(3, len(panels))
+        cols = balanced_cols(len(panels), 0, most=3)
         rows = math.ceil(len(panels) / cols)
         n_perm = int(df["n_perm"].max()) if "n_perm" in df and df["n_perm"].notna().any() else 0
         null = (f"Cells in grey italic are not above their permutation null's 95th percentile ({n_perm} shuffles). "
@@ -591,12 +601,56 @@ def _cka_students(ctx: Ctx) -> bool | str:
             draw_panels(sf, panels, vmin=vmin, vmax=1.0, cbar_label="debiased linear CKA to the teacher",
                         xlabel="noise level σ", ylabel="layer", max_cols=cols)
 
-        ctx.doc.figure(draw, min(7.5, 0.5 + 2.3 * rows), (
+        ctx.doc.figure(draw, min(7.5, 0.6 + 2.9 * rows), (
             f"CKA between the teacher's and each student's features, per layer and noise level, mean over seeds, on "
             f"one colour scale ({g.name}; {LAYER_KEY}). {null}Look for which layers and noise levels each arm keeps "
             f"(yellow) or rewrites (dark), and whether the arms that keep more are the ones with the better FD."),
             "cka-students", data={"cka": pd.concat(means, ignore_index=True)})
+        cka_profiles(ctx, g, order)
     return True
+
+
+def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
+    """The maps above reduced to two profiles per arm: CKA by layer (mean over σ) and by σ (mean over layers)."""
+    df = g.cka
+    arms = [a for a in order if a in set(df["init"])]
+    colours = _colour_map(order)
+    layers = list(dict.fromkeys(df["layer"]))
+    seed = "seed" if "seed" in df else None
+
+    def profile(by: str) -> pd.DataFrame:
+        per_seed = df.groupby(["init", by] + ([seed] if seed else []), sort=False)["cka"].mean().reset_index()
+        return per_seed.groupby(["init", by], sort=False)["cka"].agg(["mean", "min", "max"]).reset_index()
+
+    by_layer, by_sigma = profile("layer"), profile("sigma")
+
+    def draw(sf):
+        left, right = sf.subplots(1, 2, sharey=True)
+        for arm in arms:
+            a = by_layer[by_layer["init"] == arm].set_index("layer").reindex(layers)
+            x = np.arange(len(layers))
+            left.plot(x, a["mean"], color=colours[arm], marker="o", ms=3, lw=1.3, label=f"init {arm}")
+            left.fill_between(x, a["min"], a["max"], color=colours[arm], alpha=0.15, lw=0)
+            b = by_sigma[by_sigma["init"] == arm].sort_values("sigma")
+            xs = np.arange(len(b))
+            right.plot(xs, b["mean"], color=colours[arm], marker="o", ms=3, lw=1.3)
+            right.fill_between(xs, b["min"], b["max"], color=colours[arm], alpha=0.15, lw=0)
+        left.set_xticks(np.arange(len(layers)), labels=[short_layer(v) for v in layers])
+        sig = sorted(set(df["sigma"]))
+        right.set_xticks(np.arange(len(sig)), labels=[f"{v:g}" for v in sig])
+        left.set_xlabel("layer (network order)")
+        right.set_xlabel("noise level σ (mean over layers)")
+        left.set_ylabel("CKA to the teacher (mean over σ)")
+        for ax in (left, right):
+            ax.set_ylim(min(0.0, float(df["cka"].min())), 1.02)
+            ax.grid(alpha=0.25, lw=0.5)
+        sf.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=6.5, frameon=False)
+
+    ctx.doc.figure(draw, 2.3, (
+        f"The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
+        f"noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
+        f"noise levels where the arms part: that is where training rewrote the teacher's features."),
+        "cka-profiles", data={"by_layer": by_layer, "by_sigma": by_sigma})
 
 
 def _teacher_pairs(ctx: Ctx) -> list[tuple[pd.DataFrame | None, pd.DataFrame | None, str]]:
@@ -649,9 +703,9 @@ def _teacher_maps(ctx: Ctx) -> bool | str:
     return True
 
 
-def balanced_cols(n: int, cells: int) -> int:
+def balanced_cols(n: int, cells: int, most: int | None = None) -> int:
     """Panels per row: up to 5 small (<= 4 cells) or 4 larger panels, rows filled evenly (7 -> 4 + 3)."""
-    most = 5 if cells <= 4 else 4
+    most = most or (5 if cells <= 4 else 4)
     rows = math.ceil(n / most)
     return math.ceil(n / rows)
 
@@ -688,7 +742,7 @@ def _probes(ctx: Ctx) -> bool | str:
                 panels.append(probe_panel(mean, target, f"{title}: mean {mean['accuracy'].mean():.2f}"))
             metric = str(sub["metric"].iloc[0]) if "metric" in sub else "accuracy"
             vmin = 0.0 if metric == "accuracy" else min(0.0, float(sub["accuracy"].min()))
-            cols = min(3, len(panels))
+            cols = balanced_cols(len(panels), 0, most=3)
             rows = math.ceil(len(panels) / cols)
             chance = f" Chance is {sub['chance'].max():.2f}." if "chance" in sub and metric == "accuracy" else ""
 
@@ -721,7 +775,7 @@ def _drift(ctx: Ctx) -> bool | str:
             for ax, layer in zip(axes.flat, layers):
                 for arm in arms:
                     c = d[(d["layer"] == layer) & (d["init"] == arm)].groupby("step")["value"].agg(["mean", "min", "max"])
-                    ax.plot(c.index, c["mean"], color=colours[arm], lw=1.2, label=arm)
+                    ax.plot(c.index, c["mean"], color=colours[arm], lw=1.2, label=f"init {arm}")
                     ax.fill_between(c.index, c["min"], c["max"], color=colours[arm], alpha=0.15, lw=0)
                 ax.set_title(short_layer(layer), fontsize=7.5)
                 ax.set_xlabel("generator step")
@@ -823,7 +877,7 @@ def next_section(ctx: Ctx) -> bool | str:
     if not ctx.grids:
         return "no ablation directory: run `probe train ablation` to judge the claims"
     for g in ctx.grids:
-        lines = next_steps(g.arms, g.contrasts, g.teacher_curve(), g.reference, g.steps, g.grid.get("source"),
+        lines = next_steps(g.arms, g.contrasts, g.teacher_curve(), g.reference, g.steps, g.command(),
                            g.metric, has_features=g.cka is not None, has_drift=len(g.drift) > 0)
         for i, line in enumerate(lines or ["Nothing is open: every contrast is decided with enough seeds."], 1):
             ctx.doc.para(line, size=8.5, bullet=f"{i}.", space_before=0.04)
