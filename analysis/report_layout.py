@@ -334,7 +334,7 @@ class Table(Block):
         for rows, cont in ((range(0, n), self.continued), (range(n, len(self.cells)), True)):
             shift = rows.start
             parts.append(Table(self.columns, [self.cells[i] for i in rows], self.caption, self.number, self.name,
-                               None, {(r - shift, c): v for (r, c), v in self.bg.items() if r in rows},
+                               self.csv if shift == 0 else None, {(r - shift, c): v for (r, c), v in self.bg.items() if r in rows},
                                {(r - shift, c): v for (r, c), v in self.fg.items() if r in rows},
                                {(r - shift, c) for (r, c) in self.bold if r in rows}, self.size, self.boxed,
                                self.header, cont, 0.12, self.note if cont else ""))
@@ -556,15 +556,17 @@ class Document:
             if b.keep_with_next and queue and not isinstance(queue[0], PageBreak):
                 nxt = queue[0]
                 need += nxt.space_before + nxt.least_height()
-            if y + gap + need <= BODY_H or not pages[-1]:
+            if y + gap + need <= BODY_H:
                 pages[-1].append(Placed(b, y + gap))
                 y += gap + b.height()
                 continue
             parts = None if b.keep_with_next else b.split(BODY_H - y - gap)
-            if parts is not None:
+            if parts is not None:  # what fits finishes this page, the rest starts the next
                 pages[-1].append(Placed(parts[0], y + gap))
                 if parts[1] is not None:
                     queue.insert(0, parts[1])
+            elif not pages[-1]:  # taller than a page and not splittable: it gets a page of its own
+                pages[-1].append(Placed(b, y + gap))
             else:
                 queue.insert(0, b)
             pages.append([])

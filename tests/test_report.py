@@ -138,7 +138,7 @@ def test_contrast_rows_read_the_current_verdict_format():
     rng = np.random.default_rng(0)
     rows = [dict(init=i, init_group=g, method="diffratio-js", seed=s, status="done", fd_final=m + rng.normal())
             for i, g, m in (("full", "teacher", 10.0), ("random", "random", 40.0), ("io", "features", 5.0),
-                            ("band", "no-features", 5.0)) for s in range(4)]
+                            ("band", "no-features", 1.0)) for s in range(4)]
     v = verdict(pd.DataFrame(rows), reference={"fd": 9.0, "floor": {"fd": 2.0, "fd_std": 0.5}})
     as_json = json.loads(json.dumps(v.to_dict()))
     df = contrast_rows(as_json)
@@ -190,7 +190,8 @@ def test_reading_and_caveats_come_from_the_data(demo):
     text = _text(pdf)
     assert f"{fmt(ref['floor']['fd'])} ± {fmt(ref['floor']['fd_std'])} in FD" in text  # the floor caveat quotes it
     assert "1 finished run per arm" in text                          # the quick grid has one seed
-    assert "demo-quick.toml --seeds 0 1 2" in text                   # what to run next names the grid
+    # what to run next gives the command that extends this grid
+    assert f"demo-quick.toml --out {root / 'run' / 'ablation'} --teacher {root / 'run' / 'teacher'} --seeds 0,1,2" in text
 
 
 def test_files_beside_the_pdf(demo):
@@ -257,7 +258,7 @@ def test_schema_2_verdict_is_typeset_and_coloured(demo, tmp_path):
         assert c["name"] in page1 and c["verdict"] in page1
     assert "claim 2 (Is it the teacher's features rather than its mapping) is CONTRADICTED" in page1
     text = _text(pdf)
-    assert "fd_start: arm 610 vs 20 (tolerance 50) NOT met" in text          # the measured match, refused
+    assert "fd_start: arm 610 vs 20.0 (tolerance 50.0) NOT met" in text      # the measured match, refused
     assert "Refused: band-vs-teacher was not compared" in text                 # named among the caveats
     assert "A matched control for band-vs-teacher" in text                     # and in what to run next
     table = pd.read_csv(tmp_path / "schema2_files" / "table-01-verdict-contrasts.csv")
@@ -314,3 +315,33 @@ def test_student_runs_without_a_grid(demo, tmp_path):
     contents = (tmp_path / "s_files" / "contents.txt").read_text()
     assert "2.2 Learning curves: included" in contents
     assert "Sample quality over training of each student run" in _text(out)
+
+
+# --------------------------------------------------------------------------------- layout
+def test_layout_wraps_to_the_width_and_continues_long_tables(tmp_path):
+    from analysis.report_layout import BODY_H, Column, Document, Heading, Table, text_width, wrap
+
+    lines = wrap("a sentence that goes on " * 30, 3.0, 9)
+    assert len(lines) > 5 and all(text_width(line, 9) <= 3.0 for line in lines)
+    assert wrap("x" * 400, 2.0, 9)[0] != "x" * 400                      # an over-long word is broken too
+    doc = Document("layout test", tmp_path)
+    doc.para("Some text before the table. " * 20)
+    doc.heading("1  A long table")
+    rows = [[str(i), "words that wrap onto a second line " * (1 + i % 3)] for i in range(120)]
+    doc.table([Column("i", "right"), Column("text", wrap=True)], rows, "One row per number.", "long",
+              csv=pd.DataFrame({"i": range(120)}))
+    doc.heading("2  After it")
+    doc.para("closing words")
+    pages = doc.layout()
+    assert len(pages) >= 3
+    for page in pages:
+        assert max(p.top + p.block.height() for p in page) <= BODY_H + 1e-9   # nothing runs past the body
+        assert not isinstance(page[-1].block, Heading)                        # no heading left alone at a foot
+    parts = [p.block for page in pages for p in page if isinstance(p.block, Table)]
+    assert [r for t in parts for r in t.cells] == rows and len(parts) == len(pages)
+    assert not parts[0].continued and all(t.continued for t in parts[1:])
+    pdf = tmp_path / "layout.pdf"
+    manifest = doc.write(pdf)
+    assert len(manifest) == len(pages) and manifest[-1]["tables"] == [1]
+    assert "Table 1. One row per number. (continued)" in _text(pdf, len(pages))
+    assert (tmp_path / "table-01-long.csv").exists()
