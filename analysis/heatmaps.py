@@ -47,6 +47,7 @@ def short_layer(name) -> str:
 
 
 LAYER_KEY = "layers: down i = down_blocks.i, mid = mid_block, up i = up_blocks.i"
+NULL_MARK = "grey italic values (× where no values are written)"
 
 
 def sigma_label(sigma: float) -> str:
@@ -76,6 +77,9 @@ def _draw_grid(ax, matrix: np.ndarray, rows: list[str], cols: list[str], vmin: f
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=tick)
     ax.tick_params(length=2, pad=1.5)
     if not annotate:
+        if grey is not None and np.any(grey):  # no values written: mark the cells a value would have greyed
+            rows_i, cols_j = np.nonzero(grey)
+            ax.scatter(cols_j, rows_i, marker="x", s=8, c="0.85", linewidths=0.7)
         return image
     small = max(len(rows), len(cols)) > 12
     size = fontsize if fontsize is not None else (5 if small else 7)

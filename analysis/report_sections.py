@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.heatmaps import LAYER_KEY, Panel, cka_panel, draw_cka_heatmap, draw_panels, probe_panel, short_layer
+from analysis.heatmaps import LAYER_KEY, NULL_MARK, Panel, cka_panel, draw_cka_heatmap, draw_panels, probe_panel, short_layer
 from analysis.report_data import (METRIC_NAMES, arm_order, arm_table, base_metric, caveats, claim_rows,
                                   contrast_rows, curve_table, drift_table, feature_findings, fmt, interval,
                                   load_verdict, next_steps, reading, teacher_arm, verdict_settings)
@@ -494,7 +494,7 @@ def curves_section(ctx: Ctx) -> bool | str:
             sf.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=6.5,
                       frameon=False)
 
-        ctx.doc.figure(draw, 1.0 + 2.0 * math.ceil(len(present) / 2), (
+        ctx.doc.figure(draw, 1.0 + 1.8 * math.ceil(len(present) / 2), (
             f"Every evaluated metric over training for all arms of {g.name}: mean over seeds, range shaded, the "
             f"floor (grey band) and the teacher's figure (dotted) where known. Look for arms that cross, and for "
             f"precision / recall moving in opposite directions (quality traded for diversity)."), "learning-curves",
@@ -594,7 +594,7 @@ def _cka_students(ctx: Ctx) -> bool | str:
         cols = balanced_cols(len(panels), 0, most=3)
         rows = math.ceil(len(panels) / cols)
         n_perm = int(df["n_perm"].max()) if "n_perm" in df and df["n_perm"].notna().any() else 0
-        null = (f"Cells in grey italic are not above their permutation null's 95th percentile ({n_perm} shuffles). "
+        null = (f"Cells in {NULL_MARK} are not above their permutation null's 95th percentile ({n_perm} shuffles). "
                 if n_perm else "No permutation null was computed. ")
 
         def draw(sf, panels=panels, vmin=vmin, cols=cols):
@@ -697,7 +697,7 @@ def _teacher_maps(ctx: Ctx) -> bool | str:
                if sig is not None else "")
             + ("bottom, " if sig is not None and lay is not None else "")
             + ("layer x layer per σ: which layers carry the same information. " if lay is not None else "")
-            + f"Grey italic cells are not above their permutation null. {LAYER_KEY}. Look for blocks of high CKA "
+            + f"Cells in {NULL_MARK} are not above their permutation null. {LAYER_KEY}. Look for blocks of high CKA "
               f"across σ (features shared over noise levels) in the layers the students keep."),
             f"cka-teacher-{Path(model).name}", data={k: t for t, k in blocks})
     return True
@@ -840,7 +840,7 @@ def _other_tables(ctx: Ctx) -> bool | str:
             draw_cka_heatmap(sf, df, mode=mode, title="")
 
         ctx.doc.figure(draw, min(8.0, 0.8 + 2.0 * math.ceil(n / 4)), (
-            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): grey italic cells are not above their permutation null. "
+            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): cells in {NULL_MARK} are not above their permutation null. "
             f"Look for high values off the diagonal: the same information at another layer or noise level."),
             f"cka-{p.stem}", data={"cka": df})
     return True
