@@ -442,6 +442,23 @@ class Spacer(Block):
         pass
 
 
+class NeedSpace(Block):
+    """Start a new page unless the blocks that follow (``keep``) fit in what is left of this one, as
+    LaTeX's needspace: figures meant to be read together stay on one page."""
+
+    def __init__(self, keep: list | None = None):
+        self.keep = keep if keep is not None else []
+
+    def height(self):
+        return 0.0
+
+    def need(self) -> float:
+        return sum(b.space_before + b.height() for b in self.keep)
+
+    def draw(self, page, top):
+        pass
+
+
 class PageBreak(Block):
     """Start a new page; with ``first_only`` only while still on page 1 (so text that spilled from page 1
     is followed directly by what comes next instead of by a mostly empty page)."""
@@ -551,6 +568,11 @@ class Document:
                     pages.append([])
                     y = 0.0
                 continue
+            if isinstance(b, NeedSpace):
+                if pages[-1] and y + b.need() > BODY_H and b.need() <= BODY_H:
+                    pages.append([])
+                    y = 0.0
+                continue
             gap = b.space_before if pages[-1] else 0.0
             need = b.height()
             if b.keep_with_next and queue and not isinstance(queue[0], PageBreak):
@@ -595,9 +617,9 @@ class Document:
                 PdfPages(out_pdf, metadata={"Title": self.title, **PDF_META}) as pdf:
             for n, placed in enumerate(self.pages, start=1):
                 fig, figures = self._draw_page(n, placed)
-                first = next((p.block.name for p in placed if isinstance(p.block, FigureBlock)), None) or \
-                    next((slug(p.block.text) for p in placed if isinstance(p.block, Heading)), "text")
-                png = f"page-{n:02d}-{first}.png"
+                names = [p.block.name for p in placed if isinstance(p.block, FigureBlock)] or \
+                    [next((slug(p.block.text) for p in placed if isinstance(p.block, Heading)), "text")]
+                png = f"page-{n:02d}-{'_'.join(names)}.png"  # named by the figures it holds
                 if self.page_pngs:
                     fig.savefig(self.files / png, dpi=page_png_dpi, metadata={"Software": None})
                 else:

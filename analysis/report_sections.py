@@ -25,7 +25,8 @@ from analysis.report_data import (METRIC_NAMES, arm_order, arm_table, base_metri
                                   contrast_rows, curve_table, drift_table, feature_findings, fmt, interval,
                                   load_verdict, next_steps, reading, teacher_arm, verdict_settings)
 from analysis.report_layout import BODY_W as BODY_WIDTH
-from analysis.report_layout import GREY_CELL, VERDICT_STYLE, Column, Document, Paragraph, Spacer, Table
+from analysis.report_layout import (GREY_CELL, VERDICT_STYLE, Column, Document, NeedSpace, Paragraph, Spacer,
+                                    Table)
 
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
                "#bcbd22"]
@@ -123,19 +124,24 @@ class Ctx:
     entries: list = field(default_factory=list)   # (number, title, heading block, status)
     counters: list = field(default_factory=lambda: [0, 0])
 
-    def section(self, title: str, fn, level: int = 1):
+    def section(self, title: str, fn, level: int = 1, together: bool = False):
+        """A numbered heading, then ``fn``'s blocks; ``together``: start a new page unless all fit here."""
         if level == 1:
             self.counters = [self.counters[0] + 1, 0]
             number = f"{self.counters[0]}"
         else:
             self.counters[1] += 1
             number = f"{self.counters[0]}.{self.counters[1]}"
+        need = self.doc.add(NeedSpace()) if together else None
+        start = len(self.doc.blocks)
         heading = self.doc.heading(f"{number}  {title}", level)
         slot = len(self.entries)
         self.entries.append(None)  # reserved: a section is listed before its subsections
         result = fn()
         if result is not True:
             self.doc.para(f"Omitted: {result}.", style="italic", color="0.35", size=8.5)
+        if need is not None:
+            need.keep = self.doc.blocks[start:]
         self.entries[slot] = (number, title, heading, "included" if result is True else f"omitted: {result}")
         return result
 
@@ -454,10 +460,13 @@ def arms_section(ctx: Ctx) -> bool | str:
         # all metrics, mean ± std
         metrics = [m for m in dict.fromkeys(a["metric"])]
         wide, bg2 = [], {}
-        for i, arm in enumerate(arm_order(a)):
-            row = [arm]
+        methods = list(dict.fromkeys(a["method"]))
+        pairs = [(arm, method) for arm in arm_order(a) for method in methods
+                 if ((a["init"] == arm) & (a["method"] == method)).any()]
+        for i, (arm, method) in enumerate(pairs):  # an arm is an init with a method
+            row = [arm if len(methods) == 1 else f"{arm} ({method})"]
             for j, m in enumerate(metrics, start=1):
-                r = a[(a["init"] == arm) & (a["metric"] == m)]
+                r = a[(a["init"] == arm) & (a["method"] == method) & (a["metric"] == m)]
                 if r.empty:
                     row.append("—")
                     continue
@@ -582,14 +591,19 @@ def _cka_students(ctx: Ctx) -> bool | str:
         df = g.cka
         order = arm_order(g.summary) if len(g.summary) else list(dict.fromkeys(df["init"]))
         panels, means = [], []
+        methods = list(dict.fromkeys(df["method"])) if "method" in df else [None]
         for init in [i for i in order if i in set(df["init"])]:
-            sub = df[df["init"] == init]
-            cols = [c for c in ("cka", "null_p95") if c in sub]
-            mean = sub.groupby(["layer", "sigma"], sort=False)[cols].mean().reset_index()
-            n = sub["seed"].nunique() if "seed" in sub else 1
-            panels.append(cka_panel(mean, "layer", "sigma", f"init {init} ({n} seed{'s' if n != 1 else ''}): "
-                                                            f"mean {mean['cka'].mean():.2f}"))
-            means.append(mean.assign(init=init))
+            for method in methods:  # one panel per arm: an init with a method
+                sub = df[(df["init"] == init) & ((df["method"] == method) if method is not None else True)]
+                if sub.empty:
+                    continue
+                cols = [c for c in ("cka", "null_p95") if c in sub]
+                mean = sub.groupby(["layer", "sigma"], sort=False)[cols].mean().reset_index()
+                n = sub["seed"].nunique() if "seed" in sub else 1
+                label = f"init {init}" + (f", {method}" if len(methods) > 1 else "")
+                panels.append(cka_panel(mean, "layer", "sigma", f"{label} ({n} seed{'s' if n != 1 else ''}): "
+                                                                f"mean {mean['cka'].mean():.2f}"))
+                means.append(mean.assign(init=init, method=method))
         vmin = min(0.0, float(df["cka"].min()))
         cols = balanced_cols(len(panels), 0, most=3)
         rows = math.ceil(len(panels) / cols)
@@ -601,7 +615,7 @@ def _cka_students(ctx: Ctx) -> bool | str:
             draw_panels(sf, panels, vmin=vmin, vmax=1.0, cbar_label="debiased linear CKA to the teacher",
                         xlabel="noise level σ", ylabel="layer", max_cols=cols)
 
-        ctx.doc.figure(draw, min(7.5, 0.6 + 2.9 * rows), (
+        ctx.doc.figure(draw, min(7.5, 0.6 + 3.5 * rows), (
             f"CKA between the teacher's and each student's features, per layer and noise level, mean over seeds, on "
             f"one colour scale ({g.name}; {LAYER_KEY}). {null}Look for which layers and noise levels each arm keeps "
             f"(yellow) or rewrites (dark), and whether the arms that keep more are the ones with the better FD."),
@@ -646,7 +660,7 @@ def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
             ax.grid(alpha=0.25, lw=0.5)
         sf.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=6.5, frameon=False)
 
-    ctx.doc.figure(draw, 2.3, (
+    ctx.doc.figure(draw, 2.6, (
         f"The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
         f"noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
         f"noise levels where the arms part: that is where training rewrote the teacher's features."),
@@ -852,7 +866,7 @@ def features_section(ctx: Ctx) -> bool | str:
         probes = g.probes[g.probes["init"] != "(teacher)"] if g.probes is not None else None
         for line in feature_findings(g.cka, probes, g.arms, g.metric, short_layer):
             ctx.doc.para(line, size=8.5, bullet="•", space_before=0.03)
-    ctx.section("CKA between the teacher and each student", lambda: _cka_students(ctx), level=2)
+    ctx.section("CKA between the teacher and each student", lambda: _cka_students(ctx), level=2, together=True)
     ctx.section("The teacher's own maps: σ x σ and layer x layer", lambda: _teacher_maps(ctx), level=2)
     ctx.section("Linear probes", lambda: _probes(ctx), level=2)
     ctx.section("Feature drift during training", lambda: _drift(ctx), level=2)
