@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import warnings
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from analysis.heatmaps import short_layer
 from probe.core.errors import UserError
 from probe.core.progress import progress_bar
 from probe.features.store import FeatureStore
@@ -117,10 +120,13 @@ def umap_panels(store: FeatureStore,
                 max_cols: int = 4,            # panels per figure row
                 dpi: int = 150,               # PNG resolution, dots per inch
                 progress: bool = False,       # show a rich progress bar over the panels
+                fig=None,                     # draw into this Figure / SubFigure instead (nothing is saved)
                 ) -> pd.DataFrame:
     """Draw UMAP panels into ``out_png``; return one row per panel: layer, sigma, knn_accuracy, ...
 
-    Default panels: ``layer`` (or mid_block / the middle layer) at every stored sigma.
+    Default panels: ``layer`` (or mid_block / the middle layer) at every stored sigma. Discrete
+    colours get one class legend for all panels; each panel's title gives its k-NN accuracy.
+    With ``fig`` (the PDF report lays panels out on its own page) nothing is written to ``out_png``.
     """
     panels = _panels(store, layer, sigmas, layers, sigma)
     values, discrete, valid = _colour_values(store, color_by)
@@ -134,7 +140,9 @@ def umap_panels(store: FeatureStore,
 
     ncols = min(max_cols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig = Figure(figsize=(max(3.0 * ncols, 6.0), 3.0 * nrows + 0.7), dpi=dpi, layout="constrained")
+    save = fig is None
+    if save:
+        fig = Figure(figsize=(max(3.0 * ncols, 6.0), 3.0 * nrows + 0.7), dpi=dpi, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     classes = np.unique(values[valid]) if discrete else np.array([])
     cmap = "tab10" if classes.size <= 10 else "tab20" if classes.size <= 20 else "viridis"
@@ -149,9 +157,9 @@ def umap_panels(store: FeatureStore,
                 ax.scatter(emb[valid, 0], emb[valid, 1], s=3, c=colour, cmap=cmap, vmin=0,
                            vmax=max(classes.size - 1, 1), linewidths=0)
             elif not discrete:
-                ax.scatter(emb[valid, 0], emb[valid, 1], s=3, c=values[valid], cmap="viridis", linewidths=0)
-            score = "" if np.isnan(acc) else f"\n{knn_k}-NN acc {acc:.2f}"
-            ax.set_title(f"{name}  σ={store.sigmas[s]:g}{score}", fontsize=8)
+                points = ax.scatter(emb[valid, 0], emb[valid, 1], s=3, c=values[valid], cmap="viridis", linewidths=0)
+            score = "" if np.isnan(acc) else f"\n{knn_k}-NN accuracy {acc:.2f}"
+            ax.set_title(f"{short_layer(name)}, σ = {store.sigmas[s]:g}{score}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             records.append(dict(layer=name, sigma=float(store.sigmas[s]), knn_accuracy=acc, knn_k=knn_k,
@@ -160,6 +168,17 @@ def umap_panels(store: FeatureStore,
             advance(1, info=f"{name} σ={store.sigmas[s]:g}")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_axis_off()
+    if discrete and classes.size:  # one legend for every panel: the colours are the same classes throughout
+        colours = matplotlib.colormaps[cmap]
+        scale = max(classes.size - 1, 1)
+        handles = [Line2D([], [], ls="", marker="o", ms=4, color=colours(i / scale), label=str(c))  # as scatter maps them
+                   for i, c in enumerate(classes)]
+        fig.legend(handles=handles, title=color_by, loc="outside right center", fontsize=7, title_fontsize=7,
+                   frameon=False, handletextpad=0.2, labelspacing=0.3)
+    elif not discrete:
+        fig.colorbar(points, ax=axes, label=color_by, shrink=0.8)
+    if not save:
+        return pd.DataFrame.from_records(records)
     fig.suptitle(f"UMAP of {store.name} features (PCA {pca_dims} → UMAP, n_neighbors={n_neighbors}, "
                  f"seed={seed})\ncolour: {color_by}; score: {cv_folds}-fold {knn_k}-NN accuracy in 2-D",
                  fontsize=8)
