@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 import numpy as np
@@ -125,7 +125,7 @@ class Block:
         """The least room that lets this block start on a page (a heading needs that much below it)."""
         return self.height()
 
-    def draw(self, page: "PageCanvas", top: float) -> None:
+    def draw(self, page: PageCanvas, top: float) -> None:
         raise NotImplementedError
 
 

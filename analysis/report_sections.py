@@ -20,13 +20,37 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.heatmaps import LAYER_KEY, NULL_MARK, Panel, cka_panel, draw_cka_heatmap, draw_panels, probe_panel, short_layer
-from analysis.report_data import (METRIC_NAMES, arm_order, arm_table, base_metric, caveats, claim_rows,
-                                  contrast_rows, curve_table, drift_table, feature_findings, fmt, interval,
-                                  load_verdict, next_steps, reading, teacher_arm, verdict_settings)
+from analysis.heatmaps import (
+    LAYER_KEY,
+    NULL_MARK,
+    Panel,
+    cka_panel,
+    draw_cka_heatmap,
+    draw_panels,
+    probe_panel,
+    short_layer,
+)
+from analysis.report_data import (
+    METRIC_NAMES,
+    arm_order,
+    arm_table,
+    base_metric,
+    caveats,
+    claim_rows,
+    contrast_rows,
+    curve_table,
+    drift_table,
+    feature_findings,
+    fmt,
+    interval,
+    load_verdict,
+    next_steps,
+    reading,
+    teacher_arm,
+    verdict_settings,
+)
 from analysis.report_layout import BODY_W as BODY_WIDTH
-from analysis.report_layout import (GREY_CELL, VERDICT_STYLE, Column, Document, NeedSpace, Paragraph, Spacer,
-                                    Table)
+from analysis.report_layout import GREY_CELL, VERDICT_STYLE, Column, Document, NeedSpace, Paragraph, Spacer, Table
 
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
                "#bcbd22"]
@@ -73,7 +97,7 @@ class Grid:
     config: dict = field(default_factory=dict)    # how the grid was run (grid.json "config")
 
     @classmethod
-    def read(cls, path: Path) -> "Grid":
+    def read(cls, path: Path) -> Grid:
         path = Path(path)
         verdict, text = load_verdict(path)
         settings = verdict_settings(verdict)
@@ -661,9 +685,9 @@ def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
         sf.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=6.5, frameon=False)
 
     ctx.doc.figure(draw, 2.6, (
-        f"The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
-        f"noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
-        f"noise levels where the arms part: that is where training rewrote the teacher's features."),
+        "The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
+        "noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
+        "noise levels where the arms part: that is where training rewrote the teacher's features."),
         "cka-profiles", data={"by_layer": by_layer, "by_sigma": by_sigma})
 
 

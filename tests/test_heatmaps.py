@@ -4,11 +4,19 @@ colour bar, layer names shortened one way everywhere, a class legend and k-NN ac
 import numpy as np
 import pandas as pd
 import pytest
+from _store_fixture import write_store
 from matplotlib.figure import Figure
 
-from _store_fixture import write_store
-from analysis.heatmaps import (Panel, cka_panel, draw_cka_heatmap, draw_panels, draw_probe_heatmap, plot_cka_heatmap,
-                               probe_panel, short_layer)
+from analysis.heatmaps import (
+    Panel,
+    cka_panel,
+    draw_cka_heatmap,
+    draw_panels,
+    draw_probe_heatmap,
+    plot_cka_heatmap,
+    probe_panel,
+    short_layer,
+)
 from probe.core.errors import UserError
 
 

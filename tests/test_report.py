@@ -265,8 +265,9 @@ def test_schema_2_verdict_is_typeset_and_coloured(demo, tmp_path):
     assert list(table["verdict"]) == ["supported", "contradicted", "refused", "inconclusive"]
     # the verdict cells carry their colours on the rendered page
     png = np.asarray(Image.open(tmp_path / "schema2_files" / "page-01-headline-curves.png").convert("RGB"))
-    from analysis.report_layout import VERDICT_STYLE
     from matplotlib.colors import to_rgb
+
+    from analysis.report_layout import VERDICT_STYLE
 
     for verdict, (_, cell) in VERDICT_STYLE.items():
         rgb = np.round(np.array(to_rgb(cell)) * 255)
