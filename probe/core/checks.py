@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import re
 from pathlib import Path
 
 from probe.core.errors import UserError
@@ -120,8 +122,6 @@ def writable_output(path, name: str = "--out") -> Path:
     """A path that can be created: no existing parent of it is a regular file or read-only.
 
     Checked before any work starts, so a run does not train for minutes and then fail to write."""
-    import os
-
     path = Path(path)
     parent = path.parent
     while not parent.exists():  # the nearest existing ancestor decides
@@ -140,8 +140,6 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 def device(value, name: str = "device") -> str:
     """auto | cpu | cuda | cuda:N | mps (whether CUDA is present is checked when the device is picked)."""
-    import re
-
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(DEVICES)}")
     return value
