@@ -27,7 +27,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from analysis.cka import cka_table
+from analysis.report import ReportConfig, build_report
+from probe.core import checks as c
+from probe.core.errors import UserError
 from probe.core.runs import run_status
+from probe.features.store import FeatureStore
+from probe.pipeline import run_ablation
+from train.ablation.grid import AblationConfig
+from train.teacher import TeacherConfig, train_teacher
 
 
 @dataclass
@@ -47,8 +55,6 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Refuse bad numbers before any stage starts (one-line UserError); runs on construction."""
-        from probe.core import checks as c
-        from probe.core.errors import UserError
 
         c.positive_int(self.teacher_steps, "teacher_steps")
         c.positive_int(self.student_steps, "student_steps")
@@ -66,10 +72,6 @@ def _quick(cfg: DemoConfig) -> DemoConfig:
 
 def run_demo(cfg: DemoConfig, progress: bool = True, console: Console | None = None) -> Path:
     """Run every stage; returns the report path."""
-    from analysis.report import ReportConfig, build_report
-    from probe.pipeline import run_ablation
-    from train.ablation.grid import AblationConfig
-    from train.teacher import TeacherConfig, train_teacher
 
     console = console or Console()
     cfg = _quick(cfg) if cfg.quick else cfg
@@ -117,8 +119,6 @@ def _reuse_or_train(tcfg, train_teacher, progress: bool) -> Path:
 def teacher_maps(features: Path, out: Path, progress: bool) -> None:
     """cka_sigmas_teacher.csv and cka_layers_teacher.csv from the teacher's features (its probes
     are already in the ablation's probes.csv)."""
-    from analysis.cka import cka_table
-    from probe.features.store import FeatureStore
 
     out.mkdir(parents=True, exist_ok=True)
     with FeatureStore.open(features) as store:

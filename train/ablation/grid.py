@@ -64,8 +64,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from probe.core.data import load_dataset
 from probe.core.errors import UserError
+from probe.core.models import build_unet, load_model
 from train.initspec import validate_init_spec
+from train.regress import RegressConfig
+from train.student.loop import StudentConfig, validate
+from train.student.methods import get_method
+from train.teacher import TeacherConfig
 
 SHIPPED = ("paper", "quick")
 GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
@@ -358,8 +364,6 @@ def prereq_order(prereqs: dict, external=()) -> list[str]:
 
 def _prereq_config(name: str, spec: dict, out: Path, refs: dict):
     """The TeacherConfig / RegressConfig of a prerequisite, with "@NAME" resolved."""
-    from train.regress import RegressConfig
-    from train.teacher import TeacherConfig
 
     kinds = {"teacher": TeacherConfig, "regress": RegressConfig}
     kind = spec.get("kind")
@@ -378,8 +382,6 @@ def _shapes(model: str, grid: Grid, seen=()) -> dict | None:
     still to be trained; None for a path that does not exist yet."""
     import torch
 
-    from probe.core.data import load_dataset
-    from probe.core.models import build_unet, load_model
 
     if model.startswith("@") and model[1:] in grid.external:
         model = grid.external[model[1:]]
@@ -412,8 +414,6 @@ def _check_same_architecture(label: str, source: str, want: dict, grid: Grid) ->
 
 def check_grid(grid: Grid, out: Path) -> dict:
     """Validate everything before training; returns {prerequisite name: its directory}."""
-    from train.student.loop import StudentConfig, validate
-    from train.student.methods import get_method
 
     refs = {**{name: out / "prereq" / name for name in grid.prereqs},
             **{name: Path(p) for name, p in grid.external.items()}}

@@ -14,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from probe.core.data import dataset_fingerprint, load_dataset
 from probe.core.errors import UserError
+from probe.core.models import load_model
 from probe.core.runs import pick_device, run_status, write_json
+from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, default_cache_dir
+from probe.quality.evaluate import EvalConfig, evaluate_model
 from train.ablation.grid import RESERVED_STUDENT, Grid, InitEntry, _coerce
 from train.initspec import CATEGORIES, resolve_refs
+from train.student.loop import StudentConfig
 
 
 # ------------------------------------------------------------------------------- running
@@ -30,7 +35,6 @@ def teacher_path(grid: Grid, refs: dict) -> str:
 
 
 def student_config(grid: Grid, entry: InitEntry, method: str, seed: int, out: Path, refs: dict):
-    from train.student.loop import StudentConfig
 
     kwargs = _coerce(StudentConfig, grid.student, "[student]", reserved=RESERVED_STUDENT)
     return StudentConfig(out=str(out / "runs" / run_name(entry.label, method, seed)), teacher=teacher_path(grid, refs),
@@ -57,7 +61,6 @@ def init_sources(run_dir: Path) -> dict:
 def reference_config(grid: Grid, out: Path, refs: dict) -> dict | None:
     """What the teacher's own quality figure is computed from (the students' evaluator settings), or
     None when the grid asks for none (``reference_steps = 0``)."""
-    from train.student.loop import StudentConfig
 
     if grid.reference_steps <= 0:
         return None
@@ -69,7 +72,6 @@ def reference_config(grid: Grid, out: Path, refs: dict) -> dict | None:
 
 
 def _reference_key(c: dict) -> dict:
-    from probe.core.models import load_model
 
     return {"model": c["model"], "sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
             "steps": c["steps"], "seed": c["seed"], "data": c["data"]}
@@ -85,7 +87,6 @@ def reference_done(c: dict) -> bool:
 
 def compute_reference(c: dict, progress: bool) -> dict:
     """The teacher's sample quality with the students' evaluator settings (cached in reference.json)."""
-    from probe.quality.evaluate import EvalConfig, evaluate_model
 
     path = Path(c["path"])
     key = _reference_key(c)
@@ -122,8 +123,6 @@ def _at(base: Path | None, path: str) -> Path:
 
 
 def _classifier_files(dataset: str) -> tuple[Path, Path]:
-    from probe.core.data import dataset_fingerprint, load_dataset
-    from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, default_cache_dir
 
     key = cache_key(dataset, ClassifierConfig(), dataset_fingerprint(load_dataset(dataset, "train")))
     return cache_paths(default_cache_dir(), dataset, key)
