@@ -239,11 +239,12 @@ def headline_figure(ctx: Ctx, g: Grid) -> bool | str:
         sf.legend(handles, labels, loc="outside right upper", fontsize=6.5, frameon=False)
 
     ref = g.reference
-    teacher = f"dotted: the teacher's own figure ({ref.get('sampler', 'multi-step')}); " if metric in ref else ""
+    lines = ([f"dotted: the teacher's own figure ({ref.get('sampler', 'multi-step')})"] if metric in ref else []) + \
+        (["grey band: the real-vs-real floor ± its std"] if metric in (ref.get("floor") or {}) else [])
+    marks = "; ".join(lines)
     ctx.doc.figure(draw, 2.5, (
         f"Learning curves of the key arms: {METRIC_NAMES.get(metric, metric)} of the one-step (EMA) generator at each "
-        f"evaluation, mean over seeds with the range over seeds shaded. {teacher}grey band: the real-vs-real floor ± "
-        f"its std. Look for the gap between arms at the last step and how far the best arm is from the dotted line; "
+        f"evaluation, mean over seeds with the range over seeds shaded. {marks[:1].upper() + marks[1:]}. Look for the gap between arms at the last step and how far the best arm is from the dotted line; "
         f"gaps inside the grey band's width are noise."), "headline-curves",
         data={"curves": curve_table(g.curves, metric)})
     return True
