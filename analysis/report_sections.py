@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -137,16 +138,36 @@ class Grid:
         return (self.reference.get("key") or {}).get("n_samples") or self.grid.get("student", {}).get("eval_samples")
 
 
+class FoundInputs(Protocol):
+    """What ``analysis.report.discover`` found (its ``Found``; a Protocol here: report imports this module)."""
+
+    teachers: list
+    students: list
+    probe_tables: list
+    cka_tables: list
+
+
+class ReportSettings(Protocol):
+    """The settings the sections read (``analysis.report.ReportConfig``)."""
+
+    inputs: list
+    title: str
+    umap: bool
+    seed: int
+    max_students: int
+
+
 @dataclass
 class Ctx:
     """The document being written, the inputs, and the contents entries gathered on the way."""
 
     doc: Document
-    found: object
-    cfg: object
+    found: FoundInputs
+    cfg: ReportSettings
     grids: list
     entries: list = field(default_factory=list)   # (number, title, heading block, status)
     counters: list = field(default_factory=lambda: [0, 0])
+    other_cka: list = field(default_factory=list)  # CKA tables not drawn as teacher maps (set by _teacher_pairs)
 
     def section(self, title: str, fn, level: int = 1, together: bool = False):
         """A numbered heading, then ``fn``'s blocks; ``together``: start a new page unless all fit here."""
@@ -394,7 +415,7 @@ def what_was_run(ctx: Ctx) -> None:
                      + (" ..." if len(other) > 4 else "")])
     rows.insert(0, ["Data", ", ".join(sorted(d for d in data if d and d != "None")) or "?"])
     rows.append(["Wall time", f"{fmt(wall)} s of training recorded by the runs (teacher + students)"])
-    recorded = {}
+    recorded: dict[str, set[str]] = {}
     for run in list(found.teachers) + list(found.students):
         for k, v in _json(run / "config.json").get("versions", {}).items():
             recorded.setdefault(k, set()).add(str(v))
@@ -629,13 +650,13 @@ def _cka_students(ctx: Ctx) -> bool | str:
                                                                 f"mean {mean['cka'].mean():.2f}"))
                 means.append(mean.assign(init=init, method=method))
         vmin = min(0.0, float(df["cka"].min()))
-        cols = balanced_cols(len(panels), 0, most=3)
-        rows = math.ceil(len(panels) / cols)
+        n_cols = balanced_cols(len(panels), 0, most=3)
+        rows = math.ceil(len(panels) / n_cols)
         n_perm = int(df["n_perm"].max()) if "n_perm" in df and df["n_perm"].notna().any() else 0
         null = (f"Cells in {NULL_MARK} are not above their permutation null's 95th percentile ({n_perm} shuffles). "
                 if n_perm else "No permutation null was computed. ")
 
-        def draw(sf, panels=panels, vmin=vmin, cols=cols):
+        def draw(sf, panels=panels, vmin=vmin, cols=n_cols):
             draw_panels(sf, panels, vmin=vmin, vmax=1.0, cbar_label="debiased linear CKA to the teacher",
                         xlabel="noise level σ", ylabel="layer", max_cols=cols)
 
@@ -651,6 +672,7 @@ def _cka_students(ctx: Ctx) -> bool | str:
 def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
     """The maps above reduced to two profiles per arm: CKA by layer (mean over σ) and by σ (mean over layers)."""
     df = g.cka
+    assert df is not None  # called from _cka_students only for grids with a CKA table
     arms = [a for a in order if a in set(df["init"])]
     colours = _colour_map(order)
     layers = list(dict.fromkeys(df["layer"]))
@@ -760,8 +782,8 @@ def _probes(ctx: Ctx) -> bool | str:
         if g.probes is not None and len(g.probes):
             tables.append((g.name, g.probes, g.summary))
     for p in ctx.found.probe_tables:
-        tables.append((p.stem, pd.read_csv(p).assign(init=lambda d: d["model"].map(lambda m: Path(str(m)).name)
-                                                     if "model" in d else p.stem), None))
+        tables.append((p.stem, pd.read_csv(p).assign(init=lambda d, stem=p.stem: d["model"].map(
+            lambda m: Path(str(m)).name) if "model" in d else stem), None))
     if not tables:
         return "no probe tables (probes.csv or probe linear output) found"
     for name, df, summary in tables:
@@ -925,7 +947,7 @@ def next_section(ctx: Ctx) -> bool | str:
 def contents_table(ctx: Ctx) -> Table:
     """The contents: every section with its page, or why it was omitted (pages filled in after layout)."""
     cells = [["", "The answer: question, verdict, headline figure, reading", "", "1"]]
-    for number, title, heading, status in ctx.entries:
+    for number, title, _heading, status in ctx.entries:
         indent = "    " if "." in number else ""
         cells.append([number, indent + title, status.removeprefix("omitted: ") if status != "included" else "", "00"])
     t = Table([Column("§"), Column("Section", wrap=True), Column("Omitted because", wrap=True), Column("Page", "right")],
@@ -936,7 +958,7 @@ def contents_table(ctx: Ctx) -> Table:
 
 
 def fill_contents(ctx: Ctx, t: Table) -> pd.DataFrame:
-    rows = [("", "The answer", "included", 1)]
+    rows: list[tuple[str, str, str, int | None]] = [("", "The answer", "included", 1)]
     for i, (number, title, heading, status) in enumerate(ctx.entries, start=1):
         page = ctx.doc.page_of(heading)
         t.cells[i][3] = str(page)
