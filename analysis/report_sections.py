@@ -115,7 +115,8 @@ class Grid:
             steps = int(summary["steps_done"].max())
         return cls(path, grid, verdict, text, contrast_rows(verdict), claim_rows(verdict), settings, reference,
                    summary, arm_table(agg, reference) if agg is not None and len(agg) else None, curves,
-                   pd.read_csv(path / "cka_teacher_student.csv") if (path / "cka_teacher_student.csv").exists() else None,
+                   (pd.read_csv(path / "cka_teacher_student.csv")
+                    if (path / "cka_teacher_student.csv").exists() else None),
                    pd.read_csv(path / "probes.csv") if (path / "probes.csv").exists() else None,
                    drift_table(curves), metric, steps, recorded.get("config", {}))
 
@@ -223,7 +224,8 @@ def draw_curves(ax, curves: pd.DataFrame, arms: list[str], colours: dict, metric
         for method, c in table[table["init"] == arm].groupby("method", sort=False):
             c = c.sort_values("step")
             n = int(c["n"].max())
-            label = f"init {arm} ({n} seed{'s' if n != 1 else ''})" + (f", {method}" if table["method"].nunique() > 1 else "")
+            label = (f"init {arm} ({n} seed{'s' if n != 1 else ''})"
+                     + (f", {method}" if table["method"].nunique() > 1 else ""))
             ax.plot(c["step"], c["mean"], color=colours[arm], lw=1.4, marker="o", ms=2.5, label=label)
             if n > 1:
                 ax.fill_between(c["step"], c["lo"], c["hi"], color=colours[arm], alpha=0.18, lw=0)
@@ -348,7 +350,8 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
         caption = (f"Verdict per contrast. Effect: mean {metric} of arm minus that of versus (> 0: arm worse); "
                    f"n: runs (arm/versus).")
     else:
-        columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True), Column("Match held fixed", wrap=True),
+        columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True),
+                   Column("Match held fixed", wrap=True),
                    Column("Effect", "right"), Column(f"{level} interval", "right"), Column("Verdict", "center"),
                    Column("Reason", wrap=True)]
         cells = [[f"{r.name}\n{r.arm} vs\n{r.versus}", str(r.isolates or "—"), str(r.match or "none declared"),
@@ -450,15 +453,18 @@ def claim_section(ctx: Ctx) -> bool | str:
         cells = [[str(r.claim), str(r.question), str(r.rule), str(r.contrasts), str(r.verdict)]
                  for r in g.claims.itertuples()]
         bg, fg = verdict_cell(cells, 4)
-        ctx.doc.table([Column("Claim", "center"), Column("Question", wrap=True), Column("Rule over its contrasts", wrap=True),
-                       Column("Contrasts"), Column("Verdict", "center")], cells,
-                      f"The claims judged by {g.name} and the stated rule that turns contrasts into a claim-level verdict.",
+        ctx.doc.table([Column("Claim", "center"), Column("Question", wrap=True),
+                       Column("Rule over its contrasts", wrap=True), Column("Contrasts"), Column("Verdict", "center")],
+                      cells,
+                      f"The claims judged by {g.name} and the stated rule that turns contrasts into a "
+                      f"claim-level verdict.",
                       "claims", csv=g.claims, bg=bg, fg=fg, bold={(i, 4) for i in range(len(cells))})
         parts = [f"Metric: {METRIC_NAMES.get(g.metric, g.metric)}"]
         if math.isfinite(s.get("level", float("nan"))):
             parts.append(f"{s['level']:.0%} percentile-bootstrap intervals over seeds")
         if math.isfinite(s.get("margin", float("nan"))):
-            parts.append(f"equivalence margin {fmt(s['margin'])}" + (f" = {s['margin_rule']}" if s.get("margin_rule") else ""))
+            parts.append(f"equivalence margin {fmt(s['margin'])}"
+                         + (f" = {s['margin_rule']}" if s.get("margin_rule") else ""))
         ctx.doc.para("; ".join(parts) + ".", size=8.5)
     return True
 
@@ -798,7 +804,8 @@ def _probes(ctx: Ctx) -> bool | str:
                 s = sub[sub["init"] == init]
                 n = s["seed"].nunique() if "seed" in s else 1
                 mean = s.groupby(["layer", "sigma"], sort=False)["accuracy"].mean().reset_index().assign(target=target)
-                title = ("teacher model" if init == "(teacher)" else f"init {init}") + (f" ({n} seeds)" if n > 1 else "")
+                title = (("teacher model" if init == "(teacher)" else f"init {init}")
+                         + (f" ({n} seeds)" if n > 1 else ""))
                 panels.append(probe_panel(mean, target, f"{title}: mean {mean['accuracy'].mean():.2f}"))
             metric = str(sub["metric"].iloc[0]) if "metric" in sub else "accuracy"
             vmin = 0.0 if metric == "accuracy" else min(0.0, float(sub["accuracy"].min()))
@@ -834,7 +841,8 @@ def _drift(ctx: Ctx) -> bool | str:
             axes = sf.subplots(rows, cols, squeeze=False, sharey=True)
             for ax, layer in zip(axes.flat, layers):
                 for arm in arms:
-                    c = d[(d["layer"] == layer) & (d["init"] == arm)].groupby("step")["value"].agg(["mean", "min", "max"])
+                    c = (d[(d["layer"] == layer) & (d["init"] == arm)]
+                         .groupby("step")["value"].agg(["mean", "min", "max"]))
                     ax.plot(c.index, c["mean"], color=colours[arm], lw=1.2, label=f"init {arm}")
                     ax.fill_between(c.index, c["min"], c["max"], color=colours[arm], alpha=0.15, lw=0)
                 ax.set_title(short_layer(layer), fontsize=7.5)
@@ -900,7 +908,8 @@ def _other_tables(ctx: Ctx) -> bool | str:
             draw_cka_heatmap(sf, df, mode=mode, title="")
 
         ctx.doc.figure(draw, min(8.0, 0.8 + 2.0 * math.ceil(n / 4)), (
-            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): cells in {NULL_MARK} are not above their permutation null. "
+            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): cells in {NULL_MARK} are not above their "
+            f"permutation null. "
             f"Look for high values off the diagonal: the same information at another layer or noise level."),
             f"cka-{p.stem}", data={"cka": df})
     return True
@@ -950,7 +959,8 @@ def contents_table(ctx: Ctx) -> Table:
     for number, title, _heading, status in ctx.entries:
         indent = "    " if "." in number else ""
         cells.append([number, indent + title, status.removeprefix("omitted: ") if status != "included" else "", "00"])
-    t = Table([Column("§"), Column("Section", wrap=True), Column("Omitted because", wrap=True), Column("Page", "right")],
+    t = Table([Column("§"), Column("Section", wrap=True), Column("Omitted because", wrap=True),
+               Column("Page", "right")],
               cells, "", None, "contents", csv=None, size=8.0, space_before=0.08)
     t.bold = {(i, 1) for i, (n, *_rest) in enumerate([("",)] + ctx.entries) if i and "." not in n}
     t._fit()

@@ -122,7 +122,8 @@ def test_contrast_rows_read_schema_2():
     assert list(df["name"]) == [c["name"] for c in SCHEMA2["contrasts"]]
     assert list(df["verdict"]) == ["supported", "contradicted", "refused", "inconclusive"]
     first = df.iloc[0]
-    assert (first.arm, first.versus, first.effect, first.ci_low, first.ci_high) == ("random", "teacher", 30.3, 26.0, 34.1)
+    assert ((first.arm, first.versus, first.effect, first.ci_low, first.ci_high)
+            == ("random", "teacher", 30.3, 26.0, 34.1))
     assert np.isnan(df.iloc[2].effect) and df.iloc[2].match_met is False and "NOT met" in df.iloc[2].match
     assert df.iloc[1].match_met is True and df.iloc[1].match.startswith("fd_start: arm 273 vs 260")
     claims = claim_rows(SCHEMA2)
@@ -191,7 +192,8 @@ def test_reading_and_caveats_come_from_the_data(demo):
     assert f"{fmt(ref['floor']['fd'])} ± {fmt(ref['floor']['fd_std'])} in FD" in text  # the floor caveat quotes it
     assert "1 finished run per arm" in text                          # the quick grid has one seed
     # what to run next gives the command that extends this grid
-    assert f"demo-quick.toml --out {root / 'run' / 'ablation'} --teacher {root / 'run' / 'teacher'} --seeds 0,1,2" in text
+    assert (f"demo-quick.toml --out {root / 'run' / 'ablation'} --teacher {root / 'run' / 'teacher'} "
+            f"--seeds 0,1,2") in text
 
 
 def test_files_beside_the_pdf(demo):
@@ -301,7 +303,8 @@ def test_missing_parts_are_named_not_drawn(demo, tmp_path):
     root, _ = demo
     out = _build([root / "run" / "teacher"], tmp_path / "t.pdf")
     contents = (tmp_path / "t_files" / "contents.txt").read_text()
-    assert "1 The claim: omitted (no ablation directory with a verdict (verdict.json or summary.csv) was given)" in contents
+    assert ("1 The claim: omitted (no ablation directory with a verdict (verdict.json or summary.csv) "
+            "was given)") in contents
     assert "2.2 Learning curves: omitted (no student run logged sample quality (eval_every > 0))" in contents
     assert "2.3 Samples: included" in contents
     text = _text(out)
