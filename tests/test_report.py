@@ -143,17 +143,18 @@ def test_contrast_rows_read_the_current_verdict_format():
     v = verdict(pd.DataFrame(rows), reference={"fd": 9.0, "floor": {"fd": 2.0, "fd_std": 0.5}})
     as_json = json.loads(json.dumps(v.to_dict()))
     df = contrast_rows(as_json)
-    tests = [t for c in v.claims for t in c.tests]
-    assert list(df["name"]) == [t.name for t in tests]
-    # the earlier words map onto the schema's: "not supported" is "contradicted"
-    expected = {"supported": "supported", "not supported": "contradicted", "inconclusive": "inconclusive"}
-    assert list(df["verdict"]) == [expected[t.outcome] for t in tests]
-    assert "contradicted" in set(df["verdict"]) and "supported" in set(df["verdict"])
-    row = df.set_index("name").loc["2a"]
-    assert row.effect == pytest.approx(tests[1].effect) and (row.ci_low, row.ci_high) == pytest.approx(tests[1].ci)
-    assert row.predicted == "arm worse" and row.n_arm == tests[1].n_b
-    assert list(claim_rows(as_json)["verdict"]) == [expected[c.outcome] for c in v.claims]
-    assert verdict_settings(as_json)["margin"] == pytest.approx(v.settings["margin"])
+    # verdict() now writes schema 2: judged contrasts at the top level, claims name them
+    assert list(df["name"]) == [c.name for c in v.contrasts]
+    assert list(df["verdict"]) == [c.verdict for c in v.contrasts]
+    assert {n for c in v.claims for n in c.contrasts} <= set(df["name"])
+    assert "supported" in set(df["verdict"])  # random init is far worse than full init
+    worse = next(c for c in v.contrasts if c.predicted == "arm worse")
+    row = df.set_index("name").loc[worse.name]
+    assert row.effect == pytest.approx(worse.effect)
+    assert (row.ci_low, row.ci_high) == pytest.approx((worse.ci_low, worse.ci_high))
+    assert row.n_arm == worse.n_arm
+    assert list(claim_rows(as_json)["verdict"]) == [c.verdict for c in v.claims]
+    assert verdict_settings(as_json)["margin"] == pytest.approx(v.margin)
     assert contrast_rows(None).empty and contrast_rows({"comparisons": []}).empty
 
 
