@@ -179,7 +179,7 @@ def arm_order(df: pd.DataFrame) -> list[str]:
     """Init labels with the full-teacher arm first, then in grid order."""
     order = list(dict.fromkeys(df["init"]))
     base = teacher_arm(df) if len(df) else None
-    return ([base] if base in order else []) + [i for i in order if i != base]
+    return ([base] if base is not None and base in order else []) + [i for i in order if i != base]
 
 
 def curve_table(curves: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
@@ -214,7 +214,8 @@ def plateau(curve: pd.DataFrame, spread: float) -> tuple[bool | None, float, flo
     c = curve.sort_values("step")
     k = max(2, int(math.ceil(0.25 * len(c))))
     if len(c) < 3 or not math.isfinite(spread):
-        return None, float(c["mean"].iloc[0]) if len(c) else float("nan"), float(c["mean"].iloc[-1]) if len(c) else float("nan")
+        return (None, float(c["mean"].iloc[0]) if len(c) else float("nan"),
+                float(c["mean"].iloc[-1]) if len(c) else float("nan"))
     tail = c["mean"].iloc[-k:]
     return bool(tail.max() - tail.min() <= spread), float(tail.iloc[0]), float(tail.iloc[-1])
 
@@ -320,7 +321,8 @@ def caveats(arms: pd.DataFrame | None, contrasts: pd.DataFrame, settings: dict, 
     if arms is not None and len(arms):
         n = arms[arms["metric"] == metric]["n"]
         few = contrasts[contrasts["reason"].astype(str).str.contains("fewer than", na=False)] if len(contrasts) else []
-        count = plural(int(n.min()), "finished run") if n.min() == n.max() else f"{int(n.min())} to {int(n.max())} finished runs"
+        count = (plural(int(n.min()), "finished run") if n.min() == n.max()
+                 else f"{int(n.min())} to {int(n.max())} finished runs")
         out.append(f"Seeds: {count} per arm"
                    + (f"; {plural(len(few), 'contrast')} cannot be decided for want of seeds" if len(few) else "")
                    + ". Arms are never pooled; intervals are percentile bootstraps over seeds.")
@@ -330,8 +332,8 @@ def caveats(arms: pd.DataFrame | None, contrasts: pd.DataFrame, settings: dict, 
         out.append(f"Equivalence margin: {fmt(settings['margin'])} in {METRIC_NAMES.get(metric, metric)}"
                    + (f" ({settings['margin_rule']})" if settings.get("margin_rule") else "")
                    + "; a difference inside it is treated as no difference.")
-    refused = contrasts[contrasts["verdict"] == "refused"] if len(contrasts) else []
-    for r in (refused.itertuples() if len(refused) else []):
+    refused = list(contrasts[contrasts["verdict"] == "refused"].itertuples()) if len(contrasts) else []
+    for r in refused:
         out.append(f"Refused: {r.name} was not compared because its declared match failed ({r.reason}).")
     return out
 

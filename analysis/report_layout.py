@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import Bbox
@@ -39,7 +41,9 @@ MARGIN_BOTTOM = 0.7               # bottom margin (the page number sits inside i
 BODY_W = PAGE_W - 2 * MARGIN_X
 BODY_H = PAGE_H - MARGIN_TOP - MARGIN_BOTTOM
 SERIF = "DejaVu Serif"            # prose and tables; figures keep matplotlib's sans-serif
-RC = {"svg.hashsalt": "onestep-probe", "pdf.fonttype": 3, "font.size": 8, "axes.titlesize": 8,
+FontStyle = Literal["normal", "italic", "oblique"]  # the styles FontProperties accepts
+# keys typed Any: the stubs want rcParams names as a Literal, which a dict literal of str does not infer
+RC: dict[Any, Any] = {"svg.hashsalt": "onestep-probe", "pdf.fonttype": 3, "font.size": 8, "axes.titlesize": 8,
       "axes.labelsize": 7.5, "xtick.labelsize": 6.5, "ytick.labelsize": 6.5, "legend.fontsize": 6.5,
       "figure.dpi": 100}
 PDF_META = {"Creator": "onestep-probe", "Producer": None, "CreationDate": None, "ModDate": None}
@@ -68,7 +72,8 @@ def text_width(s: str, size: float, weight: str = "normal", style: str = "normal
 
     if not s:
         return 0.0
-    prop = FontProperties(family=family, size=size, weight=weight, style=style)
+    # the callers pass only the three valid styles; the str signature keeps lru_cache keys simple
+    prop = FontProperties(family=family, size=size, weight=weight, style=cast(FontStyle, style))
     w, _, _ = _renderer().get_text_width_height_descent(s, prop, ismath=False)
     return w / 72.0
 
@@ -135,7 +140,7 @@ class PageCanvas:
     def __init__(self, fig: Figure):
         self.fig = fig
 
-    def _xy(self, x: float, y: float):
+    def _xy(self, x: float, y: float) -> tuple[float, float]:
         return x / PAGE_W, 1 - y / PAGE_H
 
     def text(self, x, y, s, size=9, weight="normal", style="normal", color="black", ha="left", va="baseline",
@@ -192,12 +197,14 @@ class Paragraph(Block):
             self.lines = wrap(self.text, width, self.size, self.weight, self.style, first_width=first)
 
     def height(self):
+        assert self.lines is not None  # set by __post_init__
         return len(self.lines) * leading(self.size)
 
     def least_height(self):
         return min(self.height(), 2 * leading(self.size))
 
     def split(self, avail):
+        assert self.lines is not None  # set by __post_init__
         n = int(avail // leading(self.size))
         if n < 2 or len(self.lines) - n < 2:
             return None
@@ -212,6 +219,7 @@ class Paragraph(Block):
         if self.bullet:
             page.text(x + 0.05, top + self.size / 72.0, self.bullet, size=self.size, color=self.color)
             x += 0.22
+        assert self.lines is not None  # set by __post_init__
         for i, line in enumerate(self.lines):
             y = top + self.size / 72.0 + i * leading(self.size)
             dx = 0.0
@@ -334,7 +342,8 @@ class Table(Block):
         for rows, cont in ((range(0, n), self.continued), (range(n, len(self.cells)), True)):
             shift = rows.start
             parts.append(Table(self.columns, [self.cells[i] for i in rows], self.caption, self.number, self.name,
-                               self.csv if shift == 0 else None, {(r - shift, c): v for (r, c), v in self.bg.items() if r in rows},
+                               self.csv if shift == 0 else None,
+                               {(r - shift, c): v for (r, c), v in self.bg.items() if r in rows},
                                {(r - shift, c): v for (r, c), v in self.fg.items() if r in rows},
                                {(r - shift, c) for (r, c) in self.bold if r in rows}, self.size, self.boxed,
                                self.header, cont, 0.12, self.note if cont else ""))
@@ -424,7 +433,8 @@ class FigureBlock(Block):
         """Shrink (down to ``SHRINK`` of its height) to finish a page instead of leaving it half empty."""
         h = avail - 0.08 - self.cap.height()
         if h >= SHRINK * self.height_in:
-            return FigureBlock(self.draw_fn, h, self.caption, self.number, self.name, self.data, self.space_before), None
+            return (FigureBlock(self.draw_fn, h, self.caption, self.number, self.name, self.data,
+                                self.space_before), None)
         return None
 
     def draw(self, page, top):  # the subfigure itself is made by the page renderer (it needs the grid)
@@ -507,7 +517,8 @@ def freeze_layout(fig: Figure) -> None:
     """
     for ax in fig.axes:
         pos = ax.get_position(original=True)
-        ax.set_position([round(v, 6) for v in pos.bounds], which="original")
+        x0, y0, w, h = (round(v, 6) for v in pos.bounds)
+        ax.set_position((x0, y0, w, h), which="original")
     fig.set_layout_engine("none")
 
 
@@ -516,6 +527,9 @@ def freeze_layout(fig: Figure) -> None:
 class Placed:
     block: Block
     top: float                    # inches from the page top
+
+
+B = TypeVar("B", bound=Block)
 
 
 class Document:
@@ -528,7 +542,7 @@ class Document:
         self.pages: list[list[Placed]] = []
 
     # --- adding
-    def add(self, block: Block) -> Block:
+    def add(self, block: B) -> B:
         self.blocks.append(block)
         return block
 
@@ -641,7 +655,9 @@ class Document:
 
     def _draw_page(self, n: int, placed: list[Placed]):
         fig = Figure(figsize=(PAGE_W, PAGE_H), layout="constrained")
-        fig.get_layout_engine().set(w_pad=0.03, h_pad=0.03, wspace=0.02, hspace=0.02)
+        engine = fig.get_layout_engine()
+        assert isinstance(engine, ConstrainedLayoutEngine)  # made with layout="constrained" just above
+        engine.set(w_pad=0.03, h_pad=0.03, wspace=0.02, hspace=0.02)
         canvas = PageCanvas(fig)
         # running head and page number, inside the margins
         canvas.text(MARGIN_X, 0.45, self.title, size=7.5, color="0.4", style="italic")
@@ -650,13 +666,13 @@ class Document:
         canvas.text(PAGE_W / 2, PAGE_H - 0.38, str(n), size=8, color="0.3", ha="center")
         # one grid row per figure (and filler rows between), so constrained layout keeps every
         # subfigure inside the rectangle it was given
-        figs = [p for p in placed if isinstance(p.block, FigureBlock)]
-        subfigures = []
+        figs = [(p.top, p.block) for p in placed if isinstance(p.block, FigureBlock)]
+        subfigures: list[tuple[FigureBlock, SubFigure]] = []
         if figs:
             edges, kinds = [0.0], []
-            for p in figs:
-                top = MARGIN_TOP + p.top
-                edges += [top, top + p.block.height_in]
+            for fig_top, fig_block in figs:
+                top = MARGIN_TOP + fig_top
+                edges += [top, top + fig_block.height_in]
                 kinds += ["gap", "fig"]
             edges.append(PAGE_H)
             kinds.append("gap")
@@ -668,7 +684,7 @@ class Document:
             row = 0
             for kind in kinds:
                 if kind == "fig":
-                    block = figs[len(subfigures)].block
+                    block = figs[len(subfigures)][1]
                     sub = fig.add_subfigure(gs[row, 1])
                     # the page is white already; an invisible patch also keeps a cropped export free of a
                     # rectangle whose corner would sit at 0 +- rounding noise ("-0" in one run, "0" in another)

@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -114,7 +115,8 @@ class Grid:
             steps = int(summary["steps_done"].max())
         return cls(path, grid, verdict, text, contrast_rows(verdict), claim_rows(verdict), settings, reference,
                    summary, arm_table(agg, reference) if agg is not None and len(agg) else None, curves,
-                   pd.read_csv(path / "cka_teacher_student.csv") if (path / "cka_teacher_student.csv").exists() else None,
+                   (pd.read_csv(path / "cka_teacher_student.csv")
+                    if (path / "cka_teacher_student.csv").exists() else None),
                    pd.read_csv(path / "probes.csv") if (path / "probes.csv").exists() else None,
                    drift_table(curves), metric, steps, recorded.get("config", {}))
 
@@ -137,16 +139,36 @@ class Grid:
         return (self.reference.get("key") or {}).get("n_samples") or self.grid.get("student", {}).get("eval_samples")
 
 
+class FoundInputs(Protocol):
+    """What ``analysis.report.discover`` found (its ``Found``; a Protocol here: report imports this module)."""
+
+    teachers: list
+    students: list
+    probe_tables: list
+    cka_tables: list
+
+
+class ReportSettings(Protocol):
+    """The settings the sections read (``analysis.report.ReportConfig``)."""
+
+    inputs: list
+    title: str
+    umap: bool
+    seed: int
+    max_students: int
+
+
 @dataclass
 class Ctx:
     """The document being written, the inputs, and the contents entries gathered on the way."""
 
     doc: Document
-    found: object
-    cfg: object
+    found: FoundInputs
+    cfg: ReportSettings
     grids: list
     entries: list = field(default_factory=list)   # (number, title, heading block, status)
     counters: list = field(default_factory=lambda: [0, 0])
+    other_cka: list = field(default_factory=list)  # CKA tables not drawn as teacher maps (set by _teacher_pairs)
 
     def section(self, title: str, fn, level: int = 1, together: bool = False):
         """A numbered heading, then ``fn``'s blocks; ``together``: start a new page unless all fit here."""
@@ -202,7 +224,8 @@ def draw_curves(ax, curves: pd.DataFrame, arms: list[str], colours: dict, metric
         for method, c in table[table["init"] == arm].groupby("method", sort=False):
             c = c.sort_values("step")
             n = int(c["n"].max())
-            label = f"init {arm} ({n} seed{'s' if n != 1 else ''})" + (f", {method}" if table["method"].nunique() > 1 else "")
+            label = (f"init {arm} ({n} seed{'s' if n != 1 else ''})"
+                     + (f", {method}" if table["method"].nunique() > 1 else ""))
             ax.plot(c["step"], c["mean"], color=colours[arm], lw=1.4, marker="o", ms=2.5, label=label)
             if n > 1:
                 ax.fill_between(c["step"], c["lo"], c["hi"], color=colours[arm], alpha=0.18, lw=0)
@@ -328,7 +351,8 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
         caption = (f"Verdict per contrast. Effect: mean {metric} of arm minus that of versus (> 0: arm worse); "
                    f"n: runs (arm/versus).")
     else:
-        columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True), Column("Match held fixed", wrap=True),
+        columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True),
+                   Column("Match held fixed", wrap=True),
                    Column("Effect", "right"), Column(f"{level} interval", "right"), Column("Verdict", "center"),
                    Column("Reason", wrap=True)]
         cells = [[f"{r.name}\n{r.arm} vs\n{r.versus}", str(r.isolates or "—"), str(r.match or "none declared"),
@@ -395,7 +419,7 @@ def what_was_run(ctx: Ctx) -> None:
                      + (" ..." if len(other) > 4 else "")])
     rows.insert(0, ["Data", ", ".join(sorted(d for d in data if d and d != "None")) or "?"])
     rows.append(["Wall time", f"{fmt(wall)} s of training recorded by the runs (teacher + students)"])
-    recorded = {}
+    recorded: dict[str, set[str]] = {}
     for run in list(found.teachers) + list(found.students):
         for k, v in _json(run / "config.json").get("versions", {}).items():
             recorded.setdefault(k, set()).add(str(v))
@@ -430,15 +454,18 @@ def claim_section(ctx: Ctx) -> bool | str:
         cells = [[str(r.claim), str(r.question), str(r.rule), str(r.contrasts), str(r.verdict)]
                  for r in g.claims.itertuples()]
         bg, fg = verdict_cell(cells, 4)
-        ctx.doc.table([Column("Claim", "center"), Column("Question", wrap=True), Column("Rule over its contrasts", wrap=True),
-                       Column("Contrasts"), Column("Verdict", "center")], cells,
-                      f"The claims judged by {g.name} and the stated rule that turns contrasts into a claim-level verdict.",
+        ctx.doc.table([Column("Claim", "center"), Column("Question", wrap=True),
+                       Column("Rule over its contrasts", wrap=True), Column("Contrasts"), Column("Verdict", "center")],
+                      cells,
+                      f"The claims judged by {g.name} and the stated rule that turns contrasts into a "
+                      f"claim-level verdict.",
                       "claims", csv=g.claims, bg=bg, fg=fg, bold={(i, 4) for i in range(len(cells))})
         parts = [f"Metric: {METRIC_NAMES.get(g.metric, g.metric)}"]
         if math.isfinite(s.get("level", float("nan"))):
             parts.append(f"{s['level']:.0%} percentile-bootstrap intervals over seeds")
         if math.isfinite(s.get("margin", float("nan"))):
-            parts.append(f"equivalence margin {fmt(s['margin'])}" + (f" = {s['margin_rule']}" if s.get("margin_rule") else ""))
+            parts.append(f"equivalence margin {fmt(s['margin'])}"
+                         + (f" = {s['margin_rule']}" if s.get("margin_rule") else ""))
         ctx.doc.para("; ".join(parts) + ".", size=8.5)
     return True
 
@@ -630,13 +657,13 @@ def _cka_students(ctx: Ctx) -> bool | str:
                                                                 f"mean {mean['cka'].mean():.2f}"))
                 means.append(mean.assign(init=init, method=method))
         vmin = min(0.0, float(df["cka"].min()))
-        cols = balanced_cols(len(panels), 0, most=3)
-        rows = math.ceil(len(panels) / cols)
+        n_cols = balanced_cols(len(panels), 0, most=3)
+        rows = math.ceil(len(panels) / n_cols)
         n_perm = int(df["n_perm"].max()) if "n_perm" in df and df["n_perm"].notna().any() else 0
         null = (f"Cells in {NULL_MARK} are not above their permutation null's 95th percentile ({n_perm} shuffles). "
                 if n_perm else "No permutation null was computed. ")
 
-        def draw(sf, panels=panels, vmin=vmin, cols=cols):
+        def draw(sf, panels=panels, vmin=vmin, cols=n_cols):
             draw_panels(sf, panels, vmin=vmin, vmax=1.0, cbar_label="debiased linear CKA to the teacher",
                         xlabel="noise level σ", ylabel="layer", max_cols=cols)
 
@@ -652,6 +679,7 @@ def _cka_students(ctx: Ctx) -> bool | str:
 def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
     """The maps above reduced to two profiles per arm: CKA by layer (mean over σ) and by σ (mean over layers)."""
     df = g.cka
+    assert df is not None  # called from _cka_students only for grids with a CKA table
     arms = [a for a in order if a in set(df["init"])]
     colours = _colour_map(order)
     layers = list(dict.fromkeys(df["layer"]))
@@ -761,8 +789,8 @@ def _probes(ctx: Ctx) -> bool | str:
         if g.probes is not None and len(g.probes):
             tables.append((g.name, g.probes, g.summary))
     for p in ctx.found.probe_tables:
-        tables.append((p.stem, pd.read_csv(p).assign(init=lambda d: d["model"].map(lambda m: Path(str(m)).name)
-                                                     if "model" in d else p.stem), None))
+        tables.append((p.stem, pd.read_csv(p).assign(init=lambda d, stem=p.stem: d["model"].map(
+            lambda m: Path(str(m)).name) if "model" in d else stem), None))
     if not tables:
         return "no probe tables (probes.csv or probe linear output) found"
     for name, df, summary in tables:
@@ -777,7 +805,8 @@ def _probes(ctx: Ctx) -> bool | str:
                 s = sub[sub["init"] == init]
                 n = s["seed"].nunique() if "seed" in s else 1
                 mean = s.groupby(["layer", "sigma"], sort=False)["accuracy"].mean().reset_index().assign(target=target)
-                title = ("teacher model" if init == "(teacher)" else f"init {init}") + (f" ({n} seeds)" if n > 1 else "")
+                title = (("teacher model" if init == "(teacher)" else f"init {init}")
+                         + (f" ({n} seeds)" if n > 1 else ""))
                 panels.append(probe_panel(mean, target, f"{title}: mean {mean['accuracy'].mean():.2f}"))
             metric = str(sub["metric"].iloc[0]) if "metric" in sub else "accuracy"
             vmin = 0.0 if metric == "accuracy" else min(0.0, float(sub["accuracy"].min()))
@@ -813,7 +842,8 @@ def _drift(ctx: Ctx) -> bool | str:
             axes = sf.subplots(rows, cols, squeeze=False, sharey=True)
             for ax, layer in zip(axes.flat, layers):
                 for arm in arms:
-                    c = d[(d["layer"] == layer) & (d["init"] == arm)].groupby("step")["value"].agg(["mean", "min", "max"])
+                    c = (d[(d["layer"] == layer) & (d["init"] == arm)]
+                         .groupby("step")["value"].agg(["mean", "min", "max"]))
                     ax.plot(c.index, c["mean"], color=colours[arm], lw=1.2, label=f"init {arm}")
                     ax.fill_between(c.index, c["min"], c["max"], color=colours[arm], alpha=0.15, lw=0)
                 ax.set_title(short_layer(layer), fontsize=7.5)
@@ -879,7 +909,8 @@ def _other_tables(ctx: Ctx) -> bool | str:
             draw_cka_heatmap(sf, df, mode=mode, title="")
 
         ctx.doc.figure(draw, min(8.0, 0.8 + 2.0 * math.ceil(n / 4)), (
-            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): cells in {NULL_MARK} are not above their permutation null. "
+            f"CKA table {p.name} (mode {mode}; {LAYER_KEY}): cells in {NULL_MARK} are not above their "
+            f"permutation null. "
             f"Look for high values off the diagonal: the same information at another layer or noise level."),
             f"cka-{p.stem}", data={"cka": df})
     return True
@@ -926,10 +957,11 @@ def next_section(ctx: Ctx) -> bool | str:
 def contents_table(ctx: Ctx) -> Table:
     """The contents: every section with its page, or why it was omitted (pages filled in after layout)."""
     cells = [["", "The answer: question, verdict, headline figure, reading", "", "1"]]
-    for number, title, heading, status in ctx.entries:
+    for number, title, _heading, status in ctx.entries:
         indent = "    " if "." in number else ""
         cells.append([number, indent + title, status.removeprefix("omitted: ") if status != "included" else "", "00"])
-    t = Table([Column("§"), Column("Section", wrap=True), Column("Omitted because", wrap=True), Column("Page", "right")],
+    t = Table([Column("§"), Column("Section", wrap=True), Column("Omitted because", wrap=True),
+               Column("Page", "right")],
               cells, "", None, "contents", csv=None, size=8.0, space_before=0.08)
     t.bold = {(i, 1) for i, (n, *_rest) in enumerate([("",)] + ctx.entries) if i and "." not in n}
     t._fit()
@@ -937,7 +969,7 @@ def contents_table(ctx: Ctx) -> Table:
 
 
 def fill_contents(ctx: Ctx, t: Table) -> pd.DataFrame:
-    rows = [("", "The answer", "included", 1)]
+    rows: list[tuple[str, str, str, int | None]] = [("", "The answer", "included", 1)]
     for i, (number, title, heading, status) in enumerate(ctx.entries, start=1):
         page = ctx.doc.page_of(heading)
         t.cells[i][3] = str(page)

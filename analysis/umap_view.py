@@ -171,7 +171,8 @@ def umap_panels(store: FeatureStore,
     if discrete and classes.size:  # one legend for every panel: the colours are the same classes throughout
         colours = matplotlib.colormaps[cmap]
         scale = max(classes.size - 1, 1)
-        handles = [Line2D([], [], ls="", marker="o", ms=4, color=colours(i / scale), label=str(c))  # as scatter maps them
+        # coloured as scatter maps them
+        handles = [Line2D([], [], ls="", marker="o", ms=4, color=colours(i / scale), label=str(c))
                    for i, c in enumerate(classes)]
         fig.legend(handles=handles, title=color_by, loc="outside right center", fontsize=7, title_fontsize=7,
                    frameon=False, handletextpad=0.2, labelspacing=0.3)

@@ -122,7 +122,8 @@ def test_contrast_rows_read_schema_2():
     assert list(df["name"]) == [c["name"] for c in SCHEMA2["contrasts"]]
     assert list(df["verdict"]) == ["supported", "contradicted", "refused", "inconclusive"]
     first = df.iloc[0]
-    assert (first.arm, first.versus, first.effect, first.ci_low, first.ci_high) == ("random", "teacher", 30.3, 26.0, 34.1)
+    assert ((first.arm, first.versus, first.effect, first.ci_low, first.ci_high)
+            == ("random", "teacher", 30.3, 26.0, 34.1))
     assert np.isnan(df.iloc[2].effect) and df.iloc[2].match_met is False and "NOT met" in df.iloc[2].match
     assert df.iloc[1].match_met is True and df.iloc[1].match.startswith("fd_start: arm 273 vs 260")
     claims = claim_rows(SCHEMA2)
@@ -142,17 +143,18 @@ def test_contrast_rows_read_the_current_verdict_format():
     v = verdict(pd.DataFrame(rows), reference={"fd": 9.0, "floor": {"fd": 2.0, "fd_std": 0.5}})
     as_json = json.loads(json.dumps(v.to_dict()))
     df = contrast_rows(as_json)
-    tests = [t for c in v.claims for t in c.tests]
-    assert list(df["name"]) == [t.name for t in tests]
-    # the earlier words map onto the schema's: "not supported" is "contradicted"
-    expected = {"supported": "supported", "not supported": "contradicted", "inconclusive": "inconclusive"}
-    assert list(df["verdict"]) == [expected[t.outcome] for t in tests]
-    assert "contradicted" in set(df["verdict"]) and "supported" in set(df["verdict"])
-    row = df.set_index("name").loc["2a"]
-    assert row.effect == pytest.approx(tests[1].effect) and (row.ci_low, row.ci_high) == pytest.approx(tests[1].ci)
-    assert row.predicted == "arm worse" and row.n_arm == tests[1].n_b
-    assert list(claim_rows(as_json)["verdict"]) == [expected[c.outcome] for c in v.claims]
-    assert verdict_settings(as_json)["margin"] == pytest.approx(v.settings["margin"])
+    # verdict() now writes schema 2: judged contrasts at the top level, claims name them
+    assert list(df["name"]) == [c.name for c in v.contrasts]
+    assert list(df["verdict"]) == [c.verdict for c in v.contrasts]
+    assert {n for c in v.claims for n in c.contrasts} <= set(df["name"])
+    assert "supported" in set(df["verdict"])  # random init is far worse than full init
+    worse = next(c for c in v.contrasts if c.predicted == "arm worse")
+    row = df.set_index("name").loc[worse.name]
+    assert row.effect == pytest.approx(worse.effect)
+    assert (row.ci_low, row.ci_high) == pytest.approx((worse.ci_low, worse.ci_high))
+    assert row.n_arm == worse.n_arm
+    assert list(claim_rows(as_json)["verdict"]) == [c.verdict for c in v.claims]
+    assert verdict_settings(as_json)["margin"] == pytest.approx(v.margin)
     assert contrast_rows(None).empty and contrast_rows({"comparisons": []}).empty
 
 
@@ -191,7 +193,8 @@ def test_reading_and_caveats_come_from_the_data(demo):
     assert f"{fmt(ref['floor']['fd'])} ± {fmt(ref['floor']['fd_std'])} in FD" in text  # the floor caveat quotes it
     assert "1 finished run per arm" in text                          # the quick grid has one seed
     # what to run next gives the command that extends this grid
-    assert f"demo-quick.toml --out {root / 'run' / 'ablation'} --teacher {root / 'run' / 'teacher'} --seeds 0,1,2" in text
+    assert (f"demo-quick.toml --out {root / 'run' / 'ablation'} --teacher {root / 'run' / 'teacher'} "
+            f"--seeds 0,1,2") in text
 
 
 def test_files_beside_the_pdf(demo):
@@ -301,7 +304,8 @@ def test_missing_parts_are_named_not_drawn(demo, tmp_path):
     root, _ = demo
     out = _build([root / "run" / "teacher"], tmp_path / "t.pdf")
     contents = (tmp_path / "t_files" / "contents.txt").read_text()
-    assert "1 The claim: omitted (no ablation directory with a verdict (verdict.json or summary.csv) was given)" in contents
+    assert ("1 The claim: omitted (no ablation directory with a verdict (verdict.json or summary.csv) "
+            "was given)") in contents
     assert "2.2 Learning curves: omitted (no student run logged sample quality (eval_every > 0))" in contents
     assert "2.3 Samples: included" in contents
     text = _text(out)
