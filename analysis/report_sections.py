@@ -267,7 +267,8 @@ def headline_figure(ctx: Ctx, g: Grid) -> bool | str:
     marks = "; ".join(lines)
     ctx.doc.figure(draw, 2.5, (
         f"Learning curves of the key arms: {METRIC_NAMES.get(metric, metric)} of the one-step (EMA) generator at each "
-        f"evaluation, mean over seeds with the range over seeds shaded. {marks[:1].upper() + marks[1:]}. Look for the gap between arms at the last step and how far the best arm is from the dotted line; "
+        f"evaluation, mean over seeds with the range over seeds shaded. {marks[:1].upper() + marks[1:]}. "
+        f"Look for the gap between arms at the last step and how far the best arm is from the dotted line; "
         f"gaps inside the grey band's width are noise."), "headline-curves",
         data={"curves": curve_table(g.curves, metric)})
     return True
