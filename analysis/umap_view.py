@@ -18,6 +18,7 @@ import warnings
 import matplotlib
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from sklearn.decomposition import PCA
@@ -92,9 +93,16 @@ def _fit_umap(Z: np.ndarray, n_neighbors: int, min_dist: float, n_epochs, seed: 
 
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, Z.shape[0] - 1), metric="euclidean", min_dist=min_dist,
                         n_epochs=n_epochs, random_state=seed, n_jobs=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="umap")  # "n_jobs overridden by random_state"
-        return reducer.fit(Z)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            # umap warns "n_jobs overridden by random_state": expected, we ask for determinism
+            warnings.filterwarnings("ignore", category=UserWarning, module="umap")
+            return reducer.fit(Z)
+    finally:
+        # numba's OpenMP layer resets the thread count torch shares with it; a process that runs UMAP
+        # and then trains or extracts must keep the threads it asked for (and its bitwise results)
+        torch.set_num_threads(threads)
 
 
 def _embed(X: np.ndarray, pca_dims: int, n_neighbors: int, min_dist: float, n_epochs, seed: int) -> np.ndarray:
