@@ -72,8 +72,9 @@ def reference_config(grid: Grid, out: Path, refs: dict) -> dict | None:
 
 
 def _reference_key(c: dict) -> dict:
-
-    return {"model": c["model"], "sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
+    # The teacher is identified by its weights' hash, not by how its path is spelled: the status view and
+    # the aggregate step read paths relative to the grid's base, the job itself relative to its cwd.
+    return {"sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
             "steps": c["steps"], "seed": c["seed"], "data": c["data"]}
 
 
