@@ -277,7 +277,7 @@ def test_two_jobs_at_once_give_the_same_rows_and_rerun_only_what_failed(serial, 
     text = format_status(out)
     failed_line = next(l for l in text.splitlines() if "full__diffratio-js__s1" in l)
     last = (out / "logs" / "full__diffratio-js__s1.log").read_text().splitlines()[-1]
-    assert "File exists" in last and last in failed_line                 # the status shows the log's last line
+    assert "exists and is not a directory" in last and last in failed_line   # the status shows the log's last line
     assert text.splitlines()[0] == f"{out}: 6/8 jobs done (3/4 arms), 0 running, 1 failed, 1 pending"
     # the arms ran in the two worker processes, not in this one, each with its own log and record
     pids = {json.loads(state_file(out, a).read_text())["pid"] for a in ARMS}
