@@ -662,9 +662,9 @@ def cka_profiles(ctx: Ctx, g: Grid, order: list) -> None:
         sf.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=6.5, frameon=False)
 
     ctx.doc.figure(draw, 2.6, (
-        f"The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
-        f"noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
-        f"noise levels where the arms part: that is where training rewrote the teacher's features."),
+        "The maps of the figure above as profiles: CKA to the teacher by layer (left, mean over noise levels) and by "
+        "noise level (right, mean over layers), one line per arm, range over seeds shaded. Look for the layers and "
+        "noise levels where the arms part: that is where training rewrote the teacher's features."),
         "cka-profiles", data={"by_layer": by_layer, "by_sigma": by_sigma})
 
 
