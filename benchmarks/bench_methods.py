@@ -249,7 +249,7 @@ def run_speed(args) -> dict:
                 res = run_worker("speed", {**common, "teacher": teachers[size], "method": m, "warmup": args.warmup,
                                            "timed_steps": args.timed_steps,
                                            "out": str(tmp / f"s-{size}-{key}-{r}")}, src)
-                res["load_before"] = load
+                res["load_before"], res["matmul_gflops_round"] = load, matmul[-1]["peak_gflops"]
                 runs[size][key].append(res)
                 print(f"round {r + 1} {size} {key}: {1000 * statistics.median(res['step_s']):.0f} ms/step, "
                       f"peak {res['peak_rss_mib']:.0f} MiB (load {load:.1f})", file=sys.stderr)
@@ -313,7 +313,10 @@ def summarise_speed(raw: dict) -> dict:
             if f:
                 row["gflop_per_step"] = f["flops_per_step"] / 1e9
                 row["gflops"] = row["gflop_per_step"] / row["step_s"]
-                row["utilisation"] = row["gflops"] / peak
+                # against the matmul peak of the same round (same load), median over rounds
+                util = [row["gflop_per_step"] / t / r.get("matmul_gflops_round", peak)
+                        for t, r in zip(med_per_round, runs)]
+                row["utilisation"], row["util_range"] = statistics.median(util), (min(util), max(util))
             rows[key] = row
         for key, row in rows.items():
             if "@" in key and key.split("@")[0] in by_method:  # paired with the same round of the base code
@@ -356,7 +359,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              "(auxiliary + generator update + EMA), **range** = min-max of the per-round medians, "
              f"**spread** = (max - min) / median, **!** when the time or memory spread exceeds {SPREAD_FLAG:.0%}; "
              "**GFLOP/step** from `FlopCounterMode` (matmul, convolution, attention; forward and backward); "
-             "**GFLOP/s** = GFLOP/step / step time; **util.** = GFLOP/s / the matmul peak below.", "",
+             "**GFLOP/s** = GFLOP/step / step time; **util.** = achieved GFLOP/s / the matmul peak measured in the "
+             "same round (same load), median and range over rounds.", "",
              f"Dense float32 matmul peak (`torch.matmul`, n in {{{', '.join(str(n) for n in meta['matmul_sizes'])}}}, "
              f"{meta['threads']} thread(s), once per round): **{s['matmul_gflops']:.1f} GFLOP/s** median "
              f"(range {lo:.1f}-{hi:.1f})."]
@@ -373,7 +377,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
                 f"{f('peak_vs_vsd', '.2f')}x | {r['after_imports_mib']:.0f} | {f('over_imports_vs_vsd', '.2f')}x | "
                 f"{1000 * r['step_s']:.0f} | {1000 * r['step_min']:.0f}-{1000 * r['step_max']:.0f} | "
                 f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
-                f"{f('gflops', '.1f')} | {f('utilisation', '.0%')} |")
+                f"{f('gflops', '.1f')} | {f('utilisation', '.0%')}"
+                + (f" ({r['util_range'][0]:.0%}-{r['util_range'][1]:.0%})" if "util_range" in r else "") + " |")
         paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
         if paired:
             lab = next(iter(paired)).split("@")[1]
