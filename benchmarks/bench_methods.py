@@ -169,13 +169,51 @@ def worker_speed(a: dict) -> dict:
     load_dataset(a["dataset"], "train")  # what every run loads first: part of "after imports"
     after_imports = _status_mib("VmRSS")
     steps = a["warmup"] + a["timed_steps"]
-    run = train_student(_student_config(a, steps, a["out"]), progress=False)
+    with cpu_clock() as calls:
+        run = train_student(_student_config(a, steps, a["out"]), progress=False)
     seconds = [r["seconds"] for r in sorted(read_metrics(run), key=lambda r: r["step"])]
     per_step = [b - c for b, c in zip(seconds, [0.0] + seconds[:-1])]
     model = json.loads((Path(run) / "model.json").read_text())
-    return {"step_s": per_step[a["warmup"]:], "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
+    return {"step_s": per_step[a["warmup"]:], "step_cpu_s": step_cpu_seconds(calls, per_step)[a["warmup"]:],
+            "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
             "threads": torch.get_num_threads(), "aux_parameters": model["method"]["aux_parameters"],
             "generator_parameters": model["generator_parameters"]}
+
+
+@contextlib.contextmanager
+def cpu_clock():
+    """Record (wall, process CPU) at every ``time.perf_counter()`` call while the block runs.
+
+    The loop times a step as the difference of two perf_counter calls; pairing them with the CPU
+    clock gives each step's CPU seconds, which on a shared, oversubscribed machine vary much less
+    than wall seconds (time spent waiting for a core is not counted).
+    """
+    calls, wall = [], time.perf_counter
+
+    def recording() -> float:
+        t = wall()
+        calls.append((t, time.process_time()))
+        return t
+
+    time.perf_counter = recording
+    try:
+        yield calls
+    finally:
+        time.perf_counter = wall
+
+
+def step_cpu_seconds(calls: list[tuple[float, float]], wall_steps: list[float]) -> list[float | None]:
+    """CPU seconds of each step: the consecutive perf_counter pair whose wall difference is that step's."""
+    out, j = [], 0
+    for d in wall_steps:
+        while j + 1 < len(calls) and abs((calls[j + 1][0] - calls[j][0]) - d) > 1e-6 * max(d, 1e-3):
+            j += 1
+        if j + 1 >= len(calls):
+            out.append(None)
+            continue
+        out.append(calls[j + 1][1] - calls[j][1])
+        j += 2
+    return out
 
 
 def worker_flops(a: dict) -> dict:
@@ -301,6 +339,8 @@ def summarise_speed(raw: dict) -> dict:
             if not runs:
                 continue
             med_per_round = [statistics.median(r["step_s"]) for r in runs]
+            cpu_per_round = [statistics.median(c for c in r["step_cpu_s"] if c is not None) for r in runs
+                             if any(c is not None for c in r.get("step_cpu_s", []))]
             mem = [r["peak_rss_mib"] for r in runs]
             row = {"step_s": statistics.median(med_per_round), "step_min": min(med_per_round),
                    "step_max": max(med_per_round), "step_spread": spread(med_per_round),
@@ -308,7 +348,10 @@ def summarise_speed(raw: dict) -> dict:
                    "after_imports_mib": statistics.median(r["after_imports_mib"] for r in runs),
                    "aux_parameters": runs[0]["aux_parameters"], "threads": runs[0]["threads"],
                    "rounds": len(runs)}
+            if cpu_per_round:
+                row.update(cpu_s=statistics.median(cpu_per_round), cpu_spread=spread(cpu_per_round))
             row["flag"] = row["step_spread"] > SPREAD_FLAG or row["peak_spread"] > SPREAD_FLAG
+            row["cpu_flag"] = row.get("cpu_spread", 0.0) > SPREAD_FLAG
             f = raw["flops"].get(size, {}).get(key)
             if f:
                 row["gflop_per_step"] = f["flops_per_step"] / 1e9
@@ -326,9 +369,16 @@ def summarise_speed(raw: dict) -> dict:
                 row["paired_base_over_variant"] = [1 / x for x in ratios]
                 row["paired_variant_over_base"] = statistics.median(ratios)
                 row["paired_range"] = (min(ratios), max(ratios))
+                if all(r.get("step_cpu_s") for r in by_method[key] + by_method[key.split("@")[0]]):
+                    cb = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key.split("@")[0]]]
+                    cm = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key]]
+                    cr = [b / a for a, b in zip(cb, cm)]
+                    row["paired_cpu_variant_over_base"], row["paired_cpu_range"] = statistics.median(cr), (min(cr), max(cr))
             ref = rows.get("vsd" + key[key.index("@"):] if "@" in key else "vsd")
             if ref:
                 row["step_vs_vsd"] = row["step_s"] / ref["step_s"]
+                if "cpu_s" in row and "cpu_s" in ref:
+                    row["cpu_vs_vsd"] = row["cpu_s"] / ref["cpu_s"]
                 row["peak_vs_vsd"] = row["peak_mib"] / ref["peak_mib"]
                 row["over_imports_vs_vsd"] = ((row["peak_mib"] - row["after_imports_mib"])
                                               / max(ref["peak_mib"] - ref["after_imports_mib"], 1e-9))
@@ -355,9 +405,11 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              f"{meta['timed_steps']} timed steps after {meta['warmup']} warm-up steps per process.", "",
              "Columns: **peak MiB** = whole-process peak RSS (`ru_maxrss` of the child via `os.wait4`), median over "
              "rounds; **after imports** = the same process's RSS after imports and data loading, before any model "
-             "(no method can change it); **step ms** = median over rounds of each process's median step "
+             "(no method can change it); **step ms** = wall time, median over rounds of each process's median step "
              "(auxiliary + generator update + EMA), **range** = min-max of the per-round medians, "
              f"**spread** = (max - min) / median, **!** when the time or memory spread exceeds {SPREAD_FLAG:.0%}; "
+             "**CPU ms** = the same steps in process CPU time (waiting for a core not counted: the steadier "
+             "figure on a shared machine), its spread and ratio; "
              "**GFLOP/step** from `FlopCounterMode` (matmul, convolution, attention; forward and backward); "
              "**GFLOP/s** = GFLOP/step / step time; **util.** = achieved GFLOP/s / the matmul peak measured in the "
              "same round (same load), median and range over rounds.", "",
@@ -367,8 +419,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
                   "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms | range ms "
-                  "| spread | vs vsd | GFLOP/step | GFLOP/s | util. |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
             def f(name, fmt, default="-"):
                 return format(r[name], fmt) if name in r else default
@@ -376,7 +428,9 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
                 f"| {key}{' !' if r['flag'] else ''} | {r['aux_parameters']:,} | {r['peak_mib']:.0f} | "
                 f"{f('peak_vs_vsd', '.2f')}x | {r['after_imports_mib']:.0f} | {f('over_imports_vs_vsd', '.2f')}x | "
                 f"{1000 * r['step_s']:.0f} | {1000 * r['step_min']:.0f}-{1000 * r['step_max']:.0f} | "
-                f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
+                f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | "
+                f"{format(1000 * r['cpu_s'], '.0f') if 'cpu_s' in r else '-'} | {f('cpu_spread', '.0%')}"
+                f"{' !' if r.get('cpu_flag') else ''} | {f('cpu_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
                 f"{f('gflops', '.1f')} | {f('utilisation', '.0%')}"
                 + (f" ({r['util_range'][0]:.0%}-{r['util_range'][1]:.0%})" if "util_range" in r else "") + " |")
         paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
@@ -385,12 +439,21 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
             lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code in `{meta['compare_src']}`, "
                       "interleaved with the current code in the same rounds; paired ratio = median over rounds of "
                       f"(current / {lab}) step time of the same round (range over rounds).", "",
-                      f"| method | {lab} ms | current ms | paired current / {lab} | range |", "|---|---:|---:|---:|---:|"]
+                      f"| method | {lab} ms | current ms | paired current / {lab} (wall) | range | "
+                      f"{lab} CPU ms | current CPU ms | paired current / {lab} (CPU) | range |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for key, r in paired.items():
                 cur = rows[key.split("@")[0]]
                 lo, hi = (1 / x for x in r["paired_range"])
-                lines.append(f"| {key.split('@')[0]} | {1000 * r['step_s']:.0f} | {1000 * cur['step_s']:.0f} | "
-                             f"{1 / r['paired_variant_over_base']:.3f} | {min(lo, hi):.2f}-{max(lo, hi):.2f} |")
+                line = (f"| {key.split('@')[0]} | {1000 * r['step_s']:.0f} | {1000 * cur['step_s']:.0f} | "
+                        f"{1 / r['paired_variant_over_base']:.3f} | {min(lo, hi):.2f}-{max(lo, hi):.2f} |")
+                if "paired_cpu_variant_over_base" in r:
+                    clo, chi = (1 / x for x in r["paired_cpu_range"])
+                    line += (f" {1000 * r['cpu_s']:.0f} | {1000 * cur['cpu_s']:.0f} | "
+                             f"{1 / r['paired_cpu_variant_over_base']:.3f} | {min(clo, chi):.2f}-{max(clo, chi):.2f} |")
+                else:
+                    line += " - | - | - | - |"
+                lines.append(line)
     if meta.get("note"):
         lines += ["", meta["note"]]
     lines.append(f"<!-- {NAME}:end -->")
