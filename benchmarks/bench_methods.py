@@ -237,19 +237,22 @@ def worker_matmul(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(a["threads"])
-    by_size = {}
+    by_size, by_size_cpu = {}, {}
     for n in a.get("sizes", MATMUL_SIZES):
         x, y = torch.randn(n, n), torch.randn(n, n)
         z = torch.matmul(x, y)  # warm-up (and the output buffer)
         reps = max(1, int(a.get("flop_per_timing", 2e9) / (2 * n ** 3)))
-        best = float("inf")
+        best = best_cpu = float("inf")
         for _ in range(a.get("repeats", 5)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(reps):
                 torch.matmul(x, y, out=z)
             best = min(best, (time.perf_counter() - t0) / reps)
+            best_cpu = min(best_cpu, max(time.process_time() - c0, 1e-9) / reps)
         by_size[str(n)] = 2 * n ** 3 / best / 1e9
-    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "threads": torch.get_num_threads()}
+        by_size_cpu[str(n)] = 2 * n ** 3 / best_cpu / 1e9
+    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "gflops_cpu_by_size": by_size_cpu,
+            "peak_gflops_cpu": max(by_size_cpu.values()), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------- speed
@@ -332,7 +335,10 @@ def summarise_speed(raw: dict) -> dict:
     """Per size and method: medians, spreads, flags, ratios to vsd, FLOP/s and utilisation."""
     peaks = [m["peak_gflops"] for m in raw["matmul"]]
     peak = statistics.median(peaks)
-    out = {"matmul_gflops": peak, "matmul_range": (min(peaks), max(peaks)), "sizes": {}}
+    cpu_peaks = [m["peak_gflops_cpu"] for m in raw["matmul"] if "peak_gflops_cpu" in m]
+    cpu_peak = statistics.median(cpu_peaks) if cpu_peaks else None
+    out = {"matmul_gflops": peak, "matmul_range": (min(peaks), max(peaks)), "sizes": {},
+           "matmul_gflops_cpu": cpu_peak, "matmul_cpu_range": (min(cpu_peaks), max(cpu_peaks)) if cpu_peaks else None}
     for size, by_method in raw["runs"].items():
         rows = {}
         for key, runs in by_method.items():
@@ -360,6 +366,9 @@ def summarise_speed(raw: dict) -> dict:
                 util = [row["gflop_per_step"] / t / r.get("matmul_gflops_round", peak)
                         for t, r in zip(med_per_round, runs)]
                 row["utilisation"], row["util_range"] = statistics.median(util), (min(util), max(util))
+                if cpu_peak and "cpu_s" in row:  # both rates in CPU seconds: waiting for a core counts in neither
+                    row["gflops_cpu"] = row["gflop_per_step"] / row["cpu_s"]
+                    row["utilisation_cpu"] = row["gflops_cpu"] / cpu_peak
             rows[key] = row
         for key, row in rows.items():
             if "@" in key and key.split("@")[0] in by_method:  # paired with the same round of the base code
@@ -411,16 +420,21 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              "**CPU ms** = the same steps in process CPU time (waiting for a core not counted: the steadier "
              "figure on a shared machine), its spread and ratio; "
              "**GFLOP/step** from `FlopCounterMode` (matmul, convolution, attention; forward and backward); "
-             "**GFLOP/s** = GFLOP/step / step time; **util.** = achieved GFLOP/s / the matmul peak measured in the "
-             "same round (same load), median and range over rounds.", "",
+             "**GFLOP/s** = GFLOP/step / step time; **util. (wall)** = achieved GFLOP/s / the matmul peak measured "
+             "in the same round, median and range over rounds (load changes within a round make it unreliable); "
+             "**GFLOP/CPU-s** and **util. (CPU)** = the same in CPU seconds, against the matmul peak in CPU seconds: "
+             "the utilisation figure that load does not distort.", "",
              f"Dense float32 matmul peak (`torch.matmul`, n in {{{', '.join(str(n) for n in meta['matmul_sizes'])}}}, "
              f"{meta['threads']} thread(s), once per round): **{s['matmul_gflops']:.1f} GFLOP/s** median "
-             f"(range {lo:.1f}-{hi:.1f})."]
+             f"(range {lo:.1f}-{hi:.1f}) in wall time"
+             + (f", **{s['matmul_gflops_cpu']:.1f} GFLOP/CPU-s** (range {s['matmul_cpu_range'][0]:.1f}-"
+                f"{s['matmul_cpu_range'][1]:.1f}) in CPU time." if s.get("matmul_gflops_cpu") else ".")]
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
                   "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms | range ms "
-                  "| spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. (wall) "
+                  "| GFLOP/CPU-s | util. (CPU) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
             def f(name, fmt, default="-"):
                 return format(r[name], fmt) if name in r else default
@@ -432,7 +446,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
                 f"{format(1000 * r['cpu_s'], '.0f') if 'cpu_s' in r else '-'} | {f('cpu_spread', '.0%')}"
                 f"{' !' if r.get('cpu_flag') else ''} | {f('cpu_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
                 f"{f('gflops', '.1f')} | {f('utilisation', '.0%')}"
-                + (f" ({r['util_range'][0]:.0%}-{r['util_range'][1]:.0%})" if "util_range" in r else "") + " |")
+                + (f" ({r['util_range'][0]:.0%}-{r['util_range'][1]:.0%})" if "util_range" in r else "")
+                + f" | {f('gflops_cpu', '.1f')} | {f('utilisation_cpu', '.0%')} |")
         paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
         if paired:
             lab = next(iter(paired)).split("@")[1]

@@ -21,7 +21,7 @@ def _speed_run(step_s, peak, after=400.0, aux=10):
 
 # ------------------------------------------------------------------------ pure helpers
 def test_speed_summary_medians_ratios_flags_and_utilisation():
-    raw = {"matmul": [{"peak_gflops": 10.0}, {"peak_gflops": 20.0}, {"peak_gflops": 12.0}],
+    raw = {"matmul": [{"peak_gflops": g, "peak_gflops_cpu": 2 * g} for g in (10.0, 20.0, 12.0)],
            "runs": {"tiny": {
                # steady: per-round medians 1.0, 1.1, 1.05 -> spread 0.1/1.05 < 20%
                "diffratio-js": [_speed_run([1.0, 1.0, 9.0], 500), _speed_run([1.1], 520), _speed_run([1.05], 510)],
@@ -39,6 +39,7 @@ def test_speed_summary_medians_ratios_flags_and_utilisation():
     assert js["peak_vs_vsd"] == pytest.approx(510 / 600)
     assert js["over_imports_vs_vsd"] == pytest.approx((510 - 400) / (600 - 400))
     assert js["gflops"] == pytest.approx(6 / 1.05) and js["utilisation"] == pytest.approx(6 / 1.05 / 12.0)
+    assert js["utilisation_cpu"] == pytest.approx(6 / (1.05 / 2) / 24.0)   # CPU seconds against the CPU peak
     assert before["paired_variant_over_base"] == pytest.approx(2.0)   # 4/2, 6/3, 4/2 round by round
     assert before["step_vs_vsd"] == 1.0                                # variants compare with vsd@variant
     text = bm.render_speed({**raw, "loads": [1.0, 3.0], "meta": {
