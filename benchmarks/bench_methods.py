@@ -260,7 +260,9 @@ def run_speed(args) -> dict:
     """All speed measurements; returns the raw results (JSON-able)."""
     methods = [m for m in args.methods.split(",") if m]
     sizes = [s for s in args.sizes.split(",") if s]
-    variants = [("", None)] + ([(args.compare_label, str(Path(args.compare_src).resolve()))] if args.compare_src else [])
+    variants: list[tuple[str, str | None]] = [("", None)]
+    if args.compare_src:
+        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     from probe.core.data import load_dataset
 
@@ -308,7 +310,8 @@ def run_speed(args) -> dict:
     return {"runs": runs, "flops": flops, "matmul": matmul, "loads": loads,
             "meta": {"methods": methods, "sizes": sizes, "variants": [lab for lab, _ in variants],
                      "compare_src": args.compare_src, "batch": args.batch, "threads": args.threads,
-                     "rounds": args.rounds, "matmul_sizes": list(args.matmul_sizes), "warmup": args.warmup, "timed_steps": args.timed_steps,
+                     "rounds": args.rounds, "matmul_sizes": list(args.matmul_sizes), "warmup": args.warmup,
+                     "timed_steps": args.timed_steps,
                      "data": args.data, "teacher": args.teacher, "teacher_size": args.teacher_size,
                      "cpus": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - t_start) / 60,
@@ -382,7 +385,8 @@ def summarise_speed(raw: dict) -> dict:
                     cb = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key.split("@")[0]]]
                     cm = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key]]
                     cr = [b / a for a, b in zip(cb, cm)]
-                    row["paired_cpu_variant_over_base"], row["paired_cpu_range"] = statistics.median(cr), (min(cr), max(cr))
+                    row["paired_cpu_variant_over_base"] = statistics.median(cr)
+                    row["paired_cpu_range"] = (min(cr), max(cr))
             ref = rows.get("vsd" + key[key.index("@"):] if "@" in key else "vsd")
             if ref:
                 row["step_vs_vsd"] = row["step_s"] / ref["step_s"]
@@ -399,7 +403,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
     s = summary or summarise_speed(raw)
     meta, loads = raw["meta"], raw["loads"]
     lo, hi = s["matmul_range"]
-    lines = [f"<!-- {NAME}:start -->", "## One-step methods: memory, step time, FLOPs (`benchmarks/bench_methods.py speed`)",
+    lines = [f"<!-- {NAME}:start -->",
+             "## One-step methods: memory, step time, FLOPs (`benchmarks/bench_methods.py speed`)",
              "",
              f"Measured {meta['date']} by `benchmarks/bench_methods.py speed` in {meta['minutes']:.0f} min on "
              f"{meta['cpu']} ({meta['cpus']} CPUs), torch {meta['torch']}, **{meta['threads']} torch thread(s)**, "
@@ -408,8 +413,9 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              "times are slower than on a quiet machine; ratios come from interleaved runs under the same load.", "",
              f"Set-up: data `{meta['data']}`, batch {meta['batch']}, generator = copy of the teacher, default options "
              "of every method (ratio network: teacher encoder + pooled head), evaluation off. Teacher per size: "
-             "an untrained UNet of that preset" + (f" (`{meta['teacher_size']}`: `{meta['teacher']}`)" if meta["teacher"]
-                                                   else "") + " (weights change neither speed nor memory). "
+             "an untrained UNet of that preset"
+             + (f" (`{meta['teacher_size']}`: `{meta['teacher']}`)" if meta["teacher"] else "")
+             + " (weights change neither speed nor memory). "
              f"Every (size, method) in a fresh subprocess, {meta['rounds']} rounds, methods rotated each round; "
              f"{meta['timed_steps']} timed steps after {meta['warmup']} warm-up steps per process.", "",
              "Columns: **peak MiB** = whole-process peak RSS (`ru_maxrss` of the child via `os.wait4`), median over "
@@ -431,12 +437,12 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
                 f"{s['matmul_cpu_range'][1]:.1f}) in CPU time." if s.get("matmul_gflops_cpu") else ".")]
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
-                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms | range ms "
-                  "| spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. (wall) "
+                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms "
+                  "| range ms | spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. (wall) "
                   "| GFLOP/CPU-s | util. (CPU) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
-            def f(name, fmt, default="-"):
+            def f(name, fmt, default="-", r=r):
                 return format(r[name], fmt) if name in r else default
             lines.append(
                 f"| {key}{' !' if r['flag'] else ''} | {r['aux_parameters']:,} | {r['peak_mib']:.0f} | "

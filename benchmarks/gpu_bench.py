@@ -183,7 +183,8 @@ def device_name(device: str) -> str:
 
 def render(results: dict, meta: dict) -> str:
     lines = [f"<!-- {NAME}:start -->", "## GPU check (`benchmarks/gpu_check.sh`, `benchmarks/gpu_bench.py`)", "",
-             f"Device: {meta['device_name']}{' (**dry run**: tiny sizes, not a measurement)' if meta['dry_run'] else ''}. "
+             f"Device: {meta['device_name']}"
+             f"{' (**dry run**: tiny sizes, not a measurement)' if meta['dry_run'] else ''}. "
              f"Measured {meta['date']} in {meta['minutes']:.1f} min (limit {meta['time_limit'] / 60:.1f} min).", "",
              f"Throughput and memory: UNet preset `{meta['preset']}` with random weights, random 32x32 RGB data, "
              f"batch {meta['batch']}, {meta['steps']} timed steps after {meta['warmup']} warm-up steps, "
@@ -191,7 +192,8 @@ def render(results: dict, meta: dict) -> str:
              f"{'channels_last' if meta['channels_last'] else 'contiguous (NCHW)'} networks. "
              f"Peak = {'torch.cuda.max_memory_allocated' if meta['cuda'] else 'whole-process peak RSS'} of the "
              "method's own process.", "",
-             "| method | compiled | img/s | step ms | first step s | peak MiB | peak vs vsd |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| method | compiled | img/s | step ms | first step s | peak MiB | peak vs vsd |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     train = results.get("train", {})
     for key, r in train.items():
         method, compiled = key.split("+")[0], "+compile" in key
@@ -225,14 +227,16 @@ def render(results: dict, meta: dict) -> str:
             cells = []
             for n in names:
                 h = r["hits"][n]
-                cells += [str(h["step"]), f"{h['seconds']:.1f}"] if h else [f"> {r['last_step']}", f"> {r['train_s']:.0f}"]
+                cells += ([str(h["step"]), f"{h['seconds']:.1f}"] if h
+                          else [f"> {r['last_step']}", f"> {r['train_s']:.0f}"])
             lines.append(f"| {m} | {r['budget_s']:.0f} | " + " | ".join(cells)
                          + f" | {r['best_fd']:.2f} ({r['best_step']}) | {r['last_fd']:.2f} ({r['last_step']}) "
                            f"| {r['eval_s']:.1f} |")
     r = results.get("extract")
     lines.append("")
     if r and "skipped" not in r:
-        lines.append(f"Extraction (default layers, 5 sigmas, {meta['samples']} samples, batch {meta['extract_batch']}): "
+        lines.append(f"Extraction (default layers, 5 sigmas, {meta['samples']} samples, "
+                     f"batch {meta['extract_batch']}): "
                      f"{r['img_per_s']:.1f} forward passes of one image per second, peak {r['peak_mib']:.0f} MiB.")
     else:
         lines.append(f"Extraction: skipped ({(r or {}).get('skipped', 'not run')}).")
