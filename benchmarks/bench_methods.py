@@ -409,8 +409,10 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              f"Measured {meta['date']} by `benchmarks/bench_methods.py speed` in {meta['minutes']:.0f} min on "
              f"{meta['cpu']} ({meta['cpus']} CPUs), torch {meta['torch']}, **{meta['threads']} torch thread(s)**, "
              f"float32. **Machine load** (1-min load average before each run): median {statistics.median(loads):.1f}, "
-             f"range {min(loads):.1f}-{max(loads):.1f} on {meta['cpus']} CPUs: the machine was shared, so absolute "
-             "times are slower than on a quiet machine; ratios come from interleaved runs under the same load.", "",
+             f"range {min(loads):.1f}-{max(loads):.1f} on {meta['cpus']} CPUs"
+             + (": other jobs shared the machine at times, so wall times are slower than on a quiet one and the CPU "
+                "columns are the steadier figures; ratios come from interleaved runs under the same load."
+                if max(loads) > 0.75 * meta["cpus"] else " (a quiet machine).") + "", "",
              f"Set-up: data `{meta['data']}`, batch {meta['batch']}, generator = copy of the teacher, default options "
              "of every method (ratio network: teacher encoder + pooled head), evaluation off. Teacher per size: "
              "an untrained UNet of that preset"
@@ -438,8 +440,8 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
                   "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms "
-                  "| range ms | spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s | util. (wall) "
-                  "| GFLOP/CPU-s | util. (CPU) |",
+                  "| range ms | spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s "
+                  "| util. (wall) | GFLOP/CPU-s | util. (CPU) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
             def f(name, fmt, default="-", r=r):
@@ -457,7 +459,7 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
         paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
         if paired:
             lab = next(iter(paired)).split("@")[1]
-            lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code in `{meta['compare_src']}`, "
+            lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code of {meta['compare_src']}, "
                       "interleaved with the current code in the same rounds; paired ratio = median over rounds of "
                       f"(current / {lab}) step time of the same round (range over rounds).", "",
                       f"| method | {lab} ms | current ms | paired current / {lab} (wall) | range | "
@@ -818,8 +820,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             args.sizes, args.batch, args.rounds, args.warmup, args.timed_steps = "test", 4, 2, 1, 2
             args.matmul_sizes = [128]
-        raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")]) if args.from_json \
-            else run_speed(args)
+        if args.from_json:
+            raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
+            raw["meta"]["note"] = args.note or raw["meta"].get("note", "")
+        else:
+            raw = run_speed(args)
         text = render_speed(raw)
         name = NAME
     else:
