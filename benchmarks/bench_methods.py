@@ -169,13 +169,51 @@ def worker_speed(a: dict) -> dict:
     load_dataset(a["dataset"], "train")  # what every run loads first: part of "after imports"
     after_imports = _status_mib("VmRSS")
     steps = a["warmup"] + a["timed_steps"]
-    run = train_student(_student_config(a, steps, a["out"]), progress=False)
+    with cpu_clock() as calls:
+        run = train_student(_student_config(a, steps, a["out"]), progress=False)
     seconds = [r["seconds"] for r in sorted(read_metrics(run), key=lambda r: r["step"])]
     per_step = [b - c for b, c in zip(seconds, [0.0] + seconds[:-1])]
     model = json.loads((Path(run) / "model.json").read_text())
-    return {"step_s": per_step[a["warmup"]:], "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
+    return {"step_s": per_step[a["warmup"]:], "step_cpu_s": step_cpu_seconds(calls, per_step)[a["warmup"]:],
+            "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
             "threads": torch.get_num_threads(), "aux_parameters": model["method"]["aux_parameters"],
             "generator_parameters": model["generator_parameters"]}
+
+
+@contextlib.contextmanager
+def cpu_clock():
+    """Record (wall, process CPU) at every ``time.perf_counter()`` call while the block runs.
+
+    The loop times a step as the difference of two perf_counter calls; pairing them with the CPU
+    clock gives each step's CPU seconds, which on a shared, oversubscribed machine vary much less
+    than wall seconds (time spent waiting for a core is not counted).
+    """
+    calls, wall = [], time.perf_counter
+
+    def recording() -> float:
+        t = wall()
+        calls.append((t, time.process_time()))
+        return t
+
+    time.perf_counter = recording
+    try:
+        yield calls
+    finally:
+        time.perf_counter = wall
+
+
+def step_cpu_seconds(calls: list[tuple[float, float]], wall_steps: list[float]) -> list[float | None]:
+    """CPU seconds of each step: the consecutive perf_counter pair whose wall difference is that step's."""
+    out, j = [], 0
+    for d in wall_steps:
+        while j + 1 < len(calls) and abs((calls[j + 1][0] - calls[j][0]) - d) > 1e-6 * max(d, 1e-3):
+            j += 1
+        if j + 1 >= len(calls):
+            out.append(None)
+            continue
+        out.append(calls[j + 1][1] - calls[j][1])
+        j += 2
+    return out
 
 
 def worker_flops(a: dict) -> dict:
@@ -199,19 +237,22 @@ def worker_matmul(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(a["threads"])
-    by_size = {}
+    by_size, by_size_cpu = {}, {}
     for n in a.get("sizes", MATMUL_SIZES):
         x, y = torch.randn(n, n), torch.randn(n, n)
         z = torch.matmul(x, y)  # warm-up (and the output buffer)
         reps = max(1, int(a.get("flop_per_timing", 2e9) / (2 * n ** 3)))
-        best = float("inf")
+        best = best_cpu = float("inf")
         for _ in range(a.get("repeats", 5)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(reps):
                 torch.matmul(x, y, out=z)
             best = min(best, (time.perf_counter() - t0) / reps)
+            best_cpu = min(best_cpu, max(time.process_time() - c0, 1e-9) / reps)
         by_size[str(n)] = 2 * n ** 3 / best / 1e9
-    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "threads": torch.get_num_threads()}
+        by_size_cpu[str(n)] = 2 * n ** 3 / best_cpu / 1e9
+    return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values()), "gflops_cpu_by_size": by_size_cpu,
+            "peak_gflops_cpu": max(by_size_cpu.values()), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------- speed
@@ -219,8 +260,9 @@ def run_speed(args) -> dict:
     """All speed measurements; returns the raw results (JSON-able)."""
     methods = [m for m in args.methods.split(",") if m]
     sizes = [s for s in args.sizes.split(",") if s]
-    variants = [("", None)] + ([(args.compare_label, str(Path(args.compare_src).resolve()))]
-                               if args.compare_src else [])
+    variants: list[tuple[str, str | None]] = [("", None)]
+    if args.compare_src:
+        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     from probe.core.data import load_dataset
 
@@ -250,7 +292,7 @@ def run_speed(args) -> dict:
                 res = run_worker("speed", {**common, "teacher": teachers[size], "method": m, "warmup": args.warmup,
                                            "timed_steps": args.timed_steps,
                                            "out": str(tmp / f"s-{size}-{key}-{r}")}, src)
-                res["load_before"] = load
+                res["load_before"], res["matmul_gflops_round"] = load, matmul[-1]["peak_gflops"]
                 runs[size][key].append(res)
                 print(f"round {r + 1} {size} {key}: {1000 * statistics.median(res['step_s']):.0f} ms/step, "
                       f"peak {res['peak_rss_mib']:.0f} MiB (load {load:.1f})", file=sys.stderr)
@@ -296,13 +338,18 @@ def summarise_speed(raw: dict) -> dict:
     """Per size and method: medians, spreads, flags, ratios to vsd, FLOP/s and utilisation."""
     peaks = [m["peak_gflops"] for m in raw["matmul"]]
     peak = statistics.median(peaks)
-    out = {"matmul_gflops": peak, "matmul_range": (min(peaks), max(peaks)), "sizes": {}}
+    cpu_peaks = [m["peak_gflops_cpu"] for m in raw["matmul"] if "peak_gflops_cpu" in m]
+    cpu_peak = statistics.median(cpu_peaks) if cpu_peaks else None
+    out = {"matmul_gflops": peak, "matmul_range": (min(peaks), max(peaks)), "sizes": {},
+           "matmul_gflops_cpu": cpu_peak, "matmul_cpu_range": (min(cpu_peaks), max(cpu_peaks)) if cpu_peaks else None}
     for size, by_method in raw["runs"].items():
         rows = {}
         for key, runs in by_method.items():
             if not runs:
                 continue
             med_per_round = [statistics.median(r["step_s"]) for r in runs]
+            cpu_per_round = [statistics.median(c for c in r["step_cpu_s"] if c is not None) for r in runs
+                             if any(c is not None for c in r.get("step_cpu_s", []))]
             mem = [r["peak_rss_mib"] for r in runs]
             row = {"step_s": statistics.median(med_per_round), "step_min": min(med_per_round),
                    "step_max": max(med_per_round), "step_spread": spread(med_per_round),
@@ -310,12 +357,21 @@ def summarise_speed(raw: dict) -> dict:
                    "after_imports_mib": statistics.median(r["after_imports_mib"] for r in runs),
                    "aux_parameters": runs[0]["aux_parameters"], "threads": runs[0]["threads"],
                    "rounds": len(runs)}
+            if cpu_per_round:
+                row.update(cpu_s=statistics.median(cpu_per_round), cpu_spread=spread(cpu_per_round))
             row["flag"] = row["step_spread"] > SPREAD_FLAG or row["peak_spread"] > SPREAD_FLAG
+            row["cpu_flag"] = row.get("cpu_spread", 0.0) > SPREAD_FLAG
             f = raw["flops"].get(size, {}).get(key)
             if f:
                 row["gflop_per_step"] = f["flops_per_step"] / 1e9
                 row["gflops"] = row["gflop_per_step"] / row["step_s"]
-                row["utilisation"] = row["gflops"] / peak
+                # against the matmul peak of the same round (same load), median over rounds
+                util = [row["gflop_per_step"] / t / r.get("matmul_gflops_round", peak)
+                        for t, r in zip(med_per_round, runs)]
+                row["utilisation"], row["util_range"] = statistics.median(util), (min(util), max(util))
+                if cpu_peak and "cpu_s" in row:  # both rates in CPU seconds: waiting for a core counts in neither
+                    row["gflops_cpu"] = row["gflop_per_step"] / row["cpu_s"]
+                    row["utilisation_cpu"] = row["gflops_cpu"] / cpu_peak
             rows[key] = row
         for key, row in rows.items():
             if "@" in key and key.split("@")[0] in by_method:  # paired with the same round of the base code
@@ -325,9 +381,17 @@ def summarise_speed(raw: dict) -> dict:
                 row["paired_base_over_variant"] = [1 / x for x in ratios]
                 row["paired_variant_over_base"] = statistics.median(ratios)
                 row["paired_range"] = (min(ratios), max(ratios))
+                if all(r.get("step_cpu_s") for r in by_method[key] + by_method[key.split("@")[0]]):
+                    cb = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key.split("@")[0]]]
+                    cm = [statistics.median(c for c in r["step_cpu_s"] if c) for r in by_method[key]]
+                    cr = [b / a for a, b in zip(cb, cm)]
+                    row["paired_cpu_variant_over_base"] = statistics.median(cr)
+                    row["paired_cpu_range"] = (min(cr), max(cr))
             ref = rows.get("vsd" + key[key.index("@"):] if "@" in key else "vsd")
             if ref:
                 row["step_vs_vsd"] = row["step_s"] / ref["step_s"]
+                if "cpu_s" in row and "cpu_s" in ref:
+                    row["cpu_vs_vsd"] = row["cpu_s"] / ref["cpu_s"]
                 row["peak_vs_vsd"] = row["peak_mib"] / ref["peak_mib"]
                 row["over_imports_vs_vsd"] = ((row["peak_mib"] - row["after_imports_mib"])
                                               / max(ref["peak_mib"] - ref["after_imports_mib"], 1e-9))
@@ -345,8 +409,10 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              f"Measured {meta['date']} by `benchmarks/bench_methods.py speed` in {meta['minutes']:.0f} min on "
              f"{meta['cpu']} ({meta['cpus']} CPUs), torch {meta['torch']}, **{meta['threads']} torch thread(s)**, "
              f"float32. **Machine load** (1-min load average before each run): median {statistics.median(loads):.1f}, "
-             f"range {min(loads):.1f}-{max(loads):.1f} on {meta['cpus']} CPUs: the machine was shared, so absolute "
-             "times are slower than on a quiet machine; ratios come from interleaved runs under the same load.", "",
+             f"range {min(loads):.1f}-{max(loads):.1f} on {meta['cpus']} CPUs"
+             + (": other jobs shared the machine at times, so wall times are slower than on a quiet one and the CPU "
+                "columns are the steadier figures; ratios come from interleaved runs under the same load."
+                if max(loads) > 0.75 * meta["cpus"] else " (a quiet machine).") + "", "",
              f"Set-up: data `{meta['data']}`, batch {meta['batch']}, generator = copy of the teacher, default options "
              "of every method (ratio network: teacher encoder + pooled head), evaluation off. Teacher per size: "
              "an untrained UNet of that preset"
@@ -356,20 +422,27 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
              f"{meta['timed_steps']} timed steps after {meta['warmup']} warm-up steps per process.", "",
              "Columns: **peak MiB** = whole-process peak RSS (`ru_maxrss` of the child via `os.wait4`), median over "
              "rounds; **after imports** = the same process's RSS after imports and data loading, before any model "
-             "(no method can change it); **step ms** = median over rounds of each process's median step "
+             "(no method can change it); **step ms** = wall time, median over rounds of each process's median step "
              "(auxiliary + generator update + EMA), **range** = min-max of the per-round medians, "
              f"**spread** = (max - min) / median, **!** when the time or memory spread exceeds {SPREAD_FLAG:.0%}; "
+             "**CPU ms** = the same steps in process CPU time (waiting for a core not counted: the steadier "
+             "figure on a shared machine), its spread and ratio; "
              "**GFLOP/step** from `FlopCounterMode` (matmul, convolution, attention; forward and backward); "
-             "**GFLOP/s** = GFLOP/step / step time; **util.** = GFLOP/s / the matmul peak below.", "",
+             "**GFLOP/s** = GFLOP/step / step time; **util. (wall)** = achieved GFLOP/s / the matmul peak measured "
+             "in the same round, median and range over rounds (load changes within a round make it unreliable); "
+             "**GFLOP/CPU-s** and **util. (CPU)** = the same in CPU seconds, against the matmul peak in CPU seconds: "
+             "the utilisation figure that load does not distort.", "",
              f"Dense float32 matmul peak (`torch.matmul`, n in {{{', '.join(str(n) for n in meta['matmul_sizes'])}}}, "
              f"{meta['threads']} thread(s), once per round): **{s['matmul_gflops']:.1f} GFLOP/s** median "
-             f"(range {lo:.1f}-{hi:.1f})."]
+             f"(range {lo:.1f}-{hi:.1f}) in wall time"
+             + (f", **{s['matmul_gflops_cpu']:.1f} GFLOP/CPU-s** (range {s['matmul_cpu_range'][0]:.1f}-"
+                f"{s['matmul_cpu_range'][1]:.1f}) in CPU time." if s.get("matmul_gflops_cpu") else ".")]
     for size, rows in s["sizes"].items():
         lines += ["", f"### UNet `{size}`", "",
-                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd "
-                  "| step ms | range ms "
-                  "| spread | vs vsd | GFLOP/step | GFLOP/s | util. |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | aux params | peak MiB | vs vsd | after imports MiB | over imports vs vsd | step ms "
+                  "| range ms | spread | vs vsd | CPU ms | CPU spread | CPU vs vsd | GFLOP/step | GFLOP/s "
+                  "| util. (wall) | GFLOP/CPU-s | util. (CPU) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in rows.items():
             def f(name, fmt, default="-", r=r):
                 return format(r[name], fmt) if name in r else default
@@ -377,21 +450,33 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
                 f"| {key}{' !' if r['flag'] else ''} | {r['aux_parameters']:,} | {r['peak_mib']:.0f} | "
                 f"{f('peak_vs_vsd', '.2f')}x | {r['after_imports_mib']:.0f} | {f('over_imports_vs_vsd', '.2f')}x | "
                 f"{1000 * r['step_s']:.0f} | {1000 * r['step_min']:.0f}-{1000 * r['step_max']:.0f} | "
-                f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
-                f"{f('gflops', '.1f')} | {f('utilisation', '.0%')} |")
+                f"{r['step_spread']:.0%} | {f('step_vs_vsd', '.2f')}x | "
+                f"{format(1000 * r['cpu_s'], '.0f') if 'cpu_s' in r else '-'} | {f('cpu_spread', '.0%')}"
+                f"{' !' if r.get('cpu_flag') else ''} | {f('cpu_vs_vsd', '.2f')}x | {f('gflop_per_step', '.2f')} | "
+                f"{f('gflops', '.1f')} | {f('utilisation', '.0%')}"
+                + (f" ({r['util_range'][0]:.0%}-{r['util_range'][1]:.0%})" if "util_range" in r else "")
+                + f" | {f('gflops_cpu', '.1f')} | {f('utilisation_cpu', '.0%')} |")
         paired = {k: r for k, r in rows.items() if "paired_variant_over_base" in r}
         if paired:
             lab = next(iter(paired)).split("@")[1]
-            lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code in `{meta['compare_src']}`, "
+            lines += ["", f"Before/after on `{size}`: `@{lab}` rows ran the code of {meta['compare_src']}, "
                       "interleaved with the current code in the same rounds; paired ratio = median over rounds of "
                       f"(current / {lab}) step time of the same round (range over rounds).", "",
-                      f"| method | {lab} ms | current ms | paired current / {lab} | range |",
-                      "|---|---:|---:|---:|---:|"]
+                      f"| method | {lab} ms | current ms | paired current / {lab} (wall) | range | "
+                      f"{lab} CPU ms | current CPU ms | paired current / {lab} (CPU) | range |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for key, r in paired.items():
                 cur = rows[key.split("@")[0]]
                 lo, hi = (1 / x for x in r["paired_range"])
-                lines.append(f"| {key.split('@')[0]} | {1000 * r['step_s']:.0f} | {1000 * cur['step_s']:.0f} | "
-                             f"{1 / r['paired_variant_over_base']:.3f} | {min(lo, hi):.2f}-{max(lo, hi):.2f} |")
+                line = (f"| {key.split('@')[0]} | {1000 * r['step_s']:.0f} | {1000 * cur['step_s']:.0f} | "
+                        f"{1 / r['paired_variant_over_base']:.3f} | {min(lo, hi):.2f}-{max(lo, hi):.2f} |")
+                if "paired_cpu_variant_over_base" in r:
+                    clo, chi = (1 / x for x in r["paired_cpu_range"])
+                    line += (f" {1000 * r['cpu_s']:.0f} | {1000 * cur['cpu_s']:.0f} | "
+                             f"{1 / r['paired_cpu_variant_over_base']:.3f} | {min(clo, chi):.2f}-{max(clo, chi):.2f} |")
+                else:
+                    line += " - | - | - | - |"
+                lines.append(line)
     if meta.get("note"):
         lines += ["", meta["note"]]
     lines.append(f"<!-- {NAME}:end -->")
@@ -735,8 +820,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             args.sizes, args.batch, args.rounds, args.warmup, args.timed_steps = "test", 4, 2, 1, 2
             args.matmul_sizes = [128]
-        raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")]) if args.from_json \
-            else run_speed(args)
+        if args.from_json:
+            raw = merge_speed([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
+            raw["meta"]["note"] = args.note or raw["meta"].get("note", "")
+        else:
+            raw = run_speed(args)
         text = render_speed(raw)
         name = NAME
     else:

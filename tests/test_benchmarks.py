@@ -15,12 +15,13 @@ RESULTS = BENCH / "RESULTS.md"
 
 
 def _speed_run(step_s, peak, after=400.0, aux=10):
-    return {"step_s": step_s, "peak_rss_mib": peak, "after_imports_mib": after, "aux_parameters": aux, "threads": 1}
+    return {"step_s": step_s, "step_cpu_s": [t / 2 for t in step_s], "peak_rss_mib": peak, "after_imports_mib": after,
+            "aux_parameters": aux, "threads": 1}
 
 
 # ------------------------------------------------------------------------ pure helpers
 def test_speed_summary_medians_ratios_flags_and_utilisation():
-    raw = {"matmul": [{"peak_gflops": 10.0}, {"peak_gflops": 20.0}, {"peak_gflops": 12.0}],
+    raw = {"matmul": [{"peak_gflops": g, "peak_gflops_cpu": 2 * g} for g in (10.0, 20.0, 12.0)],
            "runs": {"tiny": {
                # steady: per-round medians 1.0, 1.1, 1.05 -> spread 0.1/1.05 < 20%
                "diffratio-js": [_speed_run([1.0, 1.0, 9.0], 500), _speed_run([1.1], 520), _speed_run([1.05], 510)],
@@ -33,10 +34,12 @@ def test_speed_summary_medians_ratios_flags_and_utilisation():
     js, vsd, before = (s["sizes"]["tiny"][k] for k in ("diffratio-js", "vsd", "vsd@before"))
     assert js["step_s"] == pytest.approx(1.05) and not js["flag"]      # median of rounds, not of all steps
     assert vsd["step_s"] == 2.0 and vsd["flag"] and vsd["step_spread"] == pytest.approx(0.5)
-    assert js["step_vs_vsd"] == pytest.approx(1.05 / 2.0)
+    assert js["step_vs_vsd"] == pytest.approx(1.05 / 2.0) and js["cpu_vs_vsd"] == pytest.approx(1.05 / 2.0)
+    assert js["cpu_s"] == pytest.approx(1.05 / 2) and vsd["cpu_flag"]
     assert js["peak_vs_vsd"] == pytest.approx(510 / 600)
     assert js["over_imports_vs_vsd"] == pytest.approx((510 - 400) / (600 - 400))
     assert js["gflops"] == pytest.approx(6 / 1.05) and js["utilisation"] == pytest.approx(6 / 1.05 / 12.0)
+    assert js["utilisation_cpu"] == pytest.approx(6 / (1.05 / 2) / 24.0)   # CPU seconds against the CPU peak
     assert before["paired_variant_over_base"] == pytest.approx(2.0)   # 4/2, 6/3, 4/2 round by round
     assert before["step_vs_vsd"] == 1.0                                # variants compare with vsd@variant
     text = bm.render_speed({**raw, "loads": [1.0, 3.0], "meta": {
@@ -44,7 +47,7 @@ def test_speed_summary_medians_ratios_flags_and_utilisation():
         "teacher": None, "teacher_size": "tiny", "rounds": 3, "timed_steps": 1, "warmup": 1,
         "matmul_sizes": [64], "compare_src": "/src", "note": ""}}, s)
     assert "| vsd ! |" in text and "| diffratio-js |" in text and "Before/after on `tiny`" in text
-    assert "| vsd | 4000 | 2000 | 0.500 |" in text
+    assert "| vsd | 4000 | 2000 | 0.500 | 0.50-0.50 | 2000 | 1000 | 0.500 |" in text
 
 
 def test_threshold_hits_take_the_first_evaluation_at_or_below_each_target():
@@ -101,6 +104,8 @@ def test_speed_worker_reports_per_step_times(tiny_teacher, tmp_path):
     r = bm.worker_speed({"teacher": str(tiny_teacher), "method": "gan", "batch": 4, "threads": 1, "seed": 0,
                          "dataset": "digits", "warmup": 1, "timed_steps": 2, "out": str(tmp_path / "s")})
     assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
+    # CPU seconds of the same steps: found for every step, never more than its wall time (one thread)
+    assert all(c is not None and 0 < c <= 1.05 * t for c, t in zip(r["step_cpu_s"], r["step_s"]))
     assert r["hwm_mib"] >= r["after_imports_mib"] > 0 and r["threads"] == 1 and r["aux_parameters"] > 0
 
 
