@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from rich.progress import Progress
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from probe.core.data import dataset_fingerprint, load_dataset
 from probe.core.errors import UserError
+from probe.core.runs import atomic_write_bytes
 
 ARCH_VERSION = 1                # bump when FeatureClassifier changes: old cache entries are then ignored
 
@@ -219,33 +220,6 @@ def cache_paths(cache_dir: Path, dataset_name: str, key: str) -> tuple[Path, Pat
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through ``write(tmp)`` to a temporary file beside ``path``, fsync it, rename it over
-    ``path`` and fsync the directory: a killed or crashed run never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:  # makes the rename itself durable; not every file system lets a directory be opened
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -316,9 +290,9 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
                 "test_accuracy": accuracy(model, test_images, test_labels) if len(test_labels) else None,
                 "train_seconds": round(seconds, 2)}
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        _write_atomic(weights_path, lambda p: save_file(state, str(p)))
+        atomic_write_bytes(weights_path, save(state))
         info["weights_sha256"] = file_sha256(weights_path)
-        _write_atomic(info_path, lambda p: p.write_text(json.dumps(info, indent=2)))  # last: it vouches for the pair
+        atomic_write_bytes(info_path, json.dumps(info, indent=2).encode())  # last: it vouches for the pair
     finally:
         lock.release()
     return model, {**info, "path": str(weights_path), "cached": False}
