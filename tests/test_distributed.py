@@ -49,6 +49,8 @@ from train.teacher import TeacherConfig, train_teacher
 from probe.features.extract import ExtractConfig, extract
 rank = int(os.environ["RANK"])
 run = train_teacher(TeacherConfig(out=str(out / "ddp"), **teacher_kw), progress=False)
+from probe.core.models import load_model
+(out / f"loaded-rank{rank}.txt").write_text(load_model(run).sha256())  # what this rank sees right after return
 params = [p.detach().clone() for g in optimisers[0].param_groups for p in g["params"]]
 torch.save({"params": params, "grads": optimisers[0].first_grads}, out / f"params-rank{rank}.pt")
 extract(ExtractConfig(model=str(run), out=str(out / "ddp.h5"), **extract_kw), progress=False)
@@ -239,6 +241,15 @@ def test_ddp_teacher_replicas_agree_and_match_a_single_process(ddp_run, tmp_path
     # the logged loss is the global-batch mean, not one rank's
     loss_ddp, loss_single = read_metrics(ddp_run / "ddp")[-1]["loss"], read_metrics(single)[-1]["loss"]
     assert loss_ddp == pytest.approx(loss_single, rel=1e-4)
+
+
+def test_every_rank_returns_after_the_final_model_is_written(ddp_run):
+    """A rank that loads the run right after train_teacher returns sees the final weights, not an earlier
+    checkpoint (without the closing barrier rank 1 read step 2's weights while rank 0 was still writing)."""
+    from probe.core.models import load_model
+
+    final = load_model(ddp_run / "ddp").sha256()
+    assert [(ddp_run / f"loaded-rank{r}.txt").read_text() for r in range(WORLD)] == [final] * WORLD
 
 
 # ------------------------------------------------------------------------------- extraction

@@ -205,6 +205,9 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
         assert log is not None  # rank 0 opened it
         _finish(out, ema.net, cfg, device, log, progress)
         mark_finished(out, cfg.steps)
+    # no rank returns before rank 0 has written the final model: a caller (train then extract under
+    # torchrun) that loads the run next would otherwise read the previous checkpoint's weights
+    barrier()
     return out
 
 

@@ -340,6 +340,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     if state is None and cfg.steps == 0:
         checkpoint()
     if not is_main():
+        barrier()  # returns only after rank 0 has written the final files: a caller may load the run next
         return out
     save_grid(one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device), out / "samples.png")
     if evaluator is not None:
@@ -347,4 +348,5 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         write_json(out / "eval.json", {**final, "floor": evaluator.floor(), "evaluator": evaluator.info,
                                        "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds})
     mark_finished(out, step)
+    barrier()  # release the other ranks (above) now that the run is complete on disk
     return out
