@@ -99,6 +99,16 @@ def _write_error(path: Path, err: OSError) -> UserError:
     return UserError(f"cannot write {path}: {reason}; the previous version of it is kept")
 
 
+def _write_synced(tmp: Path, data: bytes) -> None:
+    """Write ``data`` to ``tmp`` and fsync it: the first half of every atomic replace here."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path, data: bytes, manifest: Path | None = None) -> None:
     """Replace ``path`` by ``data`` atomically; with ``manifest`` (a directory above ``path``) its
     digest is recorded in that directory's manifest.json. A failed write leaves the old file."""
@@ -106,12 +116,7 @@ def atomic_write_bytes(path, data: bytes, manifest: Path | None = None) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(tmp, data)
     except OSError as err:
         _remove(tmp)
         raise _write_error(path, err) from None
@@ -211,12 +216,7 @@ def _write_manifest(root: Path, m: dict) -> None:
     p = Path(root) / MANIFEST_FILE
     tmp = p.with_name(p.name + TMP_SUFFIX)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(tmp, data)
         os.replace(tmp, p)
         _fsync_dir(p.parent)
     except OSError as err:
