@@ -95,6 +95,14 @@ def test_null_signal_options_are_checked(tiny_teacher, tmp_path):
     _cfg(tmp_path / "c", tiny_teacher, method="gan", null_signal="shuffle")   # the GAN's discriminator can be
 
 
+def test_bucket_counts_are_totals_over_uneven_micro_batches(tiny_teacher, tmp_path):
+    """batch 7 as 2 micro-batches (3 and 4 rows, loss weights 6/7 and 8/7): counts are not weighted."""
+    run = train_student(_cfg(tmp_path / "r", tiny_teacher, steps=2, batch=7, accum=2), progress=False)
+    for r in read_metrics(run):
+        assert sum(r[f"n_b{k}"] for k in range(4)) == 7
+        assert all(0 <= r[f"acc_b{k}"] <= 1 for k in range(4) if r[f"n_b{k}"])
+
+
 def test_resume_is_exact_mid_interval_with_buckets_and_shuffled_labels(tiny_teacher, tmp_path):
     kw = dict(steps=6, log_every=3, checkpoint_every=2, null_signal="shuffle")
     full = train_student(_cfg(tmp_path / "full", tiny_teacher, **kw), progress=False)
