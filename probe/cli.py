@@ -227,6 +227,14 @@ def train_student_cmd(
     eval_samples: int = typer.Option(_d(S, "eval_samples"), help="Samples per quality evaluation."),
     checkpoint_every: int = typer.Option(_d(S, "checkpoint_every"), help="Steps between checkpoints."),
     seed: int = typer.Option(_d(S, "seed"), help="Seed of every random draw."),
+    null_signal: str = typer.Option(_d(S, "null_signal"), help="off | shuffle: permute the ratio classifier's "
+                                                               "real/fake labels every step (a control)."),
+    plateau_tol: float = typer.Option(_d(S, "plateau_tol"), help="Stop early when the last plateau-window "
+                                                                 "evaluations lie within this many FD units of "
+                                                                 "their mean; 0 = off."),
+    plateau_window: float = typer.Option(_d(S, "plateau_window"), help="Fraction of the evaluations so far "
+                                                                       "(at least 4) the plateau rule looks at."),
+    plateau_min_steps: int = typer.Option(_d(S, "plateau_min_steps"), help="No early stop before this step."),
     device: str = typer.Option(_d(S, "device"), help="auto | cpu | cuda"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ):
@@ -237,7 +245,8 @@ def train_student_cmd(
                         steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps,
                         ratio_net=ratio_net, sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha,
                         fkl_clip=fkl_clip, grad_clip=grad_clip, eval_every=eval_every, eval_samples=eval_samples,
-                        checkpoint_every=checkpoint_every, seed=seed, device=device)
+                        checkpoint_every=checkpoint_every, seed=seed, device=device, null_signal=null_signal,
+                        plateau_tol=plateau_tol, plateau_window=plateau_window, plateau_min_steps=plateau_min_steps)
     _out_dir(out)
     run = train_student(cfg, resume=resume)
     if _is_main():
@@ -247,6 +256,12 @@ def train_student_cmd(
 
         _print_eval(run)
         typer.echo(format_init_report(json.loads((Path(run) / "model.json").read_text())["init"]))
+        ev = Path(run) / "eval.json"
+        stop = json.loads(ev.read_text()).get("stopped_early") if ev.exists() else None
+        if stop:
+            typer.echo(f"stopped early at step {stop['step']} of {steps}: the last {stop['evaluations']} FDs lie "
+                       f"within {stop['fd_max_deviation']:.3g} of their mean {stop['fd_mean']:.4g} "
+                       f"(plateau_tol {stop['plateau_tol']:g})")
         typer.echo(f"generator written to {run}")
 
 

@@ -279,10 +279,11 @@ def _verified_bytes(root: Path, rel: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------ finished runs
-def mark_finished(run_dir, steps: int) -> None:
-    """Written last by every training command: the run is complete up to ``steps``."""
+def mark_finished(run_dir, steps: int, **info) -> None:
+    """Written last by every training command: the run is complete up to ``steps``; ``info`` (JSON
+    values; None ones are left out) is recorded with the marker, e.g. where a run stopped early."""
     m = read_manifest(run_dir) or {"format": 1, "files": {}}
-    m["finished"] = {"steps": int(steps)}
+    m["finished"] = {"steps": int(steps), **{k: v for k, v in info.items() if v is not None}}
     _write_manifest(Path(run_dir), m)
 
 

@@ -15,8 +15,9 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
     steps = 400
     eval_every = 50
 
-    [inits]                              # label = spec, or label = { spec = ..., group = ... }
+    [inits]                              # label = spec, or label = { spec = ..., group = ..., student = ... }
     full = { spec = "teacher", group = "teacher" }
+    null = { spec = "teacher", group = "other", student = { null_signal = "shuffle" } }  # arm's own options
     band = { spec = "from:@band_teacher", group = "no-features" }
 
     [prereq.band_teacher]                # kind = "teacher" (TeacherConfig fields) | "regress" (RegressConfig)
@@ -42,6 +43,8 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
 Groups label what an init keeps of the teacher (teacher, random, features, no-features, partial,
 other); the verdict never pools them: it judges the declared contrasts, or, for a grid without
 [contrasts], only random vs teacher init (and the teacher init vs the teacher's figure).
+An arm's ``student`` table overrides [student] options for its runs only (a null-signal control:
+``null_signal = "shuffle"``); steps, eval_every, eval_samples, eval_seed and device stay shared.
 A match tolerance is a number (in the property's units), "N%" (of the versus arm's value) or
 "floor" (2 x the real-vs-real floor's standard deviation; for FD properties only).
 
@@ -78,6 +81,8 @@ GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
 TOP_KEYS = {"teacher", "data", "methods", "seeds", "features", "reference_steps", "student", "inits", "prereq",
             "extract", "contrasts"}
 RESERVED_STUDENT = {"out", "teacher", "init", "method", "seed", "data"}   # set per run by the grid
+# what arms are compared on (budget, evaluations, device): [student] only, never one arm's student table
+ARM_FIXED = {"steps", "eval_every", "eval_samples", "eval_seed", "device"}
 EXTRACT_KEYS = {"sigmas": (0.0, 0.5, 2.5), "n_samples": 300, "layers": (), "split": "test", "noise_seed": 0,
                 "batch": 256, "probes": True}
 CURVE_METRICS = ("fd", "precision", "recall", "coverage")
@@ -111,6 +116,7 @@ class InitEntry:
     label: str                        # name used in run directories and tables
     spec: str                         # init spec as written (may hold "@NAME")
     group: str                        # one of GROUPS
+    student: dict = field(default_factory=dict)  # this arm's StudentConfig overrides of [student] (e.g. null_signal)
 
 
 @dataclass
@@ -220,13 +226,20 @@ def _init_entry(label: str, value, path: Path) -> InitEntry:
         return InitEntry(label, value, value if value in ("teacher", "random") else "other")
     if not isinstance(value, dict) or "spec" not in value:
         raise UserError(f"{path}: [inits] {label} must be a spec string or {{ spec = ..., group = ... }}")
-    extra = sorted(set(value) - {"spec", "group"})
+    extra = sorted(set(value) - {"spec", "group", "student"})
     if extra:
-        raise UserError(f"{path}: [inits] {label}: unknown key {extra[0]!r} (allowed: spec, group)")
+        raise UserError(f"{path}: [inits] {label}: unknown key {extra[0]!r} (allowed: spec, group, student)")
     group = value.get("group", "other")
     if group not in GROUPS:
         raise UserError(f"{path}: [inits] {label}: unknown group {group!r}; choose one of {', '.join(GROUPS)}")
-    return InitEntry(label, str(value["spec"]), group)
+    student = value.get("student", {})
+    if not isinstance(student, dict):
+        raise UserError(f"{path}: [inits] {label}: student must be a table of StudentConfig options")
+    fixed = sorted(set(student) & ARM_FIXED)
+    if fixed:
+        raise UserError(f"{path}: [inits] {label}: student option {fixed[0]!r} is the same for every arm "
+                        "(set it in [student])")
+    return InitEntry(label, str(value["spec"]), group, dict(student))
 
 
 def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
@@ -429,6 +442,11 @@ def check_grid(grid: Grid, out: Path) -> dict:
         raise UserError("[student] eval_every must be > 0: the ablation compares sample quality over training")
     for m in grid.methods:
         validate(StudentConfig(out="", teacher="", method=m, **student))
+        for entry in grid.inits:  # an arm's own options, e.g. { null_signal = "shuffle" }
+            if entry.student:
+                where = f"[inits] {entry.label} student"
+                own = _coerce(StudentConfig, entry.student, where, reserved=RESERVED_STUDENT)
+                validate(StudentConfig(out="", teacher="", method=m, **{**student, **own}))
     if grid.features:  # [extract] is used only after every student is trained: check it now
         from probe.features.extract import ExtractConfig
 

@@ -36,7 +36,7 @@ def teacher_path(grid: Grid, refs: dict) -> str:
 
 def student_config(grid: Grid, entry: InitEntry, method: str, seed: int, out: Path, refs: dict):
 
-    kwargs = _coerce(StudentConfig, grid.student, "[student]", reserved=RESERVED_STUDENT)
+    kwargs = _coerce(StudentConfig, {**grid.student, **entry.student}, "[student]", reserved=RESERVED_STUDENT)
     return StudentConfig(out=str(out / "runs" / run_name(entry.label, method, seed)), teacher=teacher_path(grid, refs),
                          method=method, init=resolve_refs(entry.spec, {k: str(v) for k, v in refs.items()}),
                          data=grid.data, seed=seed, **kwargs)

@@ -20,6 +20,15 @@ one. bf16 autocast is used on CUDA only. One process writes a run directory at a
 (``probe/core/locks.py``); ``manifest.json`` records every checkpoint file's sha256, and the
 finished marker is written last.
 
+Signals (docs/verdict.md): classifier methods log, per logging interval, their accuracy in 4
+log-spaced sigma buckets over [sigma_min, sigma_max] (``acc_b{k}`` balanced, ``acc_real_b{k}``,
+``acc_fake_b{k}``, ``n_b{k}`` rows per class; edges in model.json's ``method.accuracy_sigma_buckets``)
+from the logits the classifier loss computes anyway. ``null_signal = "shuffle"`` permutes the
+classifier's real/fake labels every step: a control whose classifier cannot see the data.
+``plateau_tol > 0`` stops the run early by ``PLATEAU_RULE``; the stop is recorded in ``state.pt``,
+``metrics.jsonl`` (a ``stopped_early`` row), ``eval.json`` and the manifest's finished marker, and
+the run counts as finished for its whole budget (a resume trains no further).
+
 Run directory: ``config.json``, ``metrics.jsonl``, ``state.pt``, the EMA generator as
 ``model.json`` + ``unet/`` (``load_model(run).generator`` works), the auxiliary network in
 ``ratio/`` (ratio/gan methods, ``train.ratio_net.load_ratio_net``) or ``fake/`` (vsd/sid, a
@@ -30,6 +39,8 @@ toolkit model directory), sample grids from a fixed z in ``samples/`` and ``samp
 from __future__ import annotations
 
 import gc
+import math
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -62,6 +73,7 @@ from probe.core.runs import (
     announce_resume,
     load_state,
     mark_finished,
+    read_metrics,
     restore,
     save_state,
     start_run,
@@ -69,10 +81,13 @@ from probe.core.runs import (
     write_json,
 )
 from train.init import initialise_generator
-from train.student.losses import SIGMA_DISTS, WEIGHTINGS
+from train.student.losses import SIGMA_DISTS, TALLY, WEIGHTINGS, bucket_accuracies
 from train.student.methods import DEFAULT_METHOD, get_method
+from train.student.methods.diffratio import ClassifierMethod
 from train.student.ratio_net import RATIO_NETS
 from train.student.step import StepParts, student_step
+
+NULL_SIGNALS = ("off", "shuffle")
 
 
 @dataclass
@@ -113,6 +128,10 @@ class StudentConfig:
     eval_seed: int = 0                         # seed of the fixed eval z and of the evaluator's reference
     checkpoint_every: int = 500                # steps between checkpoints (and sample grids)
     max_nonfinite: int = DEFAULT_MAX_NONFINITE  # non-finite steps in a row that stop the run (exit code 3)
+    null_signal: str = "off"                   # "off" | "shuffle": classifier labels permuted each step (a control)
+    plateau_tol: float = 0.0                   # early stop: FD band (FD units) that counts as a plateau; 0 = off
+    plateau_window: float = 0.25               # early stop: fraction of the evaluations so far (>= 4) within the band
+    plateau_min_steps: int = 0                 # early stop: never before this step
     seed: int = 0                              # seed of every random draw in training
     device: str = "auto"                       # "auto" | "cpu" | "cuda"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
@@ -149,6 +168,18 @@ class StudentConfig:
         c.seed(self.eval_seed, "eval_seed")
         c.seed(self.seed)
         c.device(self.device)
+        c.one_of(self.null_signal, "null signal", NULL_SIGNALS)
+        if self.null_signal != "off" and not issubclass(get_method(self.method), ClassifierMethod):
+            raise UserError(f"null_signal {self.null_signal!r} shuffles a ratio classifier's labels; method "
+                            f"{self.method} has none (use diffratio-js, diffratio-kl, diffratio-fkl or gan)")
+        c.nonneg_float(self.plateau_tol, "plateau_tol")
+        c.number(self.plateau_window, "plateau_window", above=0.0)
+        if self.plateau_window > 1:
+            raise UserError(f"plateau_window is a fraction of the evaluations: need 0 < plateau_window <= 1, "
+                            f"got {self.plateau_window:g}")
+        c.nonneg_int(self.plateau_min_steps, "plateau_min_steps")
+        if self.plateau_tol > 0 and self.eval_every <= 0:
+            raise UserError("plateau_tol stops at a plateau of the evaluated FD; it needs eval_every > 0")
 
 
 def validate(cfg: StudentConfig) -> None:
@@ -158,7 +189,11 @@ def validate(cfg: StudentConfig) -> None:
 
 # ------------------------------------------------------------------------------- pieces
 class Accumulator:
-    """Means of logged scalars over a logging interval (part of the checkpoint for exact resume)."""
+    """Means of logged scalars over a logging interval (part of the checkpoint for exact resume).
+
+    ``tally_*`` values are counts: they are summed, and ``pop`` turns the interval's totals into the
+    per-sigma-bucket accuracies of ``losses.bucket_accuracies`` (total right / total rows, so a bucket
+    empty in some steps is weighted by its rows, not averaged as a mean of means)."""
 
     def __init__(self, state: dict | None = None):
         self.sums: dict[str, float] = dict(state["sums"]) if state else {}
@@ -170,12 +205,47 @@ class Accumulator:
         self.count += 1
 
     def pop(self) -> dict:
-        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items() if not k.startswith(TALLY)}
+        out.update(bucket_accuracies({k[len(TALLY):]: v for k, v in self.sums.items() if k.startswith(TALLY)}))
         self.sums, self.count = {}, 0
         return out
 
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "count": self.count}
+
+
+PLATEAU_MIN_EVALS = 4
+PLATEAU_RULE = ("stop at an evaluation when the last k = max(4, ceil(plateau_window x n)) of the n FD evaluations "
+                "so far (step 0 included) all lie within plateau_tol of their mean, and step >= plateau_min_steps")
+
+
+def plateau_reached(evals: list,               # [(step, FD)] of every evaluation so far, in order
+                    tol: float,                # plateau_tol, FD units (<= 0: never)
+                    window: float = 0.25,      # plateau_window, a fraction of the evaluations so far
+                    min_steps: int = 0,        # plateau_min_steps: no stop before this step
+                    ) -> dict | None:
+    """The early-stop rule (``PLATEAU_RULE``) on the evaluations so far: None to go on, or the record of
+    the stop (step, rule, options, evaluations used, their mean FD and largest deviation from it).
+
+    The window grows with the run (a quarter of the curve by default), so a slow steady descent is
+    not mistaken for a plateau late in a long run, and at least 4 evaluations must agree."""
+    n = len(evals)
+    if tol <= 0 or n == 0:
+        return None
+    k = max(PLATEAU_MIN_EVALS, math.ceil(round(window * n, 9)))
+    step = int(evals[-1][0])
+    if n < k or step < min_steps:
+        return None
+    tail = [float(fd) for _, fd in evals[-k:]]
+    if not all(math.isfinite(v) for v in tail):
+        return None
+    mean = sum(tail) / k
+    deviation = max(abs(v - mean) for v in tail)
+    if deviation > tol:
+        return None
+    return {"step": step, "rule": PLATEAU_RULE, "plateau_tol": tol, "plateau_window": window,
+            "plateau_min_steps": min_steps, "evaluations": k, "from_step": int(evals[-k][0]),
+            "fd_mean": mean, "fd_max_deviation": deviation}
 
 
 def ema_halflife(cfg: StudentConfig, step: int) -> float:
@@ -283,12 +353,19 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         restore("random state", rng.set_state, state["rng"])
         step, seconds, counts, acc = state["step"], state["seconds"], dict(state["counts"]), Accumulator(state["acc"])
         guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
+    # an early stop (plateau_reached) is final: a resumed run that stopped trains no further
+    stopped: dict | None = state.get("stopped") if state is not None else None
     if resume and is_main():
         announce_resume(out, state, cfg.steps)
+        if stopped is not None:
+            print(f"the run stopped at a plateau at step {stopped['step']}: not training further", file=sys.stderr)
     log = None
+    evals: list = []  # [(step, FD)] of the evaluations so far (rank 0), for the early-stop rule
     if is_main():
         log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
                          resume_rows=state.get("metrics_rows") if state is not None else None)
+        if state is not None:  # the log holds exactly the rows of the checkpoint
+            evals = [(r["step"], r["eval_fd"]) for r in read_metrics(out) if "eval_fd" in r]
     # fixed latents for grids and evaluations, drawn like probe.quality.evaluate (same z as `probe eval`)
     z_eval = torch.randn((max(cfg.eval_samples, 64), *shape[1:]),
                          generator=torch.Generator().manual_seed(cfg.eval_seed))
@@ -307,7 +384,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         save_state(out, {"generator": gen_net.state_dict(), "aux": method.aux.state_dict(), "ema": ema.state_dict(),
                          "opt_g": opt_g.state_dict(), "opt_aux": opt_a.state_dict(), "rng": rng.get_state(),
                          "step": step, "seconds": seconds, "counts": dict(counts), "acc": acc.state_dict(),
-                         "guard": guard.state_dict(), "metrics_rows": log.rows})
+                         "guard": guard.state_dict(), "metrics_rows": log.rows, "stopped": stopped})
 
     def evaluate() -> dict:
         assert evaluator is not None and log is not None  # both exist on rank 0 only, where this runs
@@ -316,9 +393,9 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         return result
 
     if evaluator is not None and state is None:
-        evaluate()  # the starting point, at step 0
+        evals.append((step, evaluate()["fd"]))  # the starting point, at step 0
     with progress_bar(cfg.steps, f"{cfg.method} {dataset or ''}", progress, completed=step) as advance:
-        while step < cfg.steps:
+        while step < cfg.steps and stopped is None:
             t0 = time.perf_counter()
             stats, ok = student_step(parts, rng, counts)
             guard.update(ok, step + 1, str(out), log)
@@ -331,8 +408,15 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
                 log.log(step=step, seconds=seconds, **acc.pop(), **counts, **guard.metrics())
             test_point(f"step:{step}")
             if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                evaluate()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                evals.append((step, evaluate()["fd"]))
+            if cfg.plateau_tol > 0 and step % cfg.eval_every == 0 and step < cfg.steps:  # every rank decides alike
+                stopped = on_main(plateau_reached, evals, cfg.plateau_tol, cfg.plateau_window, cfg.plateau_min_steps)
+                if stopped is not None and log is not None:
+                    if acc.count:  # the interval's last, short row
+                        log.log(step=step, seconds=seconds, **acc.pop(), **counts, **guard.metrics())
+                    log.log(step=step, seconds=seconds, stopped_early=1, stopped_fd_mean=stopped["fd_mean"],
+                            stopped_fd_max_deviation=stopped["fd_max_deviation"])
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped is not None:
                 checkpoint()
             advance(info=f"loss_g {stats['loss_g']:.4f}  loss_aux {stats['loss_aux']:.4f}")
             if stop_after is not None and step >= stop_after:
@@ -346,7 +430,9 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     if evaluator is not None:
         final = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
         write_json(out / "eval.json", {**final, "floor": evaluator.floor(), "evaluator": evaluator.info,
-                                       "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds})
-    mark_finished(out, step)
+                                       "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds,
+                                       "stopped_early": stopped})
+    # a run stopped at a plateau is finished for its whole budget (run_status); the marker says where it stopped
+    mark_finished(out, cfg.steps if stopped is not None else step, stopped_early=stopped)
     barrier()  # release the other ranks (above) now that the run is complete on disk
     return out

@@ -25,6 +25,8 @@ from probe.core.errors import UserError
 SIGMA_DISTS = ("lognormal", "karras")
 WEIGHTINGS = ("none", "sigma2", "snr", "edm")
 H_NAMES = ("kl", "js", "fkl")
+N_SIGMA_BUCKETS = 4       # log-spaced sigma buckets of the classifier's accuracy in metrics.jsonl
+TALLY = "tally_"          # prefix of logged counts: summed over micro-batches, ranks and steps, never averaged
 
 
 # ----------------------------------------------------------------------------- noise levels
@@ -101,6 +103,53 @@ def logistic_ratio_loss(logit_fake: torch.Tensor, logit_real: torch.Tensor) -> t
 def classifier_accuracy(logit_fake: torch.Tensor, logit_real: torch.Tensor) -> tuple[float, float]:
     """(accuracy on real, accuracy on fake) of the decision l > 0 -> "generated"."""
     return float((logit_real < 0).float().mean()), float((logit_fake > 0).float().mean())
+
+
+def sigma_bucket_edges(sigma_min: float, sigma_max: float, n: int = N_SIGMA_BUCKETS) -> list[float]:
+    """``n + 1`` log-spaced edges from sigma_min to sigma_max; bucket k is [edge k, edge k+1)
+    (the last one includes sigma_max). With EDM's range [0.002, 80]: 0.002, 0.028, 0.4, 5.66, 80."""
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return [math.exp(lo + (hi - lo) * k / n) for k in range(n + 1)]
+
+
+def _right(margin: torch.Tensor) -> torch.Tensor:
+    """1 where the signed logit is > 0, 0.5 at a tie (the zero-initialised head's first step), else 0."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+def bucket_tallies(sigma: torch.Tensor, logit_fake: torch.Tensor, logit_real: torch.Tensor,
+                   edges: list[float]) -> dict:
+    """Counts per sigma bucket of one classifier batch whose real and fake rows share the sigmas ``sigma``
+    [B]: ``tally_n_b{k}`` rows of each class, ``tally_real_b{k}`` / ``tally_fake_b{k}`` rows called right
+    (l < 0 real, l > 0 fake; a tie l = 0, as the zero-initialised head gives at first, counts half).
+
+    Counts, not accuracies: a logging interval's accuracy is total right / total rows, which stays
+    correct when a bucket is empty in some steps (``bucket_accuracies``)."""
+    inner = torch.tensor(edges[1:-1], dtype=sigma.dtype, device=sigma.device)
+    k = torch.bucketize(sigma.detach(), inner, right=True)   # edges[k] <= sigma < edges[k + 1]
+    n = len(edges) - 1
+    right_real = torch.bincount(k, weights=_right(-logit_real.detach()).to(sigma.dtype), minlength=n)
+    right_fake = torch.bincount(k, weights=_right(logit_fake.detach()).to(sigma.dtype), minlength=n)
+    counts = torch.bincount(k, minlength=n)
+    out = {}
+    for i, (c, r, f) in enumerate(zip(counts.tolist(), right_real.tolist(), right_fake.tolist(), strict=True)):
+        out.update({f"{TALLY}n_b{i}": float(c), f"{TALLY}real_b{i}": float(r), f"{TALLY}fake_b{i}": float(f)})
+    return out
+
+
+def bucket_accuracies(tallies: dict) -> dict:
+    """Logged figures from summed tallies (keys without the ``tally_`` prefix): per bucket k ``n_b{k}``
+    (rows of each class), and where n > 0 ``acc_real_b{k}``, ``acc_fake_b{k}`` and the balanced
+    ``acc_b{k}`` = their mean (0.5 = chance whatever the classifier's bias)."""
+    out: dict = {}
+    buckets = sorted(int(k[len("n_b"):]) for k in tallies if k.startswith("n_b"))
+    for b in buckets:
+        n = tallies[f"n_b{b}"]
+        out[f"n_b{b}"] = int(round(n))
+        if n > 0:
+            real, fake = tallies[f"real_b{b}"] / n, tallies[f"fake_b{b}"] / n
+            out.update({f"acc_real_b{b}": real, f"acc_fake_b{b}": fake, f"acc_b{b}": (real + fake) / 2})
+    return out
 
 
 def h_weight(logit: torch.Tensor,

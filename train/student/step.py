@@ -20,6 +20,9 @@ Per step:
 - generator: per micro-batch ``method.generator_loss(ddp_generator(z_m))`` with the raw aux net
   frozen (its wrapper is not called, so DDP expects no aux gradients), same accumulation.
 
+Logged scalars are means over the global batch; ``tally_*`` counts (per-sigma-bucket classifier
+accuracy, ``losses.bucket_tallies``) are totals over the global batch instead.
+
 A non-finite loss or gradient skips that optimiser step (``probe.core.nonfinite.guarded_step``);
 the step counts as bad for the run's NaN policy when any of its updates was skipped.
 """
@@ -32,8 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from probe.core.distributed import Micro, all_reduce_mean, micro_generator, no_sync, step_seed, swap_attr
+from probe.core.distributed import (
+    Micro,
+    all_reduce_mean,
+    micro_generator,
+    no_sync,
+    step_seed,
+    swap_attr,
+    world_size,
+)
 from probe.core.nonfinite import guarded_step, is_finite
+from train.student.losses import TALLY
 from train.student.methods.base import Method
 
 
@@ -78,8 +90,8 @@ def student_step(parts: StepParts, rng: torch.Generator, counts: dict) -> tuple[
     sums: dict = {}
 
     def add(m: Micro, **values) -> None:   # scale-weighted sums: their mean over ranks is the global mean
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + m.scale * float(v)
+        for k, v in values.items():        # ... but counts (tally_*) are plain sums
+            sums[k] = sums.get(k, 0.0) + (float(v) if k.startswith(TALLY) else m.scale * float(v))
 
     all_ok = True
     norm_a = 0.0
@@ -119,4 +131,7 @@ def student_step(parts: StepParts, rng: torch.Generator, counts: dict) -> tuple[
     counts["skipped_g"] += int(not ok)
     all_ok = all_ok and ok
     comm = device if torch.device(device).type == "cuda" else None
-    return {**all_reduce_mean(sums, comm), "grad_norm_g": norm_g, "grad_norm_aux": norm_a}, all_ok
+    world = world_size()
+    stats = {k: (float(round(v * world)) if k.startswith(TALLY) else v)   # mean of counts x ranks = their total
+             for k, v in all_reduce_mean(sums, comm).items()}
+    return {**stats, "grad_norm_g": norm_g, "grad_norm_aux": norm_a}, all_ok

@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 
 from probe.core.edm import Denoiser
-from train.student.losses import classifier_accuracy, h_weight, logistic_ratio_loss, noise_like, sigma_weight
+from train.student.losses import (
+    bucket_tallies,
+    classifier_accuracy,
+    h_weight,
+    logistic_ratio_loss,
+    noise_like,
+    sigma_bucket_edges,
+    sigma_weight,
+)
 from train.student.methods.base import Method
 from train.student.ratio_net import RatioNet, build_ratio_net, save_ratio_net
 
@@ -39,7 +47,14 @@ class ClassifierMethod(Method):
         return build_ratio_net(self.cfg.ratio_net, teacher, self.cfg.cnn_width).train()
 
     def aux_loss(self, fake: torch.Tensor, real: torch.Tensor | None, rng: torch.Generator):
-        """Logistic loss on one batch of each class; both see the same noise levels."""
+        """Logistic loss on one batch of each class; both see the same noise levels.
+
+        ``null_signal = "shuffle"``: the 2B real/fake labels (B of each) are permuted at random so that
+        each class holds half of each label (drawn after the noise, so the inputs are those of "off"):
+        the labels say nothing about which rows are data, so the classifier cannot learn to tell data
+        from samples. (A plain permutation leaves a random excess of one label per class in each
+        batch, which on clearly separable inputs walks the classifier to an arbitrary side.) The
+        logged accuracies always score the TRUE labels."""
         assert real is not None  # uses_data: the loop passes a batch of real images
         b = fake.shape[0]
         sigma = self.sigmas(b, rng, fake.device).repeat(2)
@@ -47,9 +62,28 @@ class ClassifierMethod(Method):
         logits = self.aux(x + sigma.view(-1, 1, 1, 1) * noise_like(x, rng), sigma)
         l_fake, l_real = logits[:b], logits[b:]
         acc_real, acc_fake = classifier_accuracy(l_fake.detach(), l_real.detach())
-        loss = logistic_ratio_loss(l_fake, l_real)
+        if self.null_signal == "shuffle":
+            # half of each class's rows carry each label: no information about the class, not even by chance
+            is_fake = torch.cat([torch.randperm(b, generator=rng) < b // 2,
+                                 torch.randperm(b, generator=rng) < b - b // 2]).to(logits.device)
+            loss = logistic_ratio_loss(logits[is_fake], logits[~is_fake])
+        else:
+            loss = logistic_ratio_loss(l_fake, l_real)
         return loss, {"acc_real": acc_real, "acc_fake": acc_fake,
-                      "logit_fake": float(l_fake.detach().mean()), "logit_real": float(l_real.detach().mean())}
+                      "logit_fake": float(l_fake.detach().mean()), "logit_real": float(l_real.detach().mean()),
+                      **bucket_tallies(sigma[:b], l_fake, l_real, self.bucket_edges)}
+
+    @property
+    def null_signal(self) -> str:
+        return getattr(self.cfg, "null_signal", "off")   # a bare namespace config (unit tests) means "off"
+
+    @property
+    def bucket_edges(self) -> list[float]:
+        """Edges of the logged accuracy buckets (``losses.sigma_bucket_edges`` of the sigma range)."""
+        return sigma_bucket_edges(self.cfg.sigma_min, self.cfg.sigma_max)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "null_signal": self.null_signal, "accuracy_sigma_buckets": self.bucket_edges}
 
     def fake_logits(self, fake: torch.Tensor, rng: torch.Generator):
         """(l(G(z) + sigma eps, sigma), sigma), differentiable w.r.t. the generator output."""
