@@ -31,8 +31,8 @@ Cache: ``<cache_dir>/<dataset>-<hash>.safetensors`` (weights) plus ``.json`` (co
 accuracy, the heads, the weights' sha256). The hash covers the config, the architecture version, a
 fingerprint of the training data and, when factor heads are trained, the heads and a fingerprint
 of the factors, so a changed data set, config or head set trains a new classifier instead of
-reusing a stale one (an old label-only ``shapes`` entry is never taken for the factor-head one). ``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or
-``~/.cache/onestep-probe/classifiers``.
+reusing a stale one (an old label-only ``shapes`` entry is never taken for the factor-head one).
+``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or ``~/.cache/onestep-probe/classifiers``.
 
 Training is lazy: the first evaluation on a fresh machine trains the classifier, from whatever
 context it is called in (the teacher's end-of-run evaluation runs under ``torch.no_grad``), so
@@ -195,7 +195,7 @@ def factor_heads(factors: dict, labels: torch.Tensor | np.ndarray) -> list[dict]
     (the label head already learns them) and factors with a single value (nothing to learn).
     """
     labels = np.asarray(labels)
-    heads = []
+    heads: list[dict] = []
     for name, values in factors.items():
         v = np.asarray(values)
         if v.ndim != 1 or len(v) != len(labels) or np.array_equal(v, labels):
