@@ -191,7 +191,12 @@ def run_memorisation(run_dir: Path, final: dict, cache: MemorisationCache | None
     training) when it has one, else computed from the saved generator through ``cache``; None without either."""
     if final.get("memorisation"):
         return final["memorisation"]
-    return cache.get(Path(run_dir).name, Path(run_dir), final) if cache is not None else None
+    if cache is None:
+        return None
+    try:
+        return cache.get(Path(run_dir).name, Path(run_dir), final)
+    except (UserError, OSError):  # a run that no longer loads: NaN columns, the tables are still written
+        return None
 
 
 def summarise_run(run_dir: Path, steps: int,

@@ -32,7 +32,8 @@ def test_heads_follow_the_factor_types():
                "colour": np.array([0, 3, 3, 5, -1, 0]),             # categorical, -1 = unknown
                "size": np.array([1.0, 2.0, 3.0, np.nan, 2.5, 1.5]),  # continuous, NaN = unknown
                "flat": np.zeros(6, np.int64),                      # constant: nothing to learn
-               "other_length": np.arange(7)}                       # not one value per image: ignored
+               "other_length": np.arange(7),                       # not one value per image: ignored
+               "names": np.array(list("abcdef"))}                  # not a number: ignored
     names = {h["name"]: h for h in factor_heads(factors, labels)}
     assert set(names) == {"colour", "size"}
     assert names["colour"] == {"name": "colour", "kind": "categorical", "levels": [0, 3, 5]}
@@ -42,7 +43,7 @@ def test_heads_follow_the_factor_types():
     wide = factor_heads({"angle": many}, np.zeros(len(many), np.int64))
     assert wide[0]["kind"] == "continuous"
 
-    factors.pop("other_length")
+    factors.pop("other_length"), factors.pop("names")
     colour, size = factor_targets(factors, [names["colour"], names["size"]])
     assert colour.tolist() == [0, 1, 1, 2, -1, 0]                 # level indices, unknown kept as -1
     z = size.numpy()

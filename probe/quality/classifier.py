@@ -192,14 +192,16 @@ def factor_heads(factors: dict, labels: torch.Tensor | np.ndarray) -> list[dict]
 
     Each head is a json-able dict: ``{"name", "kind": "categorical", "levels": [values]}`` or
     ``{"name", "kind": "continuous", "mean", "std"}``. Left out: factors equal to the class label
-    (the label head already learns them) and factors with a single value (nothing to learn).
+    (the label head already learns them), factors with a single value (nothing to learn) and
+    anything that is not one number per image.
     """
     labels = np.asarray(labels)
     heads: list[dict] = []
     for name, values in factors.items():
         v = np.asarray(values)
-        if v.ndim != 1 or len(v) != len(labels) or np.array_equal(v, labels):
-            continue
+        numeric = np.issubdtype(v.dtype, np.number) or v.dtype == bool
+        if not numeric or v.ndim != 1 or len(v) != len(labels) or np.array_equal(v, labels):
+            continue  # one number per image only (names, vectors are not factors this network learns)
         if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
             levels = np.unique(v[v >= 0]).tolist()
             if len(levels) <= MAX_CATEGORIES:
@@ -245,10 +247,13 @@ def head_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
 
 def head_scores(model: FeatureClassifier, images: torch.Tensor, factors: dict, heads: list[dict]) -> dict:
     """Each factor head's held-out score: accuracy (categorical) or R^2 (continuous), None when no target is known."""
-    scores: dict = {}
-    if not heads or not len(images):
+    scores: dict = {h["name"]: None for h in heads}
+    present = [h for h in heads if h["name"] in factors]  # a split may lack a factor: no score, not an error
+    if not present or not len(images):
         return scores
-    for h, out, target in zip(heads, model.factor_outputs(images), factor_targets(factors, heads)):
+    outputs = dict(zip([h["name"] for h in heads], model.factor_outputs(images)))
+    for h, target in zip(present, factor_targets(factors, present)):
+        out = outputs[h["name"]]
         if h["kind"] == "categorical":
             known = target >= 0
             scores[h["name"]] = float((out[known].argmax(1) == target[known]).double().mean()) if known.any() else None
