@@ -2,7 +2,8 @@
 
 Reads the run directories that ``train.ablation.run`` writes and never trains anything. Writes
 ``summary.csv`` (one row per run), ``curves.csv`` (tidy: run, step, metric, value), ``aggregate.csv``
-(mean, std, bootstrap CI per init x method x metric), ``verdict.json`` / ``verdict.txt`` (the declared
+(mean, std, bootstrap CI per init x method x metric; ``memorisation.json`` caches the copy check of
+runs whose eval.json predates it, see ``run_memorisation``), ``verdict.json`` / ``verdict.txt`` (the declared
 contrasts, analysis/verdict.py) and, when the grid asks for features, ``features/*.h5``,
 ``cka_teacher_student.csv``, ``probes.csv``, ``cka_step0.csv`` (CKA to the teacher of every student's
 step-0 init, analysis/step0.py) and ``attribution.json`` / ``attribution.txt`` (analysis/attribution.py).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis.attribution import attribute, attribution_ready
 from analysis.cka import cka_table
@@ -24,18 +26,22 @@ from analysis.linear import probe_table
 from analysis.step0 import step0_cka, step0_columns
 from analysis.verdict import Verdict, mean_ci, verdict
 from probe.core.errors import UserError
+from probe.core.models import load_model
 from probe.core.runs import read_metrics, write_json
 from probe.features.extract import extract_features
 from probe.features.store import FeatureStore
 from train.ablation.grid import AGG_METRICS, CURVE_METRICS, Grid, _fields
 from train.ablation.run import init_sources, run_name, student_status, teacher_path
-from train.student.loop import StudentConfig
+from train.student.loop import StudentConfig, one_step_samples
 
 # -------------------------------------------------------------------------------- tables
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)     # fd_at_<step>: the evaluation steps nearest these fractions of the budget
 THRESHOLDS = {"steps_to_150pct": 1.5, "steps_to_110pct": 1.1}   # x the teacher's own FD (reference.json)
 PLATEAU_TAIL = 0.25                     # plateau rule: the last quarter of the evaluations (at least two) ...
 PLATEAU_FLOOR_SD = 2.0                  # ... span at most this many floor standard deviations
+# memorisation of the final samples (probe.quality.memorisation): column -> (space, figure)
+MEMO_COLUMNS = {"nn_ratio_pixel": ("pixel", "nn_ratio"), "nn_ratio_features": ("features", "nn_ratio"),
+                "copy_share_pixel": ("pixel", "copy_share"), "copy_share_features": ("features", "copy_share")}
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -118,9 +124,85 @@ def with_curve_figures(summary: pd.DataFrame, steps: int, eval_every: int, refer
     return pd.concat([summary.drop(columns=[c for c in extra.columns if c in summary.columns]), extra], axis=1)
 
 
+def memorisation_columns(m: dict | None) -> dict:
+    """The ``MEMO_COLUMNS`` of one memorisation record (``{"pixel": {...}, "features": {...}}``); NaN when absent."""
+    m = m or {}
+    return {col: float((m.get(space) or {}).get(key, np.nan)) for col, (space, key) in MEMO_COLUMNS.items()}
+
+
+def final_samples(run_dir: Path, n: int, seed: int) -> torch.Tensor:
+    """The n samples a finished student run's final evaluation scored: its saved (EMA) generator on the
+    latents the training loop draws for evaluation (train/student/loop.py: ``z_eval``, seed ``eval_seed``),
+    on the CPU (a run trained on a GPU differs only by round-off)."""
+    model = load_model(run_dir, "cpu")
+    if model.generator is None:
+        raise UserError(f"{run_dir} holds no one-step generator")
+    shape = (max(n, 64), model.channels, model.resolution, model.resolution)  # drawn as the loop draws them
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))[:n]
+    with torch.no_grad():
+        return one_step_samples(model.generator.denoiser, model.generator.sigma_init, z, "cpu")
+
+
+class MemorisationCache:
+    """The copy check of runs whose eval.json does not record it (runs trained before it existed),
+    computed once from the run's final generator and kept in ``<grid>/memorisation.json`` under the
+    generator's weights hash and the evaluator's settings, so a rerun of the analysis does not redo it.
+    One QualityEvaluator per (data set, n, seed) is shared by all runs."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            self.entries = {}  # a damaged cache is recomputed, never trusted
+        self.evaluators: dict = {}
+        self.changed = False
+
+    def evaluator(self, dataset: str, n: int, seed: int):
+        from probe.quality.metrics import QualityEvaluator  # loads (or trains) the metric classifier
+
+        if (dataset, n, seed) not in self.evaluators:
+            self.evaluators[(dataset, n, seed)] = QualityEvaluator(dataset, n_samples=n, seed=seed)
+        return self.evaluators[(dataset, n, seed)]
+
+    def get(self, name: str, run_dir: Path, final: dict) -> dict | None:
+        ev = final.get("evaluator") or {}
+        if not ev.get("dataset") or not ev.get("n_samples"):
+            return None  # an eval.json without its evaluator settings: nothing to reproduce
+        dataset, n, seed = ev["dataset"], int(ev["n_samples"]), int(ev.get("seed", 0))
+        key = {"model_sha256": load_model(run_dir, "cpu").sha256(), "dataset": dataset, "n": n, "seed": seed,
+               "classifier": Path(str(ev.get("classifier_path", ""))).stem}
+        entry = self.entries.get(name)
+        if entry is not None and entry.get("key") == key:
+            return entry["memorisation"]
+        result = self.evaluator(dataset, n, seed).memorisation(final_samples(run_dir, n, seed))
+        self.entries[name] = {"key": key, "memorisation": result}
+        self.changed = True
+        return result
+
+    def save(self) -> None:
+        if self.changed:
+            write_json(self.path, self.entries)
+            self.changed = False
+
+
+def run_memorisation(run_dir: Path, final: dict, cache: MemorisationCache | None = None) -> dict | None:
+    """The memorisation record of a finished run: eval.json's own (``memorisation``, written at the end of
+    training) when it has one, else computed from the saved generator through ``cache``; None without either."""
+    if final.get("memorisation"):
+        return final["memorisation"]
+    if cache is None:
+        return None
+    try:
+        return cache.get(Path(run_dir).name, Path(run_dir), final)
+    except (UserError, OSError):  # a run that no longer loads: NaN columns, the tables are still written
+        return None
+
+
 def summarise_run(run_dir: Path, steps: int,
                   eval_every: int = 0,         # the grid's evaluation interval (0 = no fd_at_<step> columns)
                   reference: dict | None = None,  # reference.json: the teacher's FD and the floor
+                  memo: MemorisationCache | None = None,  # computes the copy check eval.json lacks; None = NaN
                   ) -> tuple[dict, list[dict]]:
     """(summary row, tidy curve rows) of one student run."""
     rows = _eval_rows(run_dir)
@@ -133,6 +215,7 @@ def summarise_run(run_dir: Path, steps: int,
     row = {"status": status, "steps_done": rows[-1]["step"] if rows else 0,
            "fd_final": get("fd"), "fd_best": best[1], "fd_best_step": best[0],
            "precision_final": get("precision"), "recall_final": get("recall"), "coverage_final": get("coverage"),
+           **memorisation_columns(run_memorisation(run_dir, final, memo) if status == "done" else None),
            "fd_start": rows[0]["eval_fd"] if rows and rows[0]["step"] == 0 else np.nan,
            **curve_figures(fds, steps, eval_every, float(reference.get("fd", np.nan)),
                            float((reference.get("floor") or {}).get("fd_std", np.nan))),
@@ -154,7 +237,8 @@ def aggregate(summary: pd.DataFrame,
                   or c.startswith(("fd_at_", "steps_to_"))]
     records = []
     for (init, group, method), g in done.groupby(["init", "init_group", "method"], sort=False):
-        for metric in [m for m in AGG_METRICS if m in g.columns] + curve_cols:
+        memo_cols = [c for c in MEMO_COLUMNS if c in g.columns]
+        for metric in [m for m in AGG_METRICS if m in g.columns] + memo_cols + curve_cols:
             v = g[metric].to_numpy(float)
             v = v[np.isfinite(v)]
             lo, hi = mean_ci(v, n_boot, seed)
@@ -173,6 +257,7 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
     reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
     start = step0_columns(out)   # {run: {"cka_start": .., "cka_start_s<sigma>": ..}} when step-0 features exist
     rows, curves = [], []
+    memo = MemorisationCache(out / "memorisation.json")
     for entry in grid.inits:
         for method in grid.methods:
             for seed in grid.seeds:
@@ -180,10 +265,11 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
                 run_dir = out / "runs" / name
                 keys = {"run": name, "init": entry.label, "init_spec": entry.spec, "init_group": entry.group,
                         "method": method, "seed": seed}
-                row, curve = summarise_run(run_dir, steps, eval_every, reference)
+                row, curve = summarise_run(run_dir, steps, eval_every, reference, memo)
                 row.update(start.get(name, {}))
                 rows.append({**keys, **row, "run_dir": str(run_dir)})
                 curves += [{**keys, **c} for c in curve]
+    memo.save()
     summary = pd.DataFrame.from_records(rows)
     _write_csv(summary, out / "summary.csv")
     _write_csv(pd.DataFrame.from_records(curves, columns=["run", "init", "init_spec", "init_group", "method", "seed",

@@ -29,6 +29,11 @@ METRIC_NAMES = {"fd_final": "FD (final)", "fd_best": "FD (best)", "precision_fin
                 "recall_final": "recall", "coverage_final": "coverage", "fd": "FD", "precision": "precision",
                 "recall": "recall", "coverage": "coverage"}
 HIGHER_IS_BETTER = ("precision", "recall", "coverage", "class_entropy")
+# the memorisation columns analysis.ablation_summary writes (MEMO_COLUMNS there): column -> (space, figure)
+MEMO_METRICS = {"nn_ratio_pixel": ("pixel", "nn_ratio"), "nn_ratio_features": ("features", "nn_ratio"),
+                "copy_share_pixel": ("pixel", "copy_share"), "copy_share_features": ("features", "copy_share")}
+METRIC_NAMES.update({"nn_ratio_pixel": "NN ratio (pixels)", "nn_ratio_features": "NN ratio (features)",
+                     "copy_share_pixel": "copy share (pixels)", "copy_share_features": "copy share (features)"})
 
 
 def _f(x) -> float:
@@ -173,6 +178,30 @@ def arm_table(aggregate: pd.DataFrame, reference: dict | None) -> pd.DataFrame:
         (df["delta"].abs() <= df["floor_std"])
     df["teacher_arm"] = base
     return df
+
+
+def memorisation_table(arms: pd.DataFrame, reference: dict | None) -> pd.DataFrame:
+    """One row per arm (init, method) with mean and std over seeds of each ``MEMO_METRICS`` column,
+    the teacher first (from reference.json's ``memorisation``, one draw: std NaN) when it has one."""
+    rows = []
+    m = (reference or {}).get("memorisation") or {}
+    if m:
+        rows.append({"arm": "teacher (reference)", "method": "", "n": 1,
+                     **{c: _f((m.get(space) or {}).get(key)) for c, (space, key) in MEMO_METRICS.items()},
+                     **{f"{c}_std": np.nan for c in MEMO_METRICS}})
+    sub = arms[arms["metric"].isin(list(MEMO_METRICS))]
+    for arm in arm_order(sub) if len(sub) else []:
+        for method in dict.fromkeys(sub["method"]):
+            g = sub[(sub["init"] == arm) & (sub["method"] == method)].set_index("metric")
+            if g.empty:
+                continue
+            row = {"arm": arm, "method": method, "n": int(g["n"].max())}
+            for c in MEMO_METRICS:
+                row[c] = _f(g["mean"].get(c))
+                row[f"{c}_std"] = _f(g["std"].get(c))
+            rows.append(row)
+    return pd.DataFrame.from_records(rows, columns=["arm", "method", "n", *MEMO_METRICS,
+                                                    *[f"{c}_std" for c in MEMO_METRICS]])
 
 
 def arm_order(df: pd.DataFrame) -> list[str]:

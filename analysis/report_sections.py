@@ -32,6 +32,7 @@ from analysis.heatmaps import (
     short_layer,
 )
 from analysis.report_data import (
+    MEMO_METRICS,
     METRIC_NAMES,
     arm_order,
     arm_table,
@@ -45,6 +46,7 @@ from analysis.report_data import (
     fmt,
     interval,
     load_verdict,
+    memorisation_table,
     next_steps,
     reading,
     teacher_arm,
@@ -510,8 +512,8 @@ def arms_section(ctx: Ctx) -> bool | str:
                       f"{METRIC_NAMES.get(metric, metric)} per arm ({g.name}): mean, standard deviation and "
                       f"bootstrap interval over seeds, and the difference to the full-teacher arm.",
                       "arms-" + metric, csv=sub, bg=bg, note=note)
-        # all metrics, mean ± std
-        metrics = [m for m in dict.fromkeys(a["metric"])]
+        # all metrics, mean ± std (memorisation in its own table below)
+        metrics = [m for m in dict.fromkeys(a["metric"]) if m not in MEMO_METRICS]
         wide, bg2 = [], {}
         methods = list(dict.fromkeys(a["method"]))
         pairs = [(arm, method) for arm in arm_order(a) for method in methods
@@ -532,7 +534,30 @@ def arms_section(ctx: Ctx) -> bool | str:
                       f"Every summary metric per arm ({g.name}), mean ± std over seeds; FD lower is better, precision, "
                       f"recall and coverage higher is better.", "arms-all-metrics", csv=a, bg=bg2,
                       note="Grey cells as in the table above, each against its own metric's floor spread.")
+        memorisation_section(ctx, g)
     return True
+
+
+def memorisation_section(ctx: Ctx, g: Grid) -> None:
+    """Per arm: does the final generator copy training images? (probe/quality/memorisation.py)"""
+    table = memorisation_table(g.arms, g.reference) if g.arms is not None else pd.DataFrame()
+    if table.empty:
+        return
+    methods = set(table["method"]) - {""}
+
+    def cell(r, c):
+        std = r[f"{c}_std"]
+        return fmt(r[c]) + (f" ± {fmt(std)}" if math.isfinite(std) else "")
+
+    cells = [[r["arm"] if len(methods) <= 1 or not r["method"] else f"{r['arm']} ({r['method']})", str(int(r["n"]))]
+             + [cell(r, c) for c in MEMO_METRICS] for _, r in table.iterrows()]
+    ctx.doc.table([Column("Arm"), Column("n seeds", "center")]
+                  + [Column(METRIC_NAMES.get(c, c), "right") for c in MEMO_METRICS], cells,
+                  f"Memorisation per arm ({g.name}), mean ± std over seeds: the final samples' mean nearest-neighbour "
+                  f"distance to the training split over that to the held-out split (equal-size sets; 1 = no copying, "
+                  f"a pure copier about 1 - held-out / train), and the share of samples closer to a training image "
+                  f"than 99% of held-out images are (fresh data about 0.01).", "memorisation", csv=table,
+                  note="Well below 1, or a copy share far above 0.01, means samples reproduce training images.")
 
 
 def curves_section(ctx: Ctx) -> bool | str:

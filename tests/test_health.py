@@ -95,6 +95,7 @@ def test_cli_health_prints_the_ladder(tmp_path):
     r = run("--health", "digits", "--n-samples", "250", "--out", tmp_path / "health.json")
     assert r.returncode == 0, r.stderr
     assert "blur 2.0 px" in r.stdout and "classifier test accuracy" in r.stdout
+    assert "classifier heads on the test split" in r.stdout and "label acc" in r.stdout  # digits: the label only
     assert json.loads((tmp_path / "health.json").read_text())["n_samples"] == 250
     r = run()
     assert r.returncode == 2 and "--health" in r.stderr

@@ -170,7 +170,8 @@ def test_every_section_is_present_as_text(demo):
                   "2.2 Learning curves", "2.3 Samples", "3 The explanation from features",
                   "3.1 CKA between the teacher and each student", "3.2 The teacher's own maps", "3.3 Linear probes",
                   "3.4 Feature drift during training", "3.5 UMAP of the most and the least transferred layer",
-                  "4 Caveats", "5 What to run next", "k-NN accuracy", "Metric floor:", "Budget:", "Seeds:"):
+                  "4 Caveats", "5 What to run next", "k-NN accuracy", "Metric floor:", "Budget:", "Seeds:",
+                  "Memorisation per arm", "NN ratio (pixels)"):
         assert piece in text, piece
     contents = (root / "demo_files" / "contents.txt").read_text().splitlines()
     omitted = [line for line in contents if "omitted" in line]

@@ -7,11 +7,32 @@ and cached on disk. Its penultimate layer (``feature_dim`` values after a ReLU, 
 Inception's pool3) is where Fréchet distance and precision/recall are measured, and its class
 predictions give the class coverage of generated samples.
 
+Factor heads: a network trained on the class label alone only keeps what tells the classes apart
+(on ``shapes``, trained on the shape, it was blind to colour: permuting RGB scored at the floor).
+When a data set stores its generative factors (``ImageDataset.factors``), every factor gets its
+own head on the same penultimate layer, so the features must encode all of them:
+
+- integer factors with at most ``MAX_CATEGORIES`` values: a linear classification head,
+  cross-entropy (negative values = unknown, ignored);
+- float factors (size, position, ...): a linear regression head, mean squared error on the
+  factor standardised with the train split's mean and std (non-finite values ignored). Regression
+  keeps the order of the values (a size off by a little costs little), which bins would discard,
+  and standardising puts every head's loss on the scale of a unit-variance target, comparable with
+  the cross-entropies, so no per-factor weight is needed;
+- a factor equal to the class label (``shapes``' shape) or constant is left out.
+
+All heads' losses are summed with weight 1. Translation augmentation is switched off when a
+regression head is trained: a stored position would be wrong by up to ``max_shift`` pixels. Every
+head's test score (accuracy, or R^2 for a regression head) is recorded in ``info["heads"]``. A
+data set without factors (digits) trains exactly the label-only network it always did, under the
+same cache key.
+
 Cache: ``<cache_dir>/<dataset>-<hash>.safetensors`` (weights) plus ``.json`` (config, test
-accuracy, the weights' sha256). The hash covers the config, the architecture version and a
-fingerprint of the training data, so a changed data set or config trains a new classifier instead
-of reusing a stale one. ``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or
-``~/.cache/onestep-probe/classifiers``.
+accuracy, the heads, the weights' sha256). The hash covers the config, the architecture version, a
+fingerprint of the training data and, when factor heads are trained, the heads and a fingerprint
+of the factors, so a changed data set, config or head set trains a new classifier instead of
+reusing a stale one (an old label-only ``shapes`` entry is never taken for the factor-head one).
+``cache_dir`` defaults to ``$ONESTEP_PROBE_CACHE/classifiers`` or ``~/.cache/onestep-probe/classifiers``.
 
 Training is lazy: the first evaluation on a fresh machine trains the classifier, from whatever
 context it is called in (the teacher's end-of-run evaluation runs under ``torch.no_grad``), so
@@ -46,6 +67,7 @@ from probe.core.errors import UserError
 from probe.core.runs import atomic_write_bytes
 
 ARCH_VERSION = 1                # bump when FeatureClassifier changes: old cache entries are then ignored
+MAX_CATEGORIES = 32             # an integer factor with more distinct values is regressed, not classified
 
 
 @dataclass(frozen=True)
@@ -60,17 +82,19 @@ class ClassifierConfig:
     weight_decay: float = 1e-4  # decoupled weight decay (AdamW)
     max_shift: int = 1          # random translation augmentation, pixels in each direction (0 = none)
     seed: int = 0               # initialisation, batch order and augmentation
+    factor_heads: bool = True   # also train one head per stored factor (module doc); False = label only
 
 
 class FeatureClassifier(nn.Module):
-    """Three conv stages, adaptive pooling to 4x4, a ``feature_dim`` layer, then the class logits.
+    """Three conv stages, adaptive pooling to 4x4, a ``feature_dim`` layer, then the class logits
+    (``head``) and one linear head per factor (``factor_heads``, outputs given by ``factor_outputs``).
 
     Adaptive pooling makes one architecture serve any channel count and resolution (8x8 digits
     to 32x32 CIFAR-10); stages halve the spatial size only while it is above 4 pixels.
     """
 
     def __init__(self, channels: int, resolution: int, num_classes: int, width: int = 16,
-                 feature_dim: int = 128):
+                 feature_dim: int = 128, factor_outputs: list[int] | tuple[int, ...] = ()):
         super().__init__()
         layers: list[nn.Module] = []
         c_in, size = channels, resolution
@@ -84,6 +108,8 @@ class FeatureClassifier(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
+        # Built after the label head, so a network without factors is initialised exactly as before.
+        self.factor_heads = nn.ModuleList(nn.Linear(feature_dim, n) for n in factor_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features, [N, feature_dim]."""
@@ -105,6 +131,19 @@ class FeatureClassifier(nn.Module):
                 feats.append(f.double().cpu())
                 preds.append(self.head(f).argmax(1).cpu())
         return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+    @torch.no_grad()
+    def factor_outputs(self, images: torch.Tensor, batch_size: int = 500) -> list[torch.Tensor]:
+        """Every factor head's outputs on images in [-1, 1], eval mode: one [N, outputs] tensor per head."""
+        self.eval()
+        device = next(self.parameters()).device
+        outs: list[list[torch.Tensor]] = [[] for _ in self.factor_heads]
+        with single_thread():
+            for start in range(0, len(images), batch_size):
+                f = self.features(images[start:start + batch_size].to(device, torch.float32))
+                for out, head in zip(outs, self.factor_heads):
+                    out.append(head(f).cpu())
+        return [torch.cat(o) for o in outs]
 
 
 class single_thread:
@@ -148,14 +187,111 @@ def accuracy(model: FeatureClassifier, images: torch.Tensor, labels: torch.Tenso
     return float((preds == labels.numpy()).mean())
 
 
+def factor_heads(factors: dict, labels: torch.Tensor | np.ndarray) -> list[dict]:
+    """The heads to train for a data set's stored factors (name -> array [N]), from its train split.
+
+    Each head is a json-able dict: ``{"name", "kind": "categorical", "levels": [values]}`` or
+    ``{"name", "kind": "continuous", "mean", "std"}``. Left out: factors equal to the class label
+    (the label head already learns them), factors with a single value (nothing to learn) and
+    anything that is not one number per image.
+    """
+    labels = np.asarray(labels)
+    heads: list[dict] = []
+    for name, values in factors.items():
+        v = np.asarray(values)
+        numeric = np.issubdtype(v.dtype, np.number) or v.dtype == bool
+        if not numeric or v.ndim != 1 or len(v) != len(labels) or np.array_equal(v, labels):
+            continue  # one number per image only (names, vectors are not factors this network learns)
+        if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
+            levels = np.unique(v[v >= 0]).tolist()
+            if len(levels) <= MAX_CATEGORIES:
+                if len(levels) > 1:
+                    heads.append({"name": str(name), "kind": "categorical", "levels": [int(x) for x in levels]})
+                continue
+        x = v.astype(np.float64)
+        x = x[np.isfinite(x)]
+        if len(x) > 1 and x.std() > 0:
+            heads.append({"name": str(name), "kind": "continuous", "mean": float(x.mean()), "std": float(x.std())})
+    return heads
+
+
+def head_outputs(heads: list[dict]) -> list[int]:
+    return [len(h["levels"]) if h["kind"] == "categorical" else 1 for h in heads]
+
+
+def factor_targets(factors: dict, heads: list[dict]) -> list[torch.Tensor]:
+    """Training targets per head: class indices (-1 = unknown) or standardised floats (NaN = unknown)."""
+    out = []
+    for h in heads:
+        v = np.asarray(factors[h["name"]])
+        if h["kind"] == "categorical":
+            levels = np.asarray(h["levels"])
+            idx = np.clip(np.searchsorted(levels, v), 0, len(levels) - 1)
+            out.append(torch.from_numpy(np.where(levels[idx] == v, idx, -1).astype(np.int64)))
+        else:
+            x = v.astype(np.float64)
+            z = np.where(np.isfinite(x), (x - h["mean"]) / h["std"], np.nan)
+            out.append(torch.from_numpy(z.astype(np.float32)))
+    return out
+
+
+def head_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Cross-entropy or MSE over the batch's known targets; None when none is known."""
+    known = target >= 0 if kind == "categorical" else torch.isfinite(target)
+    if not known.any():
+        return None
+    if kind == "categorical":
+        return F.cross_entropy(output[known], target[known])
+    return F.mse_loss(output[known, 0], target[known])
+
+
+def head_scores(model: FeatureClassifier, images: torch.Tensor, factors: dict, heads: list[dict]) -> dict:
+    """Each factor head's held-out score: accuracy (categorical) or R^2 (continuous), None when no target is known."""
+    scores: dict = {h["name"]: None for h in heads}
+    present = [h for h in heads if h["name"] in factors]  # a split may lack a factor: no score, not an error
+    if not present or not len(images):
+        return scores
+    outputs = dict(zip([h["name"] for h in heads], model.factor_outputs(images)))
+    for h, target in zip(present, factor_targets(factors, present)):
+        out = outputs[h["name"]]
+        if h["kind"] == "categorical":
+            known = target >= 0
+            scores[h["name"]] = float((out[known].argmax(1) == target[known]).double().mean()) if known.any() else None
+        else:
+            known = torch.isfinite(target)
+            t, p = target[known].double(), out[known, 0].double()
+            sst = float(((t - t.mean()) ** 2).sum())
+            scores[h["name"]] = 1.0 - float(((t - p) ** 2).sum()) / sst if known.sum() > 1 and sst > 0 else None
+    return scores
+
+
+def factor_fingerprint(factors: dict) -> str:
+    """Short hash of factor names, dtypes and values (the data fingerprint covers only pixels and labels)."""
+    h = hashlib.sha256()
+    for name in sorted(factors):
+        v = np.ascontiguousarray(np.asarray(factors[name]))
+        h.update(f"{name}:{v.dtype.str}:{v.shape}".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                      config: ClassifierConfig = ClassifierConfig(), progress: bool = False,
+                     factors: dict | None = None,      # name -> array [N] aligned with the images; None = none
+                     heads: list[dict] | None = None,  # factor_heads(factors, labels); None = no factor heads
                      ) -> FeatureClassifier:
-    """Train a FeatureClassifier from scratch; same config and data give the same weights on CPU."""
+    """Train a FeatureClassifier from scratch; same config and data give the same weights on CPU.
+
+    The label head always trains (cross-entropy); with ``heads`` each factor head adds its loss
+    (module doc). Without heads the computation is exactly the label-only one.
+    """
+    heads = heads or []
     # Callers may hold torch.no_grad() or torch.inference_mode() (an end-of-run evaluation does):
     # training needs autograd, so it is switched on here, and inputs made under inference mode
     # are copied into ordinary tensors that autograd may save.
     with torch.inference_mode(False), torch.enable_grad():
+        keep = train_labels >= 0
+        targets = [t[keep] for t in factor_targets(factors or {}, heads)]
         images, labels = labelled(train_images.clone(), train_labels.clone())
         if num_classes < 2 or len(images) < config.batch_size:
             raise UserError(f"the quality classifier needs labelled training images of at least 2 classes "
@@ -163,7 +299,8 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(config.seed)
             model = FeatureClassifier(images.shape[1], images.shape[-1], num_classes,
-                                      config.width, config.feature_dim)
+                                      config.width, config.feature_dim, head_outputs(heads))
+        max_shift = training_shift(config, heads)
         gen = torch.Generator().manual_seed(config.seed)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -172,14 +309,26 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num
         with single_thread(), progress_bar(progress, "training quality classifier", config.steps) as advance:
             for _ in range(config.steps):
                 idx = torch.randint(0, len(images), (config.batch_size,), generator=gen)
-                x = random_shift(images[idx], config.max_shift, gen)
-                loss = F.cross_entropy(model(x), labels[idx])
+                x = random_shift(images[idx], max_shift, gen)
+                if heads:
+                    feats = model.features(x)
+                    loss = F.cross_entropy(model.head(feats), labels[idx])
+                    for h, head, target in zip(heads, model.factor_heads, targets):
+                        extra = head_loss(head(feats), target[idx], h["kind"])
+                        loss = loss + extra if extra is not None else loss
+                else:
+                    loss = F.cross_entropy(model(x), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 advance()
     return model.eval()
+
+
+def training_shift(config: ClassifierConfig, heads: list[dict]) -> int:
+    """Translation augmentation actually used: none when a factor is regressed (positions would be wrong)."""
+    return 0 if any(h["kind"] == "continuous" for h in heads) else config.max_shift
 
 
 class progress_bar:
@@ -208,9 +357,21 @@ def default_cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "onestep-probe") / "classifiers"
 
 
-def cache_key(dataset_name: str, config: ClassifierConfig, data_fingerprint: str) -> str:
-    payload = json.dumps({"dataset": dataset_name, "config": asdict(config), "data": data_fingerprint,
-                          "arch": ARCH_VERSION}, sort_keys=True)
+def cache_key(dataset_name: str, config: ClassifierConfig, data_fingerprint: str,
+              heads: list[dict] | None = None,   # the factor heads trained (factor_heads); None/[] = label only
+              factors_fingerprint: str = "",     # factor_fingerprint of the train split's factors
+              ) -> str:
+    """Hash of everything that defines the trained weights.
+
+    A label-only classifier hashes exactly what it did before factor heads existed (config without
+    ``factor_heads``), so cached digits entries stay valid; factor heads add the heads and the
+    factors' fingerprint, so a label-only entry of a data set with factors is never reused for them.
+    """
+    cfg = {k: v for k, v in asdict(config).items() if k != "factor_heads"}
+    body = {"dataset": dataset_name, "config": cfg, "data": data_fingerprint, "arch": ARCH_VERSION}
+    if heads:
+        body.update(heads=heads, factors=factors_fingerprint)
+    payload = json.dumps(body, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -237,7 +398,7 @@ def _load_cached(weights_path: Path, info_path: Path, key: str, config: Classifi
             return None  # torn pair (kill between the two renames), stale format or a damaged file
         with torch.inference_mode(False):  # ordinary parameters even when the caller is in inference mode
             model = FeatureClassifier(info["channels"], info["resolution"], info["num_classes"],
-                                      config.width, config.feature_dim)
+                                      config.width, config.feature_dim, head_outputs(info.get("heads") or []))
             model.load_state_dict(load_file(str(weights_path)))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None  # unreadable: treated as absent and trained again
@@ -249,14 +410,18 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
                              train=None, test=None) -> tuple[FeatureClassifier, dict]:
     """The cached classifier for a data set, training (and caching) it first if needed.
 
-    Returns ``(model, info)``; ``info`` holds ``test_accuracy`` (held-out, on the test split),
-    ``train_seconds``, ``path``, ``cached`` (True when loaded from disk) and the config.
+    Returns ``(model, info)``; ``info`` holds ``test_accuracy`` (the label head's, held-out, on the
+    test split), ``heads`` (each factor head's spec and ``test_score``: accuracy or R^2),
+    ``head_scores`` (name -> test score, the label head as ``label``), ``train_seconds``, ``path``,
+    ``cached`` (True when loaded from disk) and the config.
     ``train``/``test`` may pass already loaded splits (ImageDataset) to avoid loading them twice.
     Safe under any grad mode and with several processes sharing ``cache_dir`` (module docstring).
     """
     config = config or ClassifierConfig()
     train = train if train is not None else load_dataset(dataset_name, "train")
-    key = cache_key(dataset_name, config, dataset_fingerprint(train))
+    heads = factor_heads(train.factors, train.labels) if config.factor_heads else []
+    key = cache_key(dataset_name, config, dataset_fingerprint(train), heads,
+                    factor_fingerprint(train.factors) if heads else "")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights_path, info_path = cache_paths(cache_dir, dataset_name, key)
     found = _load_cached(weights_path, info_path, key, config)
@@ -281,13 +446,19 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
             return found[0], {**found[1], "path": str(weights_path), "cached": True}
         test = test if test is not None else load_dataset(dataset_name, "test")
         start = time.perf_counter()
-        model = train_classifier(train.images, train.labels, train.num_classes, config, progress)
+        model = train_classifier(train.images, train.labels, train.num_classes, config, progress,
+                                 factors=train.factors, heads=heads)
         seconds = time.perf_counter() - start
         test_images, test_labels = labelled(test.images, test.labels)
+        label_accuracy = accuracy(model, test_images, test_labels) if len(test_labels) else None
+        scores = head_scores(model, test.images, test.factors, heads) if heads else {}
         info = {"dataset": dataset_name, "key": key, "config": asdict(config), "arch": ARCH_VERSION,
                 "channels": train.channels, "resolution": train.resolution, "num_classes": train.num_classes,
                 "n_train": int((train.labels >= 0).sum()), "n_test": len(test_labels),
-                "test_accuracy": accuracy(model, test_images, test_labels) if len(test_labels) else None,
+                "test_accuracy": label_accuracy,
+                "heads": [{**h, "test_score": scores.get(h["name"])} for h in heads],
+                "head_scores": {"label": label_accuracy, **scores},
+                "max_shift_used": training_shift(config, heads),
                 "train_seconds": round(seconds, 2)}
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(weights_path, save(state))

@@ -15,7 +15,8 @@ degradation) and degrades it along four families:
 
 Every metric (FD, KID, FD-infinity) must rise with each rung, starting from the clean sample;
 ``monotone`` records whether it does. The report also holds the real-vs-real floor with its spread,
-the sample counts and the classifier's test accuracy. ``probe eval --health DATA`` prints it.
+the sample counts and the classifier's held-out score per head (label accuracy, and each stored
+factor's accuracy or R^2, see ``probe.quality.classifier``). ``probe eval --health DATA`` prints it.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def metric_health(dataset: str,
     """The degradation ladder, floor and settings of one data set's metric (see the module doc).
 
     Returns ``{"dataset", "n_samples", "n_reference", "n_heldout", "classifier_test_accuracy",
-    "floor", "clean", "ladder": [{"family", "level", "strength", "fd", "kid", "fd_inf", ...}],
-    "monotone": {metric: bool}, "seconds"}``.
+    "classifier_heads": {head: test score}, "classifier_info", "floor", "clean",
+    "ladder": [{"family", "level", "strength", "fd", "kid", "fd_inf", ...}], "monotone": {metric: bool}, "seconds"}``.
     """
     start = time.perf_counter()
     if evaluator is None:
@@ -124,9 +125,27 @@ def metric_health(dataset: str,
     return {"dataset": evaluator.dataset_name, "n_samples": n, "n_reference": evaluator.n_reference,
             "n_heldout": len(evaluator.heldout), "seed": evaluator.seed,
             "classifier_test_accuracy": evaluator.classifier_info["test_accuracy"],
+            "classifier_heads": classifier_heads(evaluator.classifier_info),
+            "classifier_info": {k: evaluator.classifier_info.get(k) for k in ("key", "heads", "train_seconds")},
             "dropped_classes": [int(c) for c in order[:max(1, len(classes) // 2)]],
             "floor": evaluator.floor(n_resamples), "clean": clean, "ladder": ladder, "monotone": monotone,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def classifier_heads(info: dict) -> dict:
+    """Head -> held-out test score of the metric classifier (label accuracy first; factor heads give
+    accuracy or R^2); entries cached before factor heads existed have only the label."""
+    return dict(info.get("head_scores") or {"label": info.get("test_accuracy")})
+
+
+def format_heads(info: dict, heads: dict | None = None) -> str:
+    """``label acc 0.998, colour acc 1.000, size R^2 0.943, ...`` from the classifier's info."""
+    kinds = {h["name"]: h["kind"] for h in info.get("heads") or []}
+    parts = []
+    for name, score in (heads if heads is not None else classifier_heads(info)).items():
+        what = "R^2" if kinds.get(name) == "continuous" else "acc"
+        parts.append(f"{name} {what} {score:.3f}" if score is not None else f"{name} {what} -")
+    return ", ".join(parts)
 
 
 def format_health(r: dict) -> str:
@@ -135,6 +154,8 @@ def format_health(r: dict) -> str:
     lines = [f"metric health of {r['dataset']}: n = {r['n_samples']} samples per score, reference "
              f"{r['n_reference']} train images, held-out pool {r['n_heldout']}; classifier test accuracy "
              f"{r['classifier_test_accuracy']:.4f}",
+             f"classifier heads on the test split (each stored factor has one; features = their shared "
+             f"penultimate layer): {format_heads(r.get('classifier_info') or {}, r.get('classifier_heads'))}",
              f"real-vs-real floor over {f['n_resamples']} resamples: FD {f['fd']:.2f} +- {f['fd_std']:.2f}   "
              f"KID {f['kid']:.3f} +- {f['kid_std']:.3f}   FD-inf {f['fd_inf']:.2f} +- {f['fd_inf_std']:.2f}",
              f"{'rung':<22}{'FD':>10}{'KID':>10}{'FD-inf':>10}{'precision':>11}{'recall':>8}"]

@@ -344,6 +344,7 @@ class QualityEvaluator:
         return {"dataset": self.dataset_name, "n_samples": self.n_samples, "n_reference": self.n_reference,
                 "n_heldout": len(self.heldout), "k": self.k, "seed": self.seed,
                 "classifier_test_accuracy": self.classifier_info["test_accuracy"],
+                "classifier_heads": self.classifier_info.get("head_scores"),  # every factor head's test score
                 "classifier_path": self.classifier_info["path"]}
 
     def _check(self, samples) -> torch.Tensor:
