@@ -428,8 +428,10 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         return out
     save_grid(one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device), out / "samples.png")
     if evaluator is not None:
-        final = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
-        write_json(out / "eval.json", {**final, "floor": evaluator.floor(), "evaluator": evaluator.info,
+        samples = one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device)
+        final = evaluator.evaluate(samples)
+        write_json(out / "eval.json", {**final, "memorisation": evaluator.memorisation(samples),
+                                       "floor": evaluator.floor(), "evaluator": evaluator.info,
                                        "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds,
                                        "stopped_early": stopped})
     # a run stopped at a plateau is finished for its whole budget (run_status); the marker says where it stopped
