@@ -127,6 +127,10 @@ def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, monkeypatch):
         def floor(self):
             return {"fd": 0.0}
 
+        def memorisation(self, samples):
+            assert samples.shape == seen[-1].shape  # the final evaluation's samples
+            return {"nn_ratio_pixel": 1.0}
+
     monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
     run = train_student(_cfg(tmp_path / "e", tiny_teacher, eval_every=2, eval_samples=16, steps=4), progress=False)
     evals = [r for r in read_metrics(run) if "eval_fd" in r]
@@ -134,6 +138,7 @@ def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, monkeypatch):
     assert all(s.shape == (16, 1, 8, 8) for s in seen)
     final = json.loads((run / "eval.json").read_text())
     assert final["step"] == 4 and final["fd"] == pytest.approx(evals[-1]["eval_fd"])  # same z, same weights
+    assert final["memorisation"] == {"nn_ratio_pixel": 1.0}
     gen = load_model(run)
     z = torch.randn((64, 1, 8, 8), generator=torch.Generator().manual_seed(0))[:16]  # the loop's eval z
     with torch.no_grad():
