@@ -75,8 +75,14 @@ def budget_steps(steps: int, eval_every: int) -> list[int]:
 
 
 def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = float("nan"),
-                  floor_std: float = float("nan")) -> dict:
+                  floor_std: float = float("nan"),
+                  stopped_at: int | None = None,   # step where the run stopped at its plateau (eval.json), None = ran on
+                  ) -> dict:
     """Learning-curve columns of one run from its [(step, FD)] evaluations (docs/verdict.md).
+
+    A run stopped early at its plateau (StudentConfig.plateau_tol) holds its last FD to the budget at
+    every ``eval_every`` step: the stop rule says its evaluations stayed within the tolerance, so it is
+    compared with runs that went on at the same budget instead of getting NaN columns.
 
     fd_at_<s>        FD at the evaluation steps of ``budget_steps`` (NaN where the run has none yet)
     fd_auc           area under FD against log10(1 + step) from step 0 to the budget, divided by the
@@ -88,6 +94,9 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
     plateau_spread   that span (max - min), FD units
     """
     curve = sorted({int(s): float(v) for s, v in fds if v is not None and math.isfinite(v)}.items())
+    if stopped_at is not None and curve and curve[-1][0] == int(stopped_at) < steps and eval_every > 0:
+        held = range(int(stopped_at) + eval_every, steps + eval_every, eval_every)
+        curve += [(min(s, steps), curve[-1][1]) for s in held]
     at = dict(curve)
     row = {f"fd_at_{s}": at.get(s, np.nan) for s in budget_steps(steps, eval_every)}
     span = [(s, v) for s, v in curve if s <= steps]
@@ -212,13 +221,15 @@ def summarise_run(run_dir: Path, steps: int,
     fds = [(r["step"], r["eval_fd"]) for r in rows if r.get("eval_fd") is not None and math.isfinite(r["eval_fd"])]
     best = min(fds, key=lambda t: t[1]) if fds else (np.nan, np.nan)
     reference = reference or {}
+    stopped_at = (final.get("stopped_early") or {}).get("step") if status == "done" else None
     row = {"status": status, "steps_done": rows[-1]["step"] if rows else 0,
            "fd_final": get("fd"), "fd_best": best[1], "fd_best_step": best[0],
            "precision_final": get("precision"), "recall_final": get("recall"), "coverage_final": get("coverage"),
            **memorisation_columns(run_memorisation(run_dir, final, memo) if status == "done" else None),
            "fd_start": rows[0]["eval_fd"] if rows and rows[0]["step"] == 0 else np.nan,
            **curve_figures(fds, steps, eval_every, float(reference.get("fd", np.nan)),
-                           float((reference.get("floor") or {}).get("fd_std", np.nan))),
+                           float((reference.get("floor") or {}).get("fd_std", np.nan)), stopped_at),
+           "stopped_at": np.nan if stopped_at is None else stopped_at,
            "cka_start": np.nan,   # step-0 feature similarity: filled by write_tables from cka_step0.csv
            "seconds": final.get("seconds", rows[-1].get("seconds", np.nan) if rows else np.nan),
            "fd_curve": json.dumps([[s, round(v, 6)] for s, v in fds]), **init_sources(run_dir)}

@@ -324,6 +324,15 @@ def test_learning_curve_columns_follow_their_definitions():
     assert figures["fd_auc"].iloc[0] == row["fd_auc"]
 
 
+def test_a_run_stopped_at_its_plateau_holds_its_last_fd_to_the_budget():
+    stopped = [(0, 600.0), (100, 20.0), (200, 20.2)]               # the loop stopped it at step 200
+    row = curve_figures(stopped, 400, 100, reference_fd=10.0, floor_std=0.5, stopped_at=200)
+    ran_on = curve_figures(stopped + [(300, 20.2), (400, 20.2)], 400, 100, reference_fd=10.0, floor_std=0.5)
+    assert row == ran_on                                              # as if it had run on, flat
+    unstopped = curve_figures(stopped, 400, 100, reference_fd=10.0, floor_std=0.5)
+    assert math.isnan(unstopped["fd_auc"]) and math.isnan(unstopped["fd_at_400"])  # unfinished, not held
+
+
 # ---------------------------------------------------------------------------------- attribution
 def _attribution_data(truth: str, arms: int = 12, seeds: int = 5, seed: int = 0) -> pd.DataFrame:
     """Arms with independent step-0 FD (log-uniform 10..3000) and CKA (uniform 0..1); the final FD
