@@ -76,7 +76,7 @@ def budget_steps(steps: int, eval_every: int) -> list[int]:
 
 def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = float("nan"),
                   floor_std: float = float("nan"),
-                  stopped_at: int | None = None,   # step where the run stopped at its plateau (eval.json), None = ran on
+                  stopped_at: int | None = None,   # step where the run stopped at its plateau; None = ran on
                   ) -> dict:
     """Learning-curve columns of one run from its [(step, FD)] evaluations (docs/verdict.md).
 
@@ -271,7 +271,7 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
     memo = MemorisationCache(out / "memorisation.json")
     for entry in grid.inits:
         for method in grid.methods:
-            for seed in grid.seeds:
+            for seed in grid.seeds_of(entry):
                 name = run_name(entry.label, method, seed)
                 run_dir = out / "runs" / name
                 keys = {"run": name, "init": entry.label, "init_spec": entry.spec, "init_group": entry.group,

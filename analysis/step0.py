@@ -62,7 +62,7 @@ def step0_cka(out, grid, refs: dict, progress: bool = False) -> Path | None:
     Rows of an earlier call are reused when the run's init spec, seed, teacher and options are unchanged.
     """
     out = Path(out)
-    planned = [(e, m, s) for e in grid.inits for m in grid.methods for s in grid.seeds
+    planned = [(e, m, s) for e in grid.inits for m in grid.methods for s in grid.seeds_of(e)
                if (out / "runs" / run_name(e.label, m, s) / "config.json").exists()]
     if not planned:
         return None

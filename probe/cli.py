@@ -299,7 +299,9 @@ def train_ablation_cmd(
                                                   "partial ones."),
     teacher: Path | None = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),
     steps: int | None = typer.Option(_d(A, "steps"), help="Override the grid's generator steps."),
-    seeds: str | None = typer.Option(_d(A, "seeds"), help="Override the grid's seeds, e.g. 0,1,2"),
+    seeds: str | None = typer.Option(_d(A, "seeds"), help="Override the grid's seeds (every arm's), e.g. 0,1,2"),
+    scale: int | None = typer.Option(_d(A, "scale"), help="Full-size version: multiply every step count of the "
+                                                          "grid (students and prerequisites) by this integer."),
     features: bool | None = typer.Option(_d(A, "features"), "--features/--no-features",
                                             help="Extract features, CKA, probes."),
     device: str | None = typer.Option(_d(A, "device"), help="auto | cpu | cuda"),
@@ -338,8 +340,10 @@ def train_ablation_cmd(
         checks.nonneg_int(steps, "--steps")
     if device is not None:
         checks.device(device, "--device")
+    if scale is not None:
+        checks.positive_int(scale, "--scale")
     cfg = AblationConfig(config=config, out=str(out), teacher=str(teacher) if teacher else None, steps=steps,
-                         seeds=_ints(seeds, "--seeds"), features=features, device=device)
+                         seeds=_ints(seeds, "--seeds"), scale=scale, features=features, device=device)
     launch_cfg = LaunchConfig(launcher=launcher, jobs=jobs, partition=partition, time_min=time, gpus=gpus_per_job,
                               cpus=cpus_per_job, mem_gb=mem_gb, array_limit=array_limit, wait=wait,
                               cluster=submitit_cluster)

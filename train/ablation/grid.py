@@ -106,7 +106,8 @@ class AblationConfig:
     out: str                          # ablation directory (created; reused to resume)
     teacher: str | None = None        # override the grid's teacher (a model path); its prereq is then not built
     steps: int | None = None          # override [student] steps
-    seeds: tuple | None = None        # override the grid's seeds
+    seeds: tuple | None = None        # override the grid's seeds (and every arm's own)
+    scale: int | None = None          # multiply every step count (students, prerequisites) by this; None = 1
     features: bool | None = None      # override the grid's features flag
     device: str | None = None         # override the device of every run ("auto" | "cpu" | "cuda")
 
@@ -117,6 +118,7 @@ class InitEntry:
     spec: str                         # init spec as written (may hold "@NAME")
     group: str                        # one of GROUPS
     student: dict = field(default_factory=dict)  # this arm's StudentConfig overrides of [student] (e.g. null_signal)
+    seeds: list | None = None         # this arm's seeds; None = the grid's (e.g. 5 for headline arms, 3 for others)
 
 
 @dataclass
@@ -151,6 +153,10 @@ class Grid:
     external: dict = field(default_factory=dict)  # "@NAME" refs given as paths (a --teacher override)
     source: str = ""
     contrasts: list = field(default_factory=list)  # [ContrastSpec], declared in [contrasts]
+
+    def seeds_of(self, entry: InitEntry) -> list:
+        """The seeds the arm ``entry`` runs with: its own list, else the grid's."""
+        return list(entry.seeds) if entry.seeds is not None else list(self.seeds)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -208,8 +214,12 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
             grid.teacher = str(overrides.teacher)
         if overrides.steps is not None:
             grid.student["steps"] = int(overrides.steps)
-        if overrides.seeds:
+        if overrides.seeds:  # one seed list for every arm: the arms' own lists give way too
             grid.seeds = [int(s) for s in overrides.seeds]
+            for entry in grid.inits:
+                entry.seeds = None
+        if overrides.scale is not None:
+            scale_steps(grid, overrides.scale)
         if overrides.features is not None:
             grid.features = bool(overrides.features)
         if overrides.device:
@@ -219,6 +229,26 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
     return grid
 
 
+STEP_KEYS = ("steps", "eval_every", "checkpoint_every", "log_every")   # what --scale multiplies
+PREREQ_KINDS = {"teacher": TeacherConfig, "regress": RegressConfig}    # [prereq.NAME] kind -> its config
+
+
+def scale_steps(grid: Grid, factor: int) -> None:
+    """The full-size version of a grid: every step count of [student] and of each prerequisite
+    (``STEP_KEYS``, the config's default where the table leaves one out) times ``factor``, so budgets,
+    evaluation points and checkpoints keep their proportions and the learning-curve columns stay at
+    the same budget fractions. Seeds, sample counts and arms are left as they are."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise UserError(f"scale must be an integer >= 1, got {factor!r}")
+    tables = [(grid.student, StudentConfig)] + [(p, PREREQ_KINDS.get(p.get("kind"))) for p in grid.prereqs.values()]
+    for table, config in tables:
+        defaults = {f.name: f.default for f in dataclasses.fields(config)} if config else {}
+        for key in STEP_KEYS:
+            value = table.get(key, defaults.get(key))
+            if isinstance(value, int) and not isinstance(value, bool):
+                table[key] = value * factor
+
+
 def _init_entry(label: str, value, path: Path) -> InitEntry:
     if not _LABEL.match(label) or "__" in label:
         raise UserError(f"{path}: init label {label!r} must be letters, digits, '_', '-', '.' (no '__')")
@@ -226,9 +256,14 @@ def _init_entry(label: str, value, path: Path) -> InitEntry:
         return InitEntry(label, value, value if value in ("teacher", "random") else "other")
     if not isinstance(value, dict) or "spec" not in value:
         raise UserError(f"{path}: [inits] {label} must be a spec string or {{ spec = ..., group = ... }}")
-    extra = sorted(set(value) - {"spec", "group", "student"})
+    extra = sorted(set(value) - {"spec", "group", "student", "seeds"})
     if extra:
-        raise UserError(f"{path}: [inits] {label}: unknown key {extra[0]!r} (allowed: spec, group, student)")
+        raise UserError(f"{path}: [inits] {label}: unknown key {extra[0]!r} (allowed: spec, group, student, seeds)")
+    seeds = value.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+                              or len(set(seeds)) != len(seeds)):
+        raise UserError(f"{path}: [inits] {label}: seeds must be a non-empty list of distinct non-negative integers")
     group = value.get("group", "other")
     if group not in GROUPS:
         raise UserError(f"{path}: [inits] {label}: unknown group {group!r}; choose one of {', '.join(GROUPS)}")
@@ -239,7 +274,7 @@ def _init_entry(label: str, value, path: Path) -> InitEntry:
     if fixed:
         raise UserError(f"{path}: [inits] {label}: student option {fixed[0]!r} is the same for every arm "
                         "(set it in [student])")
-    return InitEntry(label, str(value["spec"]), group, dict(student))
+    return InitEntry(label, str(value["spec"]), group, dict(student), None if seeds is None else list(seeds))
 
 
 def parse_contrast(name: str, value, where: str = "grid") -> ContrastSpec:
@@ -378,7 +413,7 @@ def prereq_order(prereqs: dict, external=()) -> list[str]:
 def _prereq_config(name: str, spec: dict, out: Path, refs: dict):
     """The TeacherConfig / RegressConfig of a prerequisite, with "@NAME" resolved."""
 
-    kinds = {"teacher": TeacherConfig, "regress": RegressConfig}
+    kinds = PREREQ_KINDS
     kind = spec.get("kind")
     if kind not in kinds:
         raise UserError(f"[prereq.{name}] needs kind = \"teacher\" or \"regress\", got {kind!r}")

@@ -129,7 +129,7 @@ def plan_grid(cfg: AblationConfig) -> Plan:
     for entry in grid.inits:
         deps = classifier + sorted(set(teacher_dep + _prereqs_named(_spec_refs(entry.spec), built)))
         for method in grid.methods:
-            for seed in grid.seeds:
+            for seed in grid.seeds_of(entry):
                 scfg = student_config(grid, entry, method, seed, out, refs)
                 jobs.append(Job(run_name(entry.label, method, seed), "student", _jsonable(dataclasses.asdict(scfg)),
                                 deps, cwd))

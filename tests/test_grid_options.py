@@ -1,0 +1,73 @@
+"""Grid options that shape the plan without training: per-arm seed lists and --scale."""
+
+import pytest
+
+from probe.core.errors import UserError
+from train.ablation.grid import AblationConfig, load_grid, scale_steps
+from train.ablation.jobs import plan_grid
+from train.regress import RegressConfig
+from train.student.loop import StudentConfig
+
+GRID = """
+teacher = "@teacher"
+methods = ["diffratio-js"]
+seeds = [0, 1, 2]
+
+[student]
+steps = 40
+eval_every = 10
+
+[inits]
+full = { spec = "teacher", group = "teacher", seeds = [0, 1, 2, 3, 4] }
+random = { spec = "random", group = "random" }
+
+[prereq.teacher]
+kind = "teacher"
+data = "digits"
+preset = "test"
+steps = 20
+
+[prereq.regressed]
+kind = "regress"
+teacher = "@teacher"
+"""
+
+
+def _write(tmp_path, text=GRID):
+    p = tmp_path / "g.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def _students(plan):
+    return sorted(j.name for j in plan.jobs if j.kind == "student")
+
+
+def test_an_arm_may_run_more_seeds_than_the_grid(tmp_path):
+    plan = plan_grid(AblationConfig(config=_write(tmp_path), out=str(tmp_path / "out")))
+    names = _students(plan)
+    assert [n for n in names if n.startswith("full__")] == [f"full__diffratio-js__s{s}" for s in range(5)]
+    assert [n for n in names if n.startswith("random__")] == [f"random__diffratio-js__s{s}" for s in range(3)]
+    # --seeds gives every arm the same list, the arm's own included
+    again = plan_grid(AblationConfig(config=_write(tmp_path), out=str(tmp_path / "out"), seeds=(7,)))
+    assert _students(again) == ["full__diffratio-js__s7", "random__diffratio-js__s7"]
+
+
+@pytest.mark.parametrize("bad", ["[]", "[1, 1]", "[-1]", "3", '["a"]', "[true]"])
+def test_bad_arm_seeds_are_refused(tmp_path, bad):
+    text = GRID.replace("seeds = [0, 1, 2, 3, 4]", f"seeds = {bad}")
+    with pytest.raises(UserError, match="seeds must be a non-empty list of distinct non-negative integers"):
+        load_grid(_write(tmp_path, text))
+
+
+def test_scale_multiplies_every_step_count_defaults_included(tmp_path):
+    base = load_grid(_write(tmp_path))
+    big = load_grid(_write(tmp_path), AblationConfig(config="", out="x", scale=4))
+    assert big.student["steps"] == 160 and big.student["eval_every"] == 40        # proportions kept
+    assert big.student["checkpoint_every"] == 4 * StudentConfig.checkpoint_every  # a default, scaled too
+    assert big.prereqs["teacher"]["steps"] == 80
+    assert big.prereqs["regressed"]["steps"] == 4 * RegressConfig.steps
+    assert big.seeds == base.seeds and [e.seeds for e in big.inits] == [e.seeds for e in base.inits]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="scale must be an integer >= 1"):
+            scale_steps(base, bad)
