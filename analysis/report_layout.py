@@ -698,7 +698,11 @@ class Document:
 
     def _export(self, fig: Figure, block: FigureBlock, sub) -> None:
         bbox = sub.bbox.transformed(fig.dpi_scale_trans.inverted())
-        box = Bbox.from_extents(bbox.x0 - 0.02, bbox.y0 - 0.02, bbox.x1 + 0.02, bbox.y1 + 0.02)
+        # extents on a 1/1024-inch grid: dyadic numbers make the crop's arithmetic exact, so the figure's
+        # background corner is written as "0", never as "-0" from 1e-16 noise in the layout (which
+        # differed between two builds in one process, e.g. after a first build warmed a text cache)
+        box = Bbox.from_extents(*(round(v * 1024) / 1024 for v in (bbox.x0 - 0.02, bbox.y0 - 0.02,
+                                                                   bbox.x1 + 0.02, bbox.y1 + 0.02)))
         stem = self.files / f"figure-{block.number:02d}-{block.name}"
         fig.savefig(f"{stem}.pdf", bbox_inches=box, metadata=PDF_META)
         fig.savefig(f"{stem}.png", bbox_inches=box, dpi=200, metadata={"Software": None})
