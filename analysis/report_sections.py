@@ -860,8 +860,8 @@ def _drift(ctx: Ctx) -> bool | str:
 
         ctx.doc.figure(draw, 0.9 + 1.8 * rows, (
             f"Feature drift during training ({g.name}): CKA of each student's features to the teacher's, per layer "
-            f"(mean over σ and seeds; shaded: their range). Look for the layers the successful arms keep near 1 and the "
-            f"ones every arm rewrites."), "feature-drift", data={"drift": d})
+            f"(mean over σ and seeds; shaded: their range). Look for the layers the successful arms keep near 1 and "
+            f"the ones every arm rewrites."), "feature-drift", data={"drift": d})
     return True
 
 
