@@ -1,7 +1,8 @@
 """What a finished (or half-finished) grid shows: summary, curves, aggregate, features and the verdict.
 
 Reads the run directories that ``train.ablation.run`` writes and never trains anything. Writes
-``summary.csv`` (one row per run), ``curves.csv`` (tidy: run, step, metric, value), ``aggregate.csv``
+``summary.csv`` (one row per run), ``curves.csv`` (tidy: run, step, metric, value; the feature-drift rows,
+metric "cka", also fill layer and sigma), ``aggregate.csv``
 (mean, std, bootstrap CI per init x method x metric; ``memorisation.json`` caches the copy check of
 runs whose eval.json predates it, see ``run_memorisation``), ``verdict.json`` / ``verdict.txt`` (the declared
 contrasts, analysis/verdict.py) and, when the grid asks for features, ``features/*.h5``,
@@ -32,6 +33,7 @@ from probe.features.extract import extract_features
 from probe.features.store import FeatureStore
 from train.ablation.grid import AGG_METRICS, CURVE_METRICS, Grid, _fields
 from train.ablation.run import init_sources, run_name, student_status, teacher_path
+from train.student.drift import parse_key as drift_key
 from train.student.loop import StudentConfig, one_step_samples
 
 # -------------------------------------------------------------------------------- tables
@@ -235,6 +237,9 @@ def summarise_run(run_dir: Path, steps: int,
            "fd_curve": json.dumps([[s, round(v, 6)] for s, v in fds]), **init_sources(run_dir)}
     curve = [{"step": r["step"], "metric": m, "value": r[f"eval_{m}"]} for r in rows for m in CURVE_METRICS
              if f"eval_{m}" in r]
+    # feature drift logged at the same evaluations (train/student/drift.py): metric "cka", per layer and sigma
+    curve += [{"step": r["step"], "metric": "cka", "layer": key[0], "sigma": key[1], "value": v}
+              for r in rows for k, v in r.items() if (key := drift_key(k)) is not None]
     return row, curve
 
 
@@ -284,7 +289,8 @@ def write_tables(out: Path, grid: Grid, refs: dict) -> pd.DataFrame:
     summary = pd.DataFrame.from_records(rows)
     _write_csv(summary, out / "summary.csv")
     _write_csv(pd.DataFrame.from_records(curves, columns=["run", "init", "init_spec", "init_group", "method", "seed",
-                                                          "step", "metric", "value"]), out / "curves.csv")
+                                                          "step", "metric", "value", "layer", "sigma"]),
+               out / "curves.csv")
     _write_csv(aggregate(summary), out / "aggregate.csv")
     return summary
 

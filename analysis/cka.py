@@ -16,6 +16,10 @@ Estimators (X is [n, d], Y is [n, e], rows are the same inputs):
 - ``permutation_null``     the same estimator with the rows of Y shuffled: what "no relation" scores.
 - ``cka_table``            tidy DataFrame over (layer, sigma) pairs of one or two feature stores.
 
+The linear core (centring, the feature-space products, the unbiased HSIC terms, ``linear_cka`` and
+``debiased_linear_cka``) lives in ``probe.features.similarity`` so that training can use it too; this
+module re-exports it and builds the estimators, nulls and tables on top.
+
 Numerics: features are centred in float64 before any product (CKNNA excepted: it takes the features
 as given, as published), so a large common offset cannot eat the float32 mantissa. Float32/float16
 inputs then do their matrix products in float32 over blocks of rows, summed in float64 (half the
@@ -34,11 +38,14 @@ import pandas as pd
 
 from probe.core.errors import UserError
 from probe.core.progress import progress_bar
+from probe.features.similarity import centre as _centre
+from probe.features.similarity import check_pair as _check_pair
+from probe.features.similarity import cka_ratio as _ratio
+from probe.features.similarity import cross_fro2 as _cross_fro2
+from probe.features.similarity import debiased_linear_cka, linear_cka, linear_cka_from_terms
+from probe.features.similarity import hsic_u_from_terms as _hsic_u_from_terms
+from probe.features.similarity import row_sq_norms as _row_sq_norms
 from probe.features.store import FeatureStore, check_aligned
-
-_BLOCK_ROWS = 16384  # rows per matmul block: float32 partial sums stay short, float64 sums across blocks
-_NORM_ROWS = 1024    # rows per float64 block of the row norms: small blocks reuse freed memory, while
-                     # large fresh allocations page-fault on every call (0.6 s instead of 0.04 s at 50k x 1024)
 
 ESTIMATORS = ("debiased", "linear", "minibatch", "rbf", "cknna")
 MODES = ("pair", "layers", "sigmas")
@@ -70,79 +77,6 @@ class NullDistribution(NamedTuple):
 
 # ------------------------------------------------------------------------------------------ basics
 
-def _check_pair(X, Y, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    X, Y = np.asarray(X), np.asarray(Y)
-    if X.ndim != 2 or Y.ndim != 2:
-        raise UserError(f"features must be 2-D [samples, dims], got shapes {X.shape} and {Y.shape}")
-    if X.shape[0] != Y.shape[0]:
-        raise UserError(f"X and Y must hold the same samples (rows): {X.shape[0]} vs {Y.shape[0]}")
-    if X.shape[0] < min_rows:
-        why = " (the unbiased HSIC divides by n-3)" if min_rows >= 4 else ""
-        raise UserError(f"CKA needs at least {min_rows} samples{why}, got n={X.shape[0]}")
-    return X, Y
-
-
-def _matmul_dtype(X: np.ndarray):
-    return np.float32 if X.dtype in (np.float16, np.float32) else np.float64
-
-
-def _centre(X: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """Column-centred features in the matmul dtype; the mean is accumulated in float64.
-
-    For float32 the float64 mean is split into a float32 head and tail and subtracted in two steps:
-    each step rounds at the scale of the centred value, so the result matches float64 centring
-    followed by a cast (within an ulp) at a quarter of the memory traffic. ``overwrite`` centres a
-    float32/float64 array in place (the caller's own copy, e.g. just read from a store).
-    """
-    mean = np.mean(X, axis=0, dtype=np.float64)
-    in_place = overwrite and X.dtype == _matmul_dtype(X) and X.flags.writeable
-    if _matmul_dtype(X) == np.float64:
-        return np.subtract(X, mean, out=X) if in_place else np.subtract(X, mean, dtype=np.float64)
-    head = mean.astype(np.float32)
-    tail = (mean - head).astype(np.float32)
-    out = np.subtract(X, head, out=X) if in_place else np.subtract(X, head, dtype=np.float32)
-    out -= tail
-    return out
-
-
-def _row_sq_norms(Xc: np.ndarray) -> np.ndarray:
-    out = np.empty(Xc.shape[0], dtype=np.float64)
-    for start in range(0, Xc.shape[0], _NORM_ROWS):
-        block = Xc[start:start + _NORM_ROWS].astype(np.float64)
-        out[start:start + _NORM_ROWS] = np.einsum("ij,ij->i", block, block)
-    return out
-
-
-def _cross_fro2(Xc: np.ndarray, Yc: np.ndarray, form: str = "auto", perm=None) -> float:
-    """||Xc^T Yc[perm]||_F^2 = tr(K L) for linear kernels, in feature space or via n x n Grams.
-
-    ``perm`` (a row order of Yc, for the permutation null) is applied block by block, so no
-    shuffled copy of Yc is ever made; np.take gathers rows ~5x faster than fancy indexing.
-    """
-    n, d = Xc.shape
-    e = Yc.shape[1]
-    if form == "auto":
-        form = "feature" if d * e <= n * (d + e) else "gram"
-    if form == "gram":
-        x64 = Xc.astype(np.float64)  # n is small here: float64 is cheap
-        y64 = (Yc if perm is None else np.take(Yc, perm, axis=0)).astype(np.float64)
-        return float(np.vdot(x64 @ x64.T, y64 @ y64.T))
-    if form != "feature":
-        raise UserError(f"unknown CKA form {form!r} (use auto, feature or gram)")
-    G = np.zeros((d, e), dtype=np.float64)
-    same = Xc is Yc and perm is None  # lets numpy use the symmetric rank-k update (half the flops)
-    for start in range(0, n, _BLOCK_ROWS):
-        xb = Xc[start:start + _BLOCK_ROWS]
-        if same:
-            yb = xb
-        elif perm is None:
-            yb = Yc[start:start + _BLOCK_ROWS]
-        else:
-            yb = np.take(Yc, perm[start:start + _BLOCK_ROWS], axis=0)
-        G += xb.T @ yb
-    return float(np.vdot(G, G))
-
-
 @dataclass
 class _LinearState:
     """Everything linear CKA needs from one side; row permutations only touch ``xc`` and ``a``."""
@@ -168,20 +102,6 @@ def _linear_state(X: np.ndarray, form: str = "auto", known: _LinearState | _Line
     xc = _centre(np.asarray(X), overwrite)
     a, fro2 = (known.a, known.fro2) if known is not None else _self_terms(xc, form)
     return _LinearState(xc, a, fro2)
-
-
-def _hsic_u_from_terms(fro2: float, ab: float, sum_a: float, sum_b: float, n: int) -> float:
-    """Unbiased HSIC (Song et al. 2012, eq. 5) for column-centred linear kernels.
-
-    With K = Xc Xc^T and K~ = K with zero diagonal: tr(K~ L~) = ||Xc^T Yc||^2 - a.b, and centring
-    gives K 1 = 0, so K~ 1 = -a and 1^T K~ 1 = -sum(a). Nothing n x n is ever formed.
-    """
-    return (fro2 - ab + sum_a * sum_b / ((n - 1) * (n - 2)) - 2.0 * ab / (n - 2)) / (n * (n - 3))
-
-
-def _ratio(num: float, den_x: float, den_y: float) -> float:
-    den = den_x * den_y
-    return float(num / np.sqrt(den)) if den > 0 else float("nan")
 
 
 def hsic_unbiased(K, L) -> float:
@@ -228,13 +148,7 @@ class _LinearEstimator(_Estimator):
         # A row shuffle of Y changes only the cross term: the self terms (fro2, a) are reused.
         b = sy.a if perm is None else np.take(sy.a, perm)
         cross = _cross_fro2(sx.xc, sy.xc, self.form, perm)
-        if not self.debiased:
-            return _ratio(cross, sx.fro2, sy.fro2)  # the 1/(n-1)^2 of HSIC cancels
-        n = sx.xc.shape[0]
-        hxy = _hsic_u_from_terms(cross, float(sx.a @ b), sx.a.sum(), b.sum(), n)
-        hxx = _hsic_u_from_terms(sx.fro2, float(sx.a @ sx.a), sx.a.sum(), sx.a.sum(), n)
-        hyy = _hsic_u_from_terms(sy.fro2, float(b @ b), b.sum(), b.sum(), n)
-        return _ratio(hxy, hxx, hyy)
+        return linear_cka_from_terms(cross, sx.fro2, sy.fro2, sx.a, b, self.debiased)
 
 
 @dataclass
@@ -401,24 +315,8 @@ def _make_estimator(name: str, **options):
 
 
 # ---------------------------------------------------------------------------------- public API
-
-def linear_cka(X, Y, *,
-               form: str = "auto",   # "feature" (d x e products) | "gram" (n x n) | "auto" (the cheaper)
-               ) -> float:
-    """Biased linear CKA (Kornblith et al. 2019) of X [n, d] and Y [n, e]."""
-    X, Y = _check_pair(X, Y)
-    est = _LinearEstimator(False, form)
-    return est.score(est.prepare(X), est.prepare(Y))
-
-
-def debiased_linear_cka(X, Y, *,
-                        form: str = "auto",   # "feature" | "gram" | "auto" (the cheaper); same value
-                        ) -> float:
-    """Linear CKA from the unbiased HSIC estimator (default estimator of the toolkit); needs n >= 4."""
-    X, Y = _check_pair(X, Y, min_rows=4)
-    est = _LinearEstimator(True, form)
-    return est.score(est.prepare(X), est.prepare(Y))
-
+# linear_cka and debiased_linear_cka are probe.features.similarity's (imported above): one implementation
+# for the analysis and for the drift measured during training (train/student/drift.py).
 
 def _minibatch_sums(batches_x: Iterable, batches_y: Iterable, n_perm: int = 0, seed: int | Sequence[int] = 0):
     """Sum unbiased HSIC terms over aligned batches; also the cross term with rows shuffled inside

@@ -861,7 +861,7 @@ def _drift(ctx: Ctx) -> bool | str:
         layers = list(dict.fromkeys(d["layer"]))
         arms = [a for a in arm_order(g.summary) if a in set(d["init"])]
         colours = _colour_map(arm_order(g.summary))
-        cols = min(4, len(layers))
+        cols = min(5, len(layers))  # the default selection of a 2-level UNet (5 blocks) fits one row
         rows = math.ceil(len(layers) / cols)
 
         def draw(sf, d=d, layers=layers, arms=arms, colours=colours, cols=cols, rows=rows):
@@ -885,8 +885,8 @@ def _drift(ctx: Ctx) -> bool | str:
 
         ctx.doc.figure(draw, 0.9 + 1.8 * rows, (
             f"Feature drift during training ({g.name}): CKA of each student's features to the teacher's, per layer "
-            f"(mean over σ and seeds, range shaded). Look for the layers the successful arms keep near 1 and the "
-            f"ones every arm rewrites."), "feature-drift", data={"drift": d})
+            f"(mean over σ and seeds; shaded: their range). Look for the layers the successful arms keep near 1 and "
+            f"the ones every arm rewrites."), "feature-drift", data={"drift": d})
     return True
 
 

@@ -70,6 +70,9 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
 
     curves = pd.read_csv(out / "curves.csv")
     assert set(curves.metric) >= {"fd", "precision", "recall"} and set(curves.step) == {0, 2}
+    drift = curves[curves.metric == "cka"]  # feature drift (train/student/drift.py), on by default
+    assert set(drift.init) == {"full", "band", "regressed"} and set(drift.sigma) == {0.0, 0.5, 2.5}
+    assert drift[(drift.init == "full") & (drift.step == 0)].value.sub(1).abs().max() < 1e-5
     agg = pd.read_csv(out / "aggregate.csv")
     assert set(agg.init) == {"full", "band", "regressed"} and (agg[agg.metric.isin(AGG_METRICS)].n == 1).all()
     ref = json.loads((out / "reference.json").read_text())

@@ -81,6 +81,7 @@ from probe.core.runs import (
     write_json,
 )
 from train.init import initialise_generator
+from train.student.drift import capture_reference, drift_metrics
 from train.student.losses import SIGMA_DISTS, TALLY, WEIGHTINGS, bucket_accuracies
 from train.student.methods import DEFAULT_METHOD, get_method
 from train.student.methods.diffratio import ClassifierMethod
@@ -126,6 +127,11 @@ class StudentConfig:
     eval_every: int = 100                      # steps between sample-quality evaluations, 0 = off
     eval_samples: int = 500                    # samples per evaluation (train.metrics.QualityEvaluator)
     eval_seed: int = 0                         # seed of the fixed eval z and of the evaluator's reference
+    drift_layers: str = "default"              # modules whose CKA to the teacher each evaluation logs (train/student/
+                                               # drift.py): paths/globs, comma-separated; "default" = down, mid and
+                                               # up blocks; "" = off
+    drift_sigmas: tuple = (0.0, 0.5, 2.5)      # noise levels of the drift inputs, EDM sigma (0 = clean)
+    drift_samples: int = 256                   # test images of the drift inputs (at most)
     checkpoint_every: int = 500                # steps between checkpoints (and sample grids)
     max_nonfinite: int = DEFAULT_MAX_NONFINITE  # non-finite steps in a row that stop the run (exit code 3)
     null_signal: str = "off"                   # "off" | "shuffle": classifier labels permuted each step (a control)
@@ -166,6 +172,10 @@ class StudentConfig:
         if c.eval_samples(self.eval_samples) == 0 and self.eval_every > 0:
             raise UserError("eval_samples is 0 but eval_every asks for evaluations; set eval_every = 0 to skip them")
         c.seed(self.eval_seed, "eval_seed")
+        if not isinstance(self.drift_layers, str):
+            raise UserError(f"drift_layers must be a comma-separated string of module names, got {self.drift_layers!r}")
+        c.sigma_list(self.drift_sigmas, "drift_sigmas")
+        c.positive_int(self.drift_samples, "drift_samples")
         c.seed(self.seed)
         c.device(self.device)
         c.one_of(self.null_signal, "null signal", NULL_SIGNALS)
@@ -307,6 +317,8 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
     record = {"method": method.describe(), "init": init_report, "teacher": str(cfg.teacher),
               "teacher_sha256": teacher.sha256(), "teacher_kind": teacher.kind,
               "generator_parameters": sum(p.numel() for p in gen_net.parameters())}
+    drift = (capture_reference(teacher, dataset, cfg.drift_layers, cfg.drift_sigmas, cfg.drift_samples, device)
+             if cfg.eval_every > 0 and is_main() else None)  # the teacher's features, kept past its release
     del teacher  # the loop's last reference: a method with uses_teacher False kept none (methods/base.py)
     if not method.uses_teacher:
         gc.collect()  # free the teacher's weights before training (module graphs can hold cycles)
@@ -319,11 +331,11 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
         if is_main():  # one writer per run directory; other ranks only read it
             stack.enter_context(exclusive(cfg.out, "student run"))
         return _train_locked(cfg, device, resume, progress, stop_after, micros, record, dataset, images,
-                             gen_net, generator, method, evaluator)
+                             gen_net, generator, method, evaluator, drift)
 
 
 def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None, micros,
-                  record, dataset, images, gen_net, generator, method, evaluator) -> Path:
+                  record, dataset, images, gen_net, generator, method, evaluator, drift=None) -> Path:
     kept = {}
 
     def start():  # rank 0: check everything a resume needs, then open the run directory
@@ -389,7 +401,8 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     def evaluate() -> dict:
         assert evaluator is not None and log is not None  # both exist on rank 0 only, where this runs
         result = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
-        log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in result.items()})
+        cka = drift_metrics(drift, ema.net) if drift is not None else {}  # feature drift: cka/<layer>/<sigma>
+        log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in result.items()}, **cka)
         return result
 
     if evaluator is not None and state is None:
