@@ -32,6 +32,9 @@ def fake_evaluator(monkeypatch):
         def floor(self):
             return {"fd": 0.0}
 
+        def memorisation(self, samples):
+            return {}
+
     monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
 
 
