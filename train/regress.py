@@ -167,10 +167,10 @@ def target_status(fd: float, target: float, tolerance: float) -> str:
     return "matched" if fd >= target - tolerance else "overshot"
 
 
-def eval_latents(net, cfg: RegressConfig) -> torch.Tensor:
+def eval_latents(net, eval_samples: int, eval_seed: int) -> torch.Tensor:
     """The latents of every evaluation, drawn exactly as a student's (train/student/loop.py: z_eval)."""
-    shape = (max(cfg.eval_samples, 64), net.unet.config.in_channels, *([net.unet.config.sample_size] * 2))
-    return torch.randn(shape, generator=torch.Generator().manual_seed(cfg.eval_seed))
+    shape = (max(eval_samples, 64), net.unet.config.in_channels, *([net.unet.config.sample_size] * 2))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(eval_seed))
 
 
 @torch.no_grad()
@@ -354,7 +354,7 @@ class _Target:
         self.evaluator = QualityEvaluator(teacher.dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed,
                                           progress=progress)
         self.floor = self.evaluator.floor()
-        self.z = eval_latents(teacher.denoiser, cfg)[:cfg.eval_samples]
+        self.z = eval_latents(teacher.denoiser, cfg.eval_samples, cfg.eval_seed)[:cfg.eval_samples]
         self.tolerance = 2 * self.floor["fd_std"] if cfg.target_tolerance == "floor" else float(cfg.target_tolerance)
         if saved is not None:
             self.value, self.teacher_fd = saved["value"], saved["teacher_fd"]
@@ -405,7 +405,7 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
     """Sample grid, optional sample quality, and the final figures (regress.json). ``quality`` is the
     target rule's last evaluation, reused when it scored this very model."""
     step = cfg.steps if step is None else step
-    z = eval_latents(net, cfg)
+    z = eval_latents(net, cfg.eval_samples, cfg.eval_seed)
     samples = one_step(net, cfg.sigma_init, z, device)
     save_grid(samples[:64], out / "samples.png")
     result = {**val, "steps": step, "budget": cfg.steps, "seconds": seconds, "sigma_init": cfg.sigma_init}
