@@ -281,7 +281,7 @@ def train_regress_cmd(
                         sample_steps=sample_steps, steps=steps, batch=batch, lr=lr, eval_samples=eval_samples,
                         seed=seed, device=device, target_every=target_every, eval_seed=eval_seed,
                         target_tolerance=parse_tolerance(target_tolerance),
-                        **({"target_fd": parse_target_fd(target_fd)} if target_fd is not None else {}))
+                        target_fd=parse_target_fd(target_fd) if target_fd is not None else _d(R, "target_fd"))
     _out_dir(out)
     run = regress_generator(cfg, resume=resume)
     _print_eval(run)
@@ -322,7 +322,7 @@ def train_transplant_cmd(
     cfg = TransplantConfig(out=str(out), teacher=str(teacher), layers=tuple(_names(layers, "--layers") or ()),
                            loss=loss, steps=steps, batch=batch, lr=lr, n_val=n_val, sigma_init=sigma_init, data=data,
                            eval_samples=eval_samples, eval_seed=eval_seed, seed=seed, device=device,
-                           **({"sigmas": tuple(sig)} if sig is not None else {}))
+                           sigmas=tuple(sig) if sig is not None else _d(TR, "sigmas"))
     _out_dir(out)
     run = transplant_features(cfg, resume=resume)
     import json

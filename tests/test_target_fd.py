@@ -74,3 +74,29 @@ def test_target_rules_and_refusals():
         RegressConfig(out="x", teacher="t", target_fd=5.0, target_tolerance=-1.0)
     assert not RegressConfig(out="x", teacher="t").targeting and RegressConfig(out="x", teacher="t",
                                                                                 target_fd="teacher").targeting
+
+
+def test_a_grid_refuses_a_target_fd_measured_unlike_the_students(tiny_teacher, tmp_path):
+    from train.ablation.grid import check_grid, load_grid
+
+    grid = f"""
+teacher = "{tiny_teacher}"
+methods = ["diffratio-js"]
+seeds = [0]
+[student]
+steps = 2
+eval_every = 2
+eval_samples = 64
+[inits]
+matched = "from:@matched"
+[prereq.matched]
+kind = "regress"
+teacher = "{tiny_teacher}"
+target_fd = "teacher"
+eval_samples = 100
+"""
+    (tmp_path / "g.toml").write_text(grid)
+    with pytest.raises(UserError, match=r"\[prereq.matched\] target_fd: eval_samples = 100 but \[student\] uses 64"):
+        check_grid(load_grid(str(tmp_path / "g.toml")), tmp_path / "out")
+    (tmp_path / "g.toml").write_text(grid.replace("eval_samples = 100", "eval_samples = 64"))
+    check_grid(load_grid(str(tmp_path / "g.toml")), tmp_path / "out")   # the same settings pass

@@ -334,7 +334,7 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
         save_model(out, ema.net, "generator", teacher.dataset, sigma_init=cfg.sigma_init,
                    extra={**record, "steps": step})  # the label travels with the model
     _finish(out, ema.net, cfg, teacher.dataset, device, validate(), seconds, progress, step,
-            target.record() if target.on else None, target.last_quality)
+            target.record() if target.on else None, target.last_quality, target.evaluator)
     mark_finished(out, cfg.steps)
     return out
 
@@ -347,6 +347,7 @@ class _Target:
         self.curve: list[dict] = []
         self.reached, self.status, self.stop_step = False, "running", None
         self.last_quality: dict | None = None
+        self.evaluator = None
         if not self.on:
             return
         from probe.quality.metrics import QualityEvaluator
@@ -369,6 +370,7 @@ class _Target:
             self.value = self.teacher_fd if self.teacher_fd is not None else float(cfg.target_fd)
 
     def evaluate(self, net, step: int, seconds: float, log: MetricsLog) -> None:
+        assert self.evaluator is not None  # made whenever a target is on
         quality = self.evaluator.evaluate(one_step(net, self.cfg.sigma_init, self.z, self.device))
         self.last_quality = {**quality, "step": step}
         log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in quality.items()})
@@ -401,9 +403,9 @@ class _Target:
 @torch.no_grad()
 def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val: dict, seconds: float,
             progress: bool, step: int | None = None, target: dict | None = None,
-            quality: dict | None = None) -> None:
+            quality: dict | None = None, evaluator=None) -> None:
     """Sample grid, optional sample quality, and the final figures (regress.json). ``quality`` is the
-    target rule's last evaluation, reused when it scored this very model."""
+    target rule's last evaluation, reused when it scored this very model; ``evaluator`` its evaluator."""
     step = cfg.steps if step is None else step
     z = eval_latents(net, cfg.eval_samples, cfg.eval_seed)
     samples = one_step(net, cfg.sigma_init, z, device)
@@ -412,7 +414,8 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
     if cfg.eval_samples > 0 and dataset is not None:
         from probe.quality.metrics import QualityEvaluator
 
-        evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
+        if evaluator is None:
+            evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
         if quality is None or quality.get("step") != step:
             quality = evaluator.evaluate(samples[:cfg.eval_samples])
         quality = {k: v for k, v in quality.items() if k != "step"}

@@ -134,7 +134,10 @@ class _Taps:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            self.outputs[name] = select_output(output)
+            t = select_output(output)
+            if t is None:  # pick_layers admits only modules that return a tensor
+                raise UserError(f"module {name!r} returns {type(output).__name__}, not a tensor")
+            self.outputs[name] = t
         return hook
 
     def remove(self) -> None:
@@ -359,7 +362,8 @@ def _fd(evaluator, net, cfg: TransplantConfig, device) -> float:
 def untouched_modules(initial: dict, final: dict) -> tuple[list[str], float]:
     """Top-level modules whose every tensor is still exactly its initial value, and the fraction of
     parameters the phase changed."""
-    changed, total, moved = {}, 0, 0
+    changed: dict[str, bool] = {}
+    total, moved = 0, 0
     for name, t in initial.items():
         same = torch.equal(t.cpu(), final[name].detach().cpu())
         top = top_module(name)

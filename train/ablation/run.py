@@ -182,10 +182,14 @@ def run_unit(kind: str, config: dict, progress: bool = False, say=print, train_f
         from train.teacher import TeacherConfig, train_teacher
         from train.transplant import TransplantConfig, transplant_features
 
-        cls, fn = {"teacher": (TeacherConfig, train_teacher), "regress": (RegressConfig, regress_generator),
-                   "transplant": (TransplantConfig, transplant_features)}[kind]
         say(f"{verb}: prerequisite ({kind})")
-        fn(config_from_dict(cls, config), resume=state == "partial", progress=progress)
+        resume = state == "partial"
+        if kind == "teacher":
+            train_teacher(config_from_dict(TeacherConfig, config), resume=resume, progress=progress)
+        elif kind == "regress":
+            regress_generator(config_from_dict(RegressConfig, config), resume=resume, progress=progress)
+        else:
+            transplant_features(config_from_dict(TransplantConfig, config), resume=resume, progress=progress)
         _say_prereq(kind, Path(config["out"]), say)
     elif kind == "student":
         from train.student.loop import StudentConfig
