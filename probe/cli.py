@@ -268,8 +268,8 @@ def train_regress_cmd(
                                                     "'teacher' (the teacher's one-step FD at sigma_init, i.e. the "
                                                     "full-teacher arm's step-0 FD). Default: off."),
     target_every: int = typer.Option(_d(R, "target_every"), help="Steps between FD evaluations with --target-fd."),
-    target_tolerance: str = typer.Option(_d(R, "target_tolerance"), help="Slack around the target: FD units, or "
-                                                                         "'floor' (2 x the floor's FD std)."),
+    target_tolerance: str = typer.Option(_d(R, "target_tolerance"), help="Slack around the target: FD units, 'N%' "
+                                                                         "of it, or 'floor' (2 x the floor's FD std)."),
     eval_seed: int = typer.Option(_d(R, "eval_seed"), help="Seed of the evaluation latents and reference (use the "
                                                            "students' eval_seed)."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),

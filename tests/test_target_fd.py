@@ -8,7 +8,7 @@ import pytest
 from probe.core.errors import UserError
 from probe.core.models import load_model
 from probe.core.runs import read_metrics, run_status
-from train.regress import RegressConfig, one_step, regress_generator, target_status
+from train.regress import RegressConfig, one_step, parse_tolerance, regress_generator, target_status, tolerance_value
 
 BUDGET, EVERY = 6, 2
 
@@ -66,6 +66,11 @@ def test_a_reachable_target_stops_at_the_first_evaluation_that_meets_it(tiny_tea
 def test_target_rules_and_refusals():
     assert target_status(10.0, 10.0, 0.0) == "matched" and target_status(9.0, 10.0, 2.0) == "matched"
     assert target_status(7.0, 10.0, 2.0) == "overshot" and target_status(12.5, 10.0, 2.0) == "above"
+    assert tolerance_value("floor", 600.0, 1.25) == 2.5 and tolerance_value("10%", 600.0, 1.25) == pytest.approx(60.0)
+    assert tolerance_value(3.0, 600.0, 1.25) == 3.0
+    assert parse_tolerance("10%") == "10%" and parse_tolerance("4") == 4.0 and parse_tolerance("floor") == "floor"
+    with pytest.raises(UserError, match="target_tolerance must be"):
+        parse_tolerance("ten")
     with pytest.raises(UserError, match="eval_samples > 0"):
         RegressConfig(out="x", teacher="t", target_fd=5.0, eval_samples=0)
     with pytest.raises(UserError, match="target_fd must be"):

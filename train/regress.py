@@ -24,7 +24,8 @@ Matched mapping quality (``target_fd``). The fully regressed generator ends far 
 teacher's own one-step output, so it is no "mapping only" control at matched quality. With
 ``target_fd`` set, the EMA generator is scored every ``target_every`` steps (and at step 0) with the
 evaluator the students use (same ``eval_samples``, ``eval_seed`` and latents as a student's step-0
-evaluation) and training stops at the first evaluation with ``FD <= target + tolerance``; that EMA
+evaluation) and training stops at the first evaluation with ``FD <= target + tolerance`` (the
+tolerance is a number, "N%" of the target or "floor" = 2 x the floor's FD std); that EMA
 generator is the run's model. ``target_fd = "teacher"`` targets the teacher's own one-step FD at
 ``sigma_init`` measured here the same way, which is the full-teacher arm's step-0 FD. The outcome is
 written to ``regress.json``, ``eval.json`` and ``model.json`` as ``target``: ``status`` is "matched"
@@ -35,6 +36,7 @@ of every evaluation, the stop step and the FD reached. Only "matched" is a match
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,6 +71,8 @@ from train.initspec import apply_init_spec
 PAIRS_FILE = "pairs.pt"
 DONE_FILE = "regress.json"
 TRAIN_SEED_OFFSET = 7919   # training draws use seed + this, so they never coincide with the pair latents
+TARGET_TEACHER = "teacher"   # target_fd value: the teacher's own one-step FD at sigma_init, measured in the run
+_TOLERANCE = re.compile(r"^(floor|\d+(\.\d+)?%)$")   # a target tolerance given as text
 
 
 @dataclass
@@ -96,7 +100,8 @@ class RegressConfig:
     target_fd: float | str = 0.0               # stop at the first evaluation with FD <= this (+ tolerance); a number,
     #                                            "teacher" (the teacher's one-step FD at sigma_init) or 0 = off
     target_every: int = 50                     # steps between FD evaluations while a target is set
-    target_tolerance: float | str = "floor"    # slack around the target, FD units, or "floor" = 2 x the floor's FD std
+    target_tolerance: float | str = "floor"    # slack around the target: FD units, "N%" of it or "floor"
+    #                                            (2 x the floor's FD std)
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
     def __post_init__(self):
@@ -123,7 +128,7 @@ class RegressConfig:
         if self.target_fd != TARGET_TEACHER:
             c.nonneg_float(self.target_fd, "target_fd")
         c.positive_int(self.target_every, "target_every")
-        if self.target_tolerance != "floor":
+        if not (isinstance(self.target_tolerance, str) and _TOLERANCE.match(self.target_tolerance)):
             c.nonneg_float(self.target_tolerance, "target_tolerance")
         if self.targeting and self.eval_samples == 0:
             raise UserError("target_fd needs FD evaluations: set eval_samples > 0 (the students' eval_samples)")
@@ -150,14 +155,23 @@ def parse_target_fd(text: str) -> float | str:
 
 
 def parse_tolerance(text: str) -> float | str:
-    """A ``--target-tolerance`` argument: "floor" or a number (UserError otherwise)."""
+    """A ``--target-tolerance`` argument: "floor", "N%" or a number (UserError otherwise)."""
     text = str(text).strip()
-    if text == "floor":
+    if _TOLERANCE.match(text):
         return text
     try:
         return float(text)
     except ValueError:
-        raise UserError(f"target_tolerance must be a number >= 0 or \"floor\", got {text!r}") from None
+        raise UserError(f"target_tolerance must be a number >= 0, \"N%\" or \"floor\", got {text!r}") from None
+
+
+def tolerance_value(rule: float | str, target: float, floor_std: float) -> float:
+    """The slack in FD units: a number as it is, "N%" of the target, "floor" = 2 x the floor's FD std."""
+    if rule == "floor":
+        return 2.0 * float(floor_std)
+    if isinstance(rule, str):
+        return float(rule.rstrip("%")) / 100.0 * float(target)
+    return float(rule)
 
 
 def target_status(fd: float, target: float, tolerance: float) -> str:
@@ -227,7 +241,6 @@ def mse(generator: OneStepGenerator, z: torch.Tensor, x: torch.Tensor, device, b
 
 
 STATE_KEYS = ("net", "ema", "opt", "rng", "step", "seconds")
-TARGET_TEACHER = "teacher"   # target_fd value: the teacher's own one-step FD at sigma_init, measured in the run
 
 
 def regress_generator(cfg: RegressConfig, resume: bool = False, progress: bool = True,
@@ -356,7 +369,6 @@ class _Target:
                                           progress=progress)
         self.floor = self.evaluator.floor()
         self.z = eval_latents(teacher.denoiser, cfg.eval_samples, cfg.eval_seed)[:cfg.eval_samples]
-        self.tolerance = 2 * self.floor["fd_std"] if cfg.target_tolerance == "floor" else float(cfg.target_tolerance)
         if saved is not None:
             self.value, self.teacher_fd = saved["value"], saved["teacher_fd"]
             self.curve, self.reached, self.status = list(saved["curve"]), saved["reached"], saved["status"]
@@ -368,6 +380,7 @@ class _Target:
                 samples = one_step(teacher.denoiser, cfg.sigma_init, self.z, device)
                 self.teacher_fd = float(self.evaluator.evaluate(samples)["fd"])
             self.value = self.teacher_fd if self.teacher_fd is not None else float(cfg.target_fd)
+        self.tolerance = tolerance_value(cfg.target_tolerance, self.value, self.floor["fd_std"])
 
     def evaluate(self, net, step: int, seconds: float, log: MetricsLog) -> None:
         assert self.evaluator is not None  # made whenever a target is on
