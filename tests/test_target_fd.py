@@ -105,3 +105,22 @@ eval_samples = 100
         check_grid(load_grid(str(tmp_path / "g.toml")), tmp_path / "out")
     (tmp_path / "g.toml").write_text(grid.replace("eval_samples = 100", "eval_samples = 64"))
     check_grid(load_grid(str(tmp_path / "g.toml")), tmp_path / "out")   # the same settings pass
+
+
+def test_a_target_run_killed_and_resumed_gives_the_same_curve(tiny_teacher, unreached, tmp_path):
+    import torch
+
+    from probe.core.runs import load_state
+
+    cfg = _cfg(tiny_teacher, tmp_path / "cut", target_fd=1e-6, target_tolerance=0.0)
+    regress_generator(cfg, progress=False, stop_after=5)          # last checkpoint at step 4
+    assert run_status(tmp_path / "cut", BUDGET) == "partial"
+    run = regress_generator(cfg, resume=True, progress=False)
+    a, b = (json.loads((d / "regress.json").read_text())["target"] for d in (unreached, run))
+    assert a["curve"] == b["curve"] and b["status"] == "not reached"
+    sa, sb = load_state(unreached), load_state(run)
+    assert all(torch.equal(sa["ema"]["net"][k], sb["ema"]["net"][k]) for k in sa["ema"]["net"])
+    def evals(d):   # wall-clock seconds differ between the two runs; every figure must not
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(d) if "eval_fd" in r]
+
+    assert evals(run) == evals(unreached)
