@@ -63,6 +63,34 @@ def test_a_reachable_target_stops_at_the_first_evaluation_that_meets_it(tiny_tea
     assert QualityEvaluator(gen.dataset, n_samples=64, seed=0).evaluate(samples)["fd"] == pytest.approx(target)
 
 
+def test_a_target_passed_between_two_evaluations_keeps_the_closer_one_and_says_missed(tiny_teacher, unreached,
+                                                                                       tmp_path):
+    curve = json.loads((unreached / "regress.json").read_text())["target"]["curve"]
+    pick = None
+    for k in range(1, len(curve)):   # a fall from k-1 to k, with the target a quarter of the way down
+        a, b = curve[k - 1]["fd"], curve[k]["fd"]
+        target = a - 0.25 * (a - b)
+        if b < a and all(p["fd"] > target for p in curve[:k]):
+            pick = (k, target)
+            break
+    assert pick is not None, "no falling step in the tiny curve: the test needs another budget"
+    k, target = pick
+    run = regress_generator(_cfg(tiny_teacher, tmp_path / "miss", target_fd=target, target_tolerance=0.0),
+                            progress=False)
+    t = json.loads((run / "regress.json").read_text())["target"]
+    assert t["status"] == "missed"                                   # neither evaluation is within 0 of it
+    assert t["stop_step"] == curve[k - 1]["step"] and t["fd_reached"] == curve[k - 1]["fd"]   # the closer one
+    assert [p["step"] for p in t["curve"]] == [p["step"] for p in curve[:k + 1]]
+    # the model kept is the earlier evaluation's EMA generator: re-scoring it gives its FD
+    from probe.quality.metrics import QualityEvaluator
+    from train.regress import eval_latents
+
+    gen = load_model(run)
+    samples = one_step(gen.denoiser, 2.5, eval_latents(gen.denoiser, 64, 0)[:64], "cpu")
+    assert QualityEvaluator(gen.dataset, n_samples=64, seed=0).evaluate(samples)["fd"] == pytest.approx(t["fd_reached"])
+    assert json.loads((run / "eval.json").read_text())["fd"] == pytest.approx(t["fd_reached"])
+
+
 def test_target_rules_and_refusals():
     assert target_status(10.0, 10.0, 0.0) == "matched" and target_status(9.0, 10.0, 2.0) == "matched"
     assert target_status(7.0, 10.0, 2.0) == "overshot" and target_status(12.5, 10.0, 2.0) == "above"

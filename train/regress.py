@@ -28,10 +28,13 @@ evaluation) and training stops at the first evaluation with ``FD <= target + tol
 tolerance is a number, "N%" of the target or "floor" = 2 x the floor's FD std); that EMA
 generator is the run's model. ``target_fd = "teacher"`` targets the teacher's own one-step FD at
 ``sigma_init`` measured here the same way, which is the full-teacher arm's step-0 FD. The outcome is
-written to ``regress.json``, ``eval.json`` and ``model.json`` as ``target``: ``status`` is "matched"
-(|FD - target| <= tolerance), "overshot" (it passed the target between two evaluations: lower
-``target_every``) or "not reached" (the step budget ran out; a warning is printed), with the curve
-of every evaluation, the stop step and the FD reached. Only "matched" is a matched control.
+written to ``regress.json``, ``eval.json`` and ``model.json`` as ``target``. When the FD falls
+past the whole band between two evaluations, the one of the two closer to the target is kept (its
+EMA weights are held in memory and in the checkpoint). ``status`` is "matched" (|FD - target| <=
+tolerance), "missed" (it crossed the band between two evaluations and neither is inside it: lower
+``target_every`` or widen the tolerance) or "not reached" (the step budget ran out; a warning is
+printed), with the curve of every evaluation, the stop step and the FD of the kept generator. Only
+"matched" is a matched control.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from probe.core.runs import (
     atomic_torch_save,
     mark_finished,
     pick_device,
+    restore,
     restore_training,
     run_status,
     save_state,
@@ -346,8 +350,9 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
         record["target"] = target.record()
         save_model(out, ema.net, "generator", teacher.dataset, sigma_init=cfg.sigma_init,
                    extra={**record, "steps": step})  # the label travels with the model
-    _finish(out, ema.net, cfg, teacher.dataset, device, validate(), seconds, progress, step,
-            target.record() if target.on else None, target.last_quality, target.evaluator)
+    _finish(out, ema.net, cfg, teacher.dataset, device, validate(), seconds, progress,
+            target.stop_step if target.on else step,
+            target.record() if target.on else None, target.final_quality, target.evaluator)
     mark_finished(out, cfg.steps)
     return out
 
@@ -358,8 +363,9 @@ class _Target:
     def __init__(self, cfg: RegressConfig, teacher, device, progress: bool, saved: dict | None):
         self.cfg, self.device, self.on = cfg, device, cfg.targeting
         self.curve: list[dict] = []
-        self.reached, self.status, self.stop_step = False, "running", None
-        self.last_quality: dict | None = None
+        self.reached, self.status, self.stop_step, self.fd_reached = False, "running", None, None
+        self.final_quality: dict | None = None   # the evaluation of the model the run keeps
+        self.prev: dict | None = None            # the last evaluation above the band, with its weights
         self.evaluator = None
         if not self.on:
             return
@@ -372,7 +378,7 @@ class _Target:
         if saved is not None:
             self.value, self.teacher_fd = saved["value"], saved["teacher_fd"]
             self.curve, self.reached, self.status = list(saved["curve"]), saved["reached"], saved["status"]
-            self.stop_step = saved["stop_step"]
+            self.stop_step, self.fd_reached, self.prev = saved["stop_step"], saved.get("fd_reached"), saved.get("prev")
         else:
             self.teacher_fd = None
             if cfg.target_fd == TARGET_TEACHER:
@@ -383,14 +389,26 @@ class _Target:
         self.tolerance = tolerance_value(cfg.target_tolerance, self.value, self.floor["fd_std"])
 
     def evaluate(self, net, step: int, seconds: float, log: MetricsLog) -> None:
+        """Score ``net`` (the EMA generator); at the first FD <= target + tolerance keep whichever of this
+        evaluation and the previous one is closer to the target (``net`` is set back to the previous
+        weights when that one is), and label it."""
         assert self.evaluator is not None  # made whenever a target is on
         quality = self.evaluator.evaluate(one_step(net, self.cfg.sigma_init, self.z, self.device))
-        self.last_quality = {**quality, "step": step}
         log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in quality.items()})
-        self.curve.append({"step": step, "fd": float(quality["fd"])})
-        status = target_status(float(quality["fd"]), self.value, self.tolerance)
-        if status != "above":
-            self.reached, self.status, self.stop_step = True, status, step
+        fd = float(quality["fd"])
+        self.curve.append({"step": step, "fd": fd})
+        self.final_quality, self.fd_reached, self.stop_step = quality, fd, step
+        if target_status(fd, self.value, self.tolerance) == "above":
+            self.prev = {"step": step, "fd": fd, "quality": quality,
+                         "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+            return
+        prev = self.prev
+        if prev is not None and abs(prev["fd"] - self.value) < abs(fd - self.value):
+            # FD fell past the band between two evaluations: the one above it was closer
+            restore("EMA generator", net.load_state_dict, prev["weights"])
+            self.final_quality, self.fd_reached, self.stop_step = prev["quality"], prev["fd"], prev["step"]
+        self.reached, self.prev = True, None
+        self.status = "matched" if abs(self.fd_reached - self.value) <= self.tolerance else "missed"
 
     def finish(self, step: int) -> None:
         """The budget ran out (or the run ended) without reaching the target: label it."""
@@ -402,7 +420,7 @@ class _Target:
         return {"status": self.status, "target_fd": self.value, "requested": self.cfg.target_fd,
                 "teacher_fd": self.teacher_fd, "tolerance": self.tolerance,
                 "tolerance_rule": str(self.cfg.target_tolerance), "every": self.cfg.target_every,
-                "stop_step": self.stop_step, "fd_reached": self.curve[-1]["fd"] if self.curve else None,
+                "stop_step": self.stop_step, "fd_reached": self.fd_reached,
                 "budget": self.cfg.steps, "curve": list(self.curve),
                 "floor_fd": self.floor["fd"], "floor_fd_std": self.floor["fd_std"]}
 
@@ -410,7 +428,8 @@ class _Target:
         if not self.on:
             return None
         return {"value": self.value, "teacher_fd": self.teacher_fd, "curve": list(self.curve),
-                "reached": self.reached, "status": self.status, "stop_step": self.stop_step}
+                "reached": self.reached, "status": self.status, "stop_step": self.stop_step,
+                "fd_reached": self.fd_reached, "prev": self.prev}
 
 
 @torch.no_grad()
@@ -418,7 +437,7 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
             progress: bool, step: int | None = None, target: dict | None = None,
             quality: dict | None = None, evaluator=None) -> None:
     """Sample grid, optional sample quality, and the final figures (regress.json). ``quality`` is the
-    target rule's last evaluation, reused when it scored this very model; ``evaluator`` its evaluator."""
+    target rule's evaluation of this very model (reused); ``evaluator`` its evaluator."""
     step = cfg.steps if step is None else step
     z = eval_latents(net, cfg.eval_samples, cfg.eval_seed)
     samples = one_step(net, cfg.sigma_init, z, device)
@@ -429,9 +448,8 @@ def _finish(out: Path, net, cfg: RegressConfig, dataset: str | None, device, val
 
         if evaluator is None:
             evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed, progress=progress)
-        if quality is None or quality.get("step") != step:
+        if quality is None:
             quality = evaluator.evaluate(samples[:cfg.eval_samples])
-        quality = {k: v for k, v in quality.items() if k != "step"}
         quality = {**quality, "floor": evaluator.floor(), "evaluator": evaluator.info,
                    "sampler": "one-step", "nfe": 1, "step": step}
         if target is not None:
