@@ -38,6 +38,7 @@ app.add_typer(train_app, name="train")
 
 # Where each command's defaults live ("module:Class" of a config dataclass, or "module:function").
 T, S, R = "train.teacher:TeacherConfig", "train.student.loop:StudentConfig", "train.regress:RegressConfig"
+TR = "train.transplant:TransplantConfig"
 E, EV = "probe.features.extract:ExtractConfig", "probe.quality.evaluate:EvalConfig"
 A = "train.ablation.grid:AblationConfig"
 REP, DEMO = "analysis.report:ReportConfig", "probe.demo:DemoConfig"
@@ -278,18 +279,75 @@ def train_regress_cmd(
     eval_samples: int = typer.Option(_d(R, "eval_samples"), help="Samples for the final quality figure (0 = skip)."),
     seed: int = typer.Option(_d(R, "seed"), help="Seed of the pairs, the initialisation and training."),
     device: str = typer.Option(_d(R, "device"), help="auto | cpu | cuda"),
+    target_fd: str | None = typer.Option(None, help="Stop at the first evaluation with FD <= this: a number, or "
+                                                    "'teacher' (the teacher's one-step FD at sigma_init, i.e. the "
+                                                    "full-teacher arm's step-0 FD). Default: off."),
+    target_every: int = typer.Option(_d(R, "target_every"), help="Steps between FD evaluations with --target-fd."),
+    target_tolerance: str = typer.Option(_d(R, "target_tolerance"), help="Slack around the target: FD units, 'N%' "
+                                                                         "of it, or 'floor' (2 x the floor's FD std)."),
+    eval_seed: int = typer.Option(_d(R, "eval_seed"), help="Seed of the evaluation latents and reference (use the "
+                                                           "students' eval_seed)."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
 ):
     """A generator regressed from random init onto the teacher's samples: the mapping without the features."""
-    from train.regress import RegressConfig, regress_generator
+    from train.regress import RegressConfig, parse_target_fd, parse_tolerance, regress_generator
 
     cfg = RegressConfig(out=str(out), teacher=str(teacher), sigma_init=sigma_init, n_pairs=n_pairs,
                         sample_steps=sample_steps, steps=steps, batch=batch, lr=lr, eval_samples=eval_samples,
-                        seed=seed, device=device)
+                        seed=seed, device=device, target_every=target_every, eval_seed=eval_seed,
+                        target_tolerance=parse_tolerance(target_tolerance),
+                        target_fd=parse_target_fd(target_fd) if target_fd is not None else _d(R, "target_fd"))
     _out_dir(out)
     run = regress_generator(cfg, resume=resume)
     _print_eval(run)
+    if cfg.targeting:
+        import json
+
+        t = json.loads((Path(run) / "regress.json").read_text())["target"]
+        typer.echo(f"target FD {t['target_fd']:.4g} +- {t['tolerance']:.3g}: {t['status']} at step {t['stop_step']} "
+                   f"of {t['budget']} (FD {t['fd_reached']:.4g})")
     typer.echo(f"regressed generator written to {run}; use it with --init from:{run}")
+
+
+@train_app.command("transplant")
+def train_transplant_cmd(
+    teacher: Path = typer.Option(..., help="Teacher whose internal features are transplanted."),
+    out: Path = typer.Option(..., help="Run directory to write."),
+    layers: str | None = typer.Option(None, help="Comma-separated module paths / globs whose outputs are matched "
+                                                 "(default: down blocks, mid block, up blocks; never conv_out)."),
+    sigmas: str | None = typer.Option(None, help="Comma-separated EDM sigmas of the matched inputs y + sigma n "
+                                                 "(default: 0.5,1,2.5,5)."),
+    loss: str = typer.Option(_d(TR, "loss"), help="regression (normalised MSE) | cka (1 - linear CKA)."),
+    steps: int = typer.Option(_d(TR, "steps"), help="Optimiser steps."),
+    batch: int = typer.Option(_d(TR, "batch"), help="Images per step (each at every sigma)."),
+    lr: float = typer.Option(_d(TR, "lr"), help="Adam learning rate."),
+    n_val: int = typer.Option(_d(TR, "n_val"), help="Held-out test images for the before / after figures."),
+    sigma_init: float = typer.Option(_d(TR, "sigma_init"), help="The generator's sigma_init, recorded."),
+    data: str | None = typer.Option(_d(TR, "data"), help="Data set of the matched images (default: the teacher's)."),
+    eval_samples: int = typer.Option(_d(TR, "eval_samples"), help="Samples for the FD before and after (0 = skip)."),
+    eval_seed: int = typer.Option(_d(TR, "eval_seed"), help="Seed of the evaluation latents and reference."),
+    seed: int = typer.Option(_d(TR, "seed"), help="Seed of the random init (the random arm's) and every draw."),
+    device: str = typer.Option(_d(TR, "device"), help="auto | cpu | cuda"),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
+):
+    """Random init whose internal features are trained to match the teacher's at several sigmas (never the output)."""
+    from train.transplant import TransplantConfig, transplant_features
+
+    sig = _sigmas(sigmas)
+    cfg = TransplantConfig(out=str(out), teacher=str(teacher), layers=tuple(_names(layers, "--layers") or ()),
+                           loss=loss, steps=steps, batch=batch, lr=lr, n_val=n_val, sigma_init=sigma_init, data=data,
+                           eval_samples=eval_samples, eval_seed=eval_seed, seed=seed, device=device,
+                           sigmas=tuple(sig) if sig is not None else _d(TR, "sigmas"))
+    _out_dir(out)
+    run = transplant_features(cfg, resume=resume)
+    import json
+
+    r = json.loads((Path(run) / "transplant.json").read_text())
+    typer.echo(f"feature loss ({r['loss']}, {len(r['layers'])} layers x {len(r['sigmas'])} sigmas, held out): "
+               f"{r['loss_before']:.4g} -> {r['loss_after']:.4g}; untouched: {', '.join(r['untouched']) or 'none'}")
+    if r.get("fd") is not None:
+        typer.echo(f"one-step FD {r['fd_before']:.4g} -> {r['fd']:.4g}")
+    typer.echo(f"transplanted generator written to {run}; use it with --init from:{run}")
 
 
 @train_app.command("ablation")

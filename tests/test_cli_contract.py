@@ -32,6 +32,7 @@ SOURCES = {
     "train teacher": ("train.teacher:TeacherConfig", {"ema_halflife": "ema_halflife_images"}),
     "train student": ("train.student.loop:StudentConfig", {}),
     "train regress": ("train.regress:RegressConfig", {}),
+    "train transplant": ("train.transplant:TransplantConfig", {}),
     "train ablation": ("train.ablation.grid:AblationConfig|train.ablation.launch:LaunchConfig",
                        {"time": "time_min", "gpus_per_job": "gpus", "cpus_per_job": "cpus",
                         "submitit_cluster": "cluster"}),
@@ -48,7 +49,8 @@ SOURCES = {
 # which means "the config's (or function's) own default".
 CONVERTED = {"layers": "text 'a,b' -> a tuple / list", "sigmas": "text 'a,b' -> a tuple / list",
              "targets": "text list", "sigma_range": "text 'LO,HI' -> (lo, hi)", "seeds": "text '0,1' -> a tuple",
-             "mode": "cka: None = pair with two files, layers with one"}
+             "mode": "cka: None = pair with two files, layers with one",
+             "target_fd": "regress: text, a number or 'teacher'"}
 # Options of the call that are no setting of the config (the only other exceptions).
 EXTRAS = {"resume", "overwrite", "fig", "csv", "grid", "out",
           "health", "model",  # eval: --health DATA replaces the (then optional) model argument
@@ -175,6 +177,7 @@ def _grid(teacher, features="false", extract="", student="", inits='x = "teacher
 T = ["train", "teacher", "--out", "{tmp}/t", "--preset", "test", "--steps", "2", "--batch", "8", "--eval-samples", "0"]
 S = ["train", "student", "--teacher", "{teacher}", "--out", "{tmp}/s", "--steps", "1", "--batch", "8"]
 R = ["train", "regress", "--teacher", "{teacher}", "--out", "{tmp}/r", "--steps", "1", "--n-pairs", "8"]
+TP = ["train", "transplant", "--teacher", "{teacher}", "--out", "{tmp}/p", "--steps", "1", "--batch", "4"]
 A = ["train", "ablation", "--out", "{tmp}/a"]
 EX = ["extract", "{teacher}", "--out", "{tmp}/x.h5", "--n-samples", "8"]
 EV = ["eval", "{teacher}", "--steps", "1"]
@@ -236,6 +239,12 @@ BAD = {
     "regress lr zero": (R + ["--lr", "0"], "lr must be a finite number > 0, got 0"),
     "regress sample steps negative": (R + ["--sample-steps", "-2"], "sample_steps must be an integer >= 1"),
     "regress eval samples negative": (R + ["--eval-samples", "-5"], "eval_samples must be an integer >= 0"),
+    "regress target fd not a number": (R + ["--target-fd", "best"], "target_fd must be a number >= 0 or"),
+    "regress target fd without evaluation": (R + ["--target-fd", "500", "--eval-samples", "0"], "eval_samples > 0"),
+    "transplant output layer": (TP + ["--layers", "conv_out"], "the network's output"),
+    "transplant unknown layer": (TP + ["--layers", "down_blcks.0"], "unknown layer 'down_blcks.0'"),
+    "transplant unknown loss": (TP + ["--loss", "l1"], "unknown loss 'l1'"),
+    "transplant sigmas": (TP + ["--sigmas", "0.5,nan"], "each of --sigmas must be a finite"),
     # train ablation
     "ablation missing grid file": (A + ["--config", "{tmp}/none.toml"], "grid file"),
     "ablation unknown shipped grid": (A + ["--config", "papr"], "does not exist (shipped grids"),

@@ -21,8 +21,14 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
     band = { spec = "from:@band_teacher", group = "no-features" }
 
     [prereq.band_teacher]                # kind = "teacher" (TeacherConfig fields) | "regress" (RegressConfig)
-    kind = "teacher"
+    kind = "teacher"                     # | "transplant" (TransplantConfig, train/transplant.py)
     sigma_range = [1.5, 4.0]
+
+    [prereq.matched]                     # a regressed generator stopped at the full teacher's step-0 FD
+    kind = "regress"
+    teacher = "@teacher"
+    target_fd = "teacher"                # or a number (the full arm's fd_start); eval_samples / eval_seed /
+                                         # sigma_init must then equal [student]'s (checked)
 
     [extract]                            # feature options when features = true
     sigmas = [0.0, 0.5, 2.5]
@@ -75,6 +81,7 @@ from train.regress import RegressConfig
 from train.student.loop import StudentConfig, validate
 from train.student.methods import get_method
 from train.teacher import TeacherConfig
+from train.transplant import TransplantConfig
 
 SHIPPED = ("paper", "quick")
 GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
@@ -230,7 +237,8 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
 
 
 STEP_KEYS = ("steps", "eval_every", "checkpoint_every", "log_every")   # what --scale multiplies
-PREREQ_KINDS = {"teacher": TeacherConfig, "regress": RegressConfig}    # [prereq.NAME] kind -> its config
+PREREQ_KINDS = {"teacher": TeacherConfig, "regress": RegressConfig,   # [prereq.NAME] kind -> its config
+                "transplant": TransplantConfig}
 
 
 def scale_steps(grid: Grid, factor: int) -> None:
@@ -411,17 +419,17 @@ def prereq_order(prereqs: dict, external=()) -> list[str]:
 
 
 def _prereq_config(name: str, spec: dict, out: Path, refs: dict):
-    """The TeacherConfig / RegressConfig of a prerequisite, with "@NAME" resolved."""
+    """The TeacherConfig / RegressConfig / TransplantConfig of a prerequisite, with "@NAME" resolved."""
 
     kinds = PREREQ_KINDS
     kind = spec.get("kind")
     if kind not in kinds:
-        raise UserError(f"[prereq.{name}] needs kind = \"teacher\" or \"regress\", got {kind!r}")
+        raise UserError(f"[prereq.{name}] needs kind = \"teacher\" or \"regress\" or \"transplant\", got {kind!r}")
     values = {k: (str(refs[v[1:]]) if isinstance(v, str) and v.startswith("@") and v[1:] in refs else v)
               for k, v in spec.items() if k != "kind"}
     kwargs = _coerce(kinds[kind], values, f"[prereq.{name}]", reserved=("out",))
-    if kind == "regress" and "teacher" not in kwargs:
-        raise UserError(f"[prereq.{name}] (regress) needs teacher = a model path or \"@NAME\"")
+    if kind in ("regress", "transplant") and "teacher" not in kwargs:
+        raise UserError(f"[prereq.{name}] ({kind}) needs teacher = a model path or \"@NAME\"")
     return kind, kinds[kind](out=str(out / "prereq" / name), **kwargs)
 
 
@@ -438,7 +446,7 @@ def _shapes(model: str, grid: Grid, seen=()) -> dict | None:
         spec = grid.prereqs.get(name)
         if spec is None or name in seen:
             raise UserError(f"'@{name}' names no [prereq.{name}]")
-        if spec.get("kind") == "regress":  # a generator with its teacher's architecture
+        if spec.get("kind") in ("regress", "transplant"):  # a generator with its teacher's architecture
             return _shapes(str(spec.get("teacher", "")), grid, seen + (name,))
         data = load_dataset(spec.get("data", "digits"), "train")
         with torch.random.fork_rng(devices=[]):
@@ -458,6 +466,15 @@ def _check_same_architecture(label: str, source: str, want: dict, grid: Grid) ->
         if have.get(name) != shape:
             raise UserError(f"init {label!r}: {source} does not fit the teacher: tensor {name!r} is "
                             f"{have.get(name, 'missing')} there and {shape} in the teacher")
+
+
+def _check_target_comparable(name: str, pcfg: RegressConfig, student: StudentConfig) -> None:
+    """A regressed generator stopped at a target FD is a matched control only when its FD is measured
+    exactly as the students' step-0 FD: same evaluator size and seed (hence latents), same sigma_init."""
+    for key in ("eval_samples", "eval_seed", "sigma_init"):
+        if getattr(pcfg, key) != getattr(student, key):
+            raise UserError(f"[prereq.{name}] target_fd: {key} = {getattr(pcfg, key)} but [student] uses "
+                            f"{getattr(student, key)}; set them equal so its FD is the students' step-0 FD")
 
 
 def check_grid(grid: Grid, out: Path) -> dict:
@@ -491,7 +508,9 @@ def check_grid(grid: Grid, out: Path) -> dict:
         ExtractConfig(model="", out="", layers=tuple(e["layers"]), sigmas=tuple(e["sigmas"]), split=e["split"],
                       n_samples=e["n_samples"], noise_seed=e["noise_seed"], batch=e["batch"])
     for name in prereq_order(grid.prereqs, grid.external):
-        _prereq_config(name, grid.prereqs[name], out, refs)
+        kind, pcfg = _prereq_config(name, grid.prereqs[name], out, refs)
+        if kind == "regress" and pcfg.targeting:
+            _check_target_comparable(name, pcfg, StudentConfig(out="", teacher="", **student))
     if grid.teacher.startswith("@") and grid.prereqs[grid.teacher[1:]].get("kind") != "teacher":
         raise UserError(f"teacher = {grid.teacher!r} must name a prerequisite of kind \"teacher\"")
     teacher_shapes = _shapes(grid.teacher, grid)

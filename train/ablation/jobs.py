@@ -3,16 +3,16 @@
 Jobs, in the order they are planned::
 
     classifier           the metric classifier of the students' data set (cached; trained once, not by every arm)
-    prereq.NAME          each [prereq.NAME] (teacher or regressed generator), after the ones it names
+    prereq.NAME          each [prereq.NAME] (teacher, regressed or transplanted generator), after the ones it names
     reference            the teacher's own quality figure (when reference_steps > 0)
     INIT__METHOD__sSEED  every arm: a student run (depends on the classifier and the prerequisites it uses)
     aggregate            summary, aggregate, features and verdict, once every other job is done
 
 A job is a small JSON description (``Job``): its kind, name, the config of its unit (the same
-``TeacherConfig`` / ``RegressConfig`` / ``StudentConfig`` fields a ``probe train ...`` command would
-get), the jobs it depends on and the directory its relative paths are relative to. Whether it is
-finished is read from its run directory (``train.ablation.run.unit_state``), so a rerun skips what
-is done whichever launcher did it.
+``TeacherConfig`` / ``RegressConfig`` / ``TransplantConfig`` / ``StudentConfig`` fields a
+``probe train ...`` command would get), the jobs it depends on and the directory its relative
+paths are relative to. Whether it is finished is read from its run directory
+(``train.ablation.run.unit_state``), so a rerun skips what is done whichever launcher did it.
 
 Files in the grid directory (each written by one process only)::
 
@@ -47,7 +47,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclass
 class Job:
     name: str                         # unique in the grid; names its log and record files
-    kind: str                         # classifier | teacher | regress | reference | student | aggregate
+    kind: str                         # classifier | teacher | regress | transplant | reference | student | aggregate
     config: dict                      # the unit's config as JSON (paths relative to cwd)
     depends_on: list = field(default_factory=list)  # names of jobs that must be done first
     cwd: str = ""                     # directory the job was planned in (its relative paths start there)

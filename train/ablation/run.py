@@ -110,7 +110,7 @@ def reference_figure(grid: Grid, out: Path, refs: dict, progress: bool) -> dict 
 
 
 # ---------------------------------------------------------------------------- job units
-UNIT_KINDS = ("classifier", "teacher", "regress", "reference", "student")
+UNIT_KINDS = ("classifier", "teacher", "regress", "transplant", "reference", "student")
 
 
 def config_from_dict(cls, values: dict):
@@ -137,9 +137,22 @@ def unit_state(kind: str, config: dict, base: Path | None = None) -> str:
     if kind == "reference":
         c = {**config, "model": str(_at(base, config["model"])), "path": str(_at(base, config["path"]))}
         return "done" if reference_done(c) else "missing"
-    if kind not in ("student", "teacher", "regress"):
+    if kind not in ("student", "teacher", "regress", "transplant"):
         raise ValueError(f"unknown job kind {kind!r}")
     return run_status(_at(base, config["out"]), int(config["steps"]))  # the one "finished" rule
+
+
+def _say_prereq(kind: str, out: Path, say) -> None:
+    """The figures a matched control is judged by, in the job's log: a target FD's outcome, a transplant's loss."""
+    if kind == "regress" and (out / "regress.json").exists():
+        t = json.loads((out / "regress.json").read_text()).get("target")
+        if t:
+            say(f"target FD {t['target_fd']:.4g} +- {t['tolerance']:.3g}: {t['status']} at step {t['stop_step']} "
+                f"of {t['budget']} (FD {t['fd_reached']:.4g})")
+    elif kind == "transplant" and (out / "transplant.json").exists():
+        r = json.loads((out / "transplant.json").read_text())
+        say(f"feature loss ({r['loss']}) {r['loss_before']:.4g} -> {r['loss_after']:.4g}; untouched: "
+            f"{', '.join(r['untouched']) or 'none'}; fd {r.get('fd')}")
 
 
 def run_unit(kind: str, config: dict, progress: bool = False, say=print, train_fn=None) -> None:
@@ -164,13 +177,20 @@ def run_unit(kind: str, config: dict, progress: bool = False, say=print, train_f
         say(f"{verb}: the teacher's {config['steps']}-step Heun figure on {config['n_samples']} samples")
         result = compute_reference(config, progress)
         say(f"reference fd {result.get('fd')}")
-    elif kind in ("teacher", "regress"):
+    elif kind in ("teacher", "regress", "transplant"):
         from train.regress import RegressConfig, regress_generator
         from train.teacher import TeacherConfig, train_teacher
+        from train.transplant import TransplantConfig, transplant_features
 
-        cls, fn = (TeacherConfig, train_teacher) if kind == "teacher" else (RegressConfig, regress_generator)
         say(f"{verb}: prerequisite ({kind})")
-        fn(config_from_dict(cls, config), resume=state == "partial", progress=progress)
+        resume = state == "partial"
+        if kind == "teacher":
+            train_teacher(config_from_dict(TeacherConfig, config), resume=resume, progress=progress)
+        elif kind == "regress":
+            regress_generator(config_from_dict(RegressConfig, config), resume=resume, progress=progress)
+        else:
+            transplant_features(config_from_dict(TransplantConfig, config), resume=resume, progress=progress)
+        _say_prereq(kind, Path(config["out"]), say)
     elif kind == "student":
         from train.student.loop import StudentConfig
 
