@@ -161,18 +161,24 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert prereq_order(grid.prereqs, grid.external) == ["band_teacher", "regressed"]
     paper = load_grid("paper")
     refs = check_grid(paper, tmp_path / "paper")   # every spec and contrast valid on the tiny teacher's architecture
-    assert set(refs) == {"teacher", "band_teacher", "single_teacher", "regressed"}
+    assert set(refs) == {"teacher", "band_teacher", "single_teacher", "regressed", "matched", "transplanted"}
     assert paper.prereqs["single_teacher"]["sigma_range"] == [2.5, 2.5]
     specs = {e.spec for e in paper.inits}
     for row in ("teacher", "random", "reinit:conv_in,conv_out,time_embedding", "reinit:conv_in,conv_out",
-                "reinit:time_embedding", "shuffle", "from:@band_teacher", "from:@single_teacher", "from:@regressed"):
+                "reinit:time_embedding", "shuffle", "from:@band_teacher", "from:@single_teacher", "from:@regressed",
+                "from:@matched", "from:@transplanted"):
         assert row in specs
-    assert paper.seeds == [0, 1, 2, 3, 4] and paper.methods == ["diffratio-js"]
+    assert paper.seeds == [0, 1, 2] and paper.methods == ["diffratio-js"]
+    seeds = {e.label: paper.seeds_of(e) for e in paper.inits}   # 5 seeds for the arms of the headline contrasts
+    assert all(len(seeds[a]) == 5 for a in ("full", "random", "band", "single", "io-reinit", "matched", "transplanted"))
+    assert sum(map(len, seeds.values())) == 50
+    null = next(e for e in paper.inits if e.label == "null")
+    assert null.student == {"null_signal": "shuffle", "plateau_tol": 0.0} and null.spec == "teacher"
     # every arm is in a declared contrast; the mapping-held-fixed ones declare their match on step-0 FD
     contrasts = {c.name: c for c in paper.contrasts}
     arms = {c.arm for c in paper.contrasts} | {c.versus for c in paper.contrasts} - {"reference"}
     assert {e.label for e in paper.inits} == arms
-    for name in ("band-vs-full", "single-vs-full", "regressed-vs-full"):
+    for name in ("band-vs-full", "single-vs-full", "regressed-vs-full", "matched-vs-full"):
         assert contrasts[name].match["property"] == "fd_start"
     assert not contrasts["regressed-vs-full"].in_claim and contrasts["full-vs-reference"].claim == "1"
     partial = load_grid(str(Path(grid_path("paper")).with_name("paper-partial.toml")))
