@@ -64,7 +64,7 @@ def training_time(run: Path) -> dict:
     return {"wall_s": seconds[-1] if seconds else None, "cpu_s": None, "loop_only": True}
 
 
-def measure(dataset: str, run: Path | None) -> dict:
+def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
     from probe.core.data import load_dataset
     from probe.core.images import save_grid
     from probe.quality.evaluate import EvalConfig, evaluate_model
@@ -80,7 +80,7 @@ def measure(dataset: str, run: Path | None) -> dict:
         out.update(floor=ev.floor(), evaluator=ev.info, eval_s=time.perf_counter() - start)
         return out
     start, cpu = time.perf_counter(), time.process_time()
-    result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset))
+    result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset, draws=draws))
     out.update(result=result, eval_s=time.perf_counter() - start, eval_cpu_s=time.process_time() - cpu,
                train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"])
     grid = run / "bench_samples.png"
@@ -106,12 +106,13 @@ def fmt_s(x) -> str:
 
 
 def markdown(results: list[dict], seconds: float) -> str:
-    lines = [f"<!-- {NAME}:start -->", "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
+    lines = [f"<!-- {NAME}:start -->",
+             "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
              "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps (1600), "
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
-             "3 latent draws, Heun 18 steps; value +- std over draws; floor = n held-out real images scored "
-             "the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; gap = (teacher FD - "
-             "floor FD) / floor std. Memorisation: nearest-neighbour distance of the samples to train / to "
+             "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
+             "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
+             "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the samples to train / to "
              "held-out (equal-size sets), pixels and classifier features (1 = no copying).", ""]
     head = ("| data | classes / factors | train / test | n / reference / pool | classifier acc. | floor FD | "
             "floor KID | floor FD-inf | teacher FD | KID | FD-inf | ratio | gap | coverage | precision | recall | "
@@ -138,11 +139,12 @@ def markdown(results: list[dict], seconds: float) -> str:
             crit = criteria(r)
             t = r["train_time"]
             lines.append(f"- {r['dataset']}: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
-                         + f"; training load average {t.get('load_start', '?')} -> {t.get('load_end', '?')}"
+                         + f"; training load average {t.get('load_start') or '?'} -> {t.get('load_end') or '?'}"
                          + (" (wall of the training loop only, CPU time not recorded)" if t.get("loop_only") else "")
                          + f"; data generated/loaded in {r['load_s']:.1f} s; samples: `{r['grid']}`")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with "
-              f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; this measurement {seconds:.0f} s wall.",
+              f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; this measurement {seconds:.0f} s "
+              f"wall.",
               f"<!-- {NAME}:end -->"]
     return "\n".join(lines)
 
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--teacher", action="append", default=[], help="DATA=RUN: a trained teacher of DATA")
     parser.add_argument("--train", action="store_true", help="train the default teacher of every --data set")
     parser.add_argument("--work-dir", default="runs/bench_benchmark_data", help="where --train writes teachers")
+    parser.add_argument("--draws", type=int, default=3, help="latent draws per teacher (probe eval's default: 3)")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
     args = parser.parse_args()
@@ -169,9 +172,10 @@ def main() -> None:
             teachers.setdefault(dataset, "")
     results = []
     for dataset, run in teachers.items():
-        results.append(measure(dataset, Path(run) if run else None))
+        results.append(measure(dataset, Path(run) if run else None, args.draws))
         print(f"{dataset} done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    text = markdown(results, time.perf_counter() - start)
+    draws = f"{args.draws} latent draw" + "s" * (args.draws > 1)
+    text = markdown(results, time.perf_counter() - start).replace("DRAWS latent draws", draws)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
