@@ -112,8 +112,9 @@ def markdown(results: list[dict], seconds: float) -> str:
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
              "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
              "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
-             "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the samples to train / to "
-             "held-out (equal-size sets), pixels and classifier features (1 = no copying).", ""]
+             "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the "
+             "samples to train / to held-out (equal-size sets), pixels and classifier features (1 = no copying).",
+             ""]
     head = ("| data | classes / factors | train / test | n / reference / pool | classifier acc. | floor FD | "
             "floor KID | floor FD-inf | teacher FD | KID | FD-inf | ratio | gap | coverage | precision | recall | "
             "memorisation px / feat | train wall / CPU s | eval s |")
