@@ -151,7 +151,7 @@ def _shapes(split: str) -> ImageDataset:
 
 
 # ---------------------------------------------------------------------------------- scenes
-SCENE_CLASSES = ["circle", "square", "triangle", "cross"]
+SCENE_CLASSES = ["circle", "square", "triangle", "cross"]  # = SCENE_DESIGN["classes"]
 SCENE_SIZE = 16                 # pixels per side (32 would make the default teacher 4.5x slower, measured)
 SCENE_COUNT = {"train": 4096, "test": 10_000}  # test = the metric's held-out pool (floor resamples)
 SCENE_SEEDS = {"train": SPLIT_SEED + 10, "test": SPLIT_SEED + 11}  # one stream per split: disjoint by construction
@@ -163,12 +163,18 @@ SCENE_BACKGROUNDS = np.array([[[0.05, 0.05, 0.2], [0.1, 0.3, 0.35]], [[0.25, 0.1
                               [[0.1, 0.1, 0.1], [0.3, 0.3, 0.35]], [[0.2, 0.05, 0.2], [0.35, 0.1, 0.1]]],
                              dtype=np.float32)
 SCENE_MAX_DISTRACTORS = 2
+SHAPE_OUTLINES = ["circle", "square", "triangle", "cross", "wide bar", "tall bar"]  # what _scene_sdf can draw
+# The design's knobs (how hard the data is for the default teacher): classes (outlines, by name),
+# main size range (px), rotation range (+- degrees), largest shading, P(0, 1, 2 distractors),
+# distractor sizes (px). Two easier variants tried are in benchmarks/RESULTS.md (issue 15 section).
+SCENE_DESIGN = dict(classes=("circle", "square", "triangle", "cross"), size=(4.0, 6.0), rotation=45.0,
+                    shade=0.5, distractors=(0.3, 0.4, 0.3), distractor_size=(1.8, 2.8))
 
 
 def _scene_sdf(shape: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Signed distance (pixels, < 0 inside) of each object's outline at local coordinates (u right, v up).
 
-    ``shape`` indexes SCENE_CLASSES; ``r`` is the size (circle radius; the others are scaled to
+    ``shape`` indexes SHAPE_OUTLINES; ``r`` is the size (circle radius; the others are scaled to
     a similar area). Arrays broadcast as [N, 1, 1] against [N, H, W]. Polygons use the maximum of
     their edges' half-plane distances, exact inside and near the edges, which is all the
     anti-aliasing needs.
@@ -181,11 +187,17 @@ def _scene_sdf(shape: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -
     triangle = np.maximum(np.maximum(edge(0.0, -1.0), edge(np.sqrt(3) / 2, 0.5)), edge(-np.sqrt(3) / 2, 0.5))
     w = 0.4 * r  # half-width of the cross's arms
     cross = np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - w), np.maximum(np.abs(u) - w, np.abs(v) - r))
-    return np.choose(shape.reshape(-1, 1, 1).astype(np.int64), [circle, square, triangle, cross])
+    # bars: a 2.2:1 rectangle of about the circle's area, lying or standing
+    wide = np.maximum(np.abs(u) - 1.3 * r, np.abs(v) - 0.6 * r)
+    tall = np.maximum(np.abs(u) - 0.6 * r, np.abs(v) - 1.3 * r)
+    return np.choose(shape.reshape(-1, 1, 1).astype(np.int64), [circle, square, triangle, cross, wide, tall])
 
 
-def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> tuple[np.ndarray, dict]:
+def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE,
+                    design: dict | None = None) -> tuple[np.ndarray, dict]:
     """``n`` scenes from ``seed``: float32 images [n, 3, size, size] in [0, 1] and their factors.
+
+    ``design`` overrides SCENE_DESIGN's knobs (for trying variants; ``load_dataset`` uses the default).
 
     Vectorised (10,000 images in well under a second). Factors, one array [n] each (int =
     categorical, float = continuous; -1 / NaN where a factor does not apply, i.e. a distractor
@@ -193,7 +205,7 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> tuple[np.ndarr
 
     - ``shape`` (the class), ``colour`` (SCENE_COLOURS index), ``size`` (pixels), ``x``, ``y``
       (centre, pixels from the top-left corner), ``rotation`` (degrees, counter-clockwise, in
-      [-45, 45)), ``shade`` (how much darker the object's bottom is than its top, 0-0.5) of the
+      [-45, 45) by default), ``shade`` (how much darker the object's bottom is than its top, 0-0.5) of the
       main object;
     - ``background`` (SCENE_BACKGROUNDS index), ``bg_angle`` (degrees, direction of its gradient);
     - ``n_objects`` (1 + distractors), and per distractor k = 1, 2: ``d{k}_shape`` (0 disc,
@@ -202,21 +214,23 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> tuple[np.ndarr
     """
     rng = np.random.default_rng(seed)
     f: dict[str, np.ndarray] = {}
-    f["shape"] = rng.integers(0, len(SCENE_CLASSES), n)
+    d = {**SCENE_DESIGN, **(design or {})}
+    outline = np.array([SHAPE_OUTLINES.index(c) for c in d["classes"]])
+    f["shape"] = rng.integers(0, len(d["classes"]), n)
     f["colour"] = rng.integers(0, len(SCENE_COLOURS), n)
-    f["size"] = rng.uniform(4.0, 6.0, n).astype(np.float32)
+    f["size"] = rng.uniform(*d["size"], n).astype(np.float32)
     f["x"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
     f["y"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
-    f["rotation"] = rng.uniform(-45.0, 45.0, n).astype(np.float32)
-    f["shade"] = rng.uniform(0.0, 0.5, n).astype(np.float32)
+    f["rotation"] = rng.uniform(-d["rotation"], d["rotation"], n).astype(np.float32)
+    f["shade"] = rng.uniform(0.0, d["shade"], n).astype(np.float32)
     f["background"] = rng.integers(0, len(SCENE_BACKGROUNDS), n)
     f["bg_angle"] = rng.uniform(0.0, 360.0, n).astype(np.float32)
-    n_distractors = rng.choice(SCENE_MAX_DISTRACTORS + 1, n, p=[0.3, 0.4, 0.3])
+    n_distractors = rng.choice(SCENE_MAX_DISTRACTORS + 1, n, p=list(d["distractors"]))
     f["n_objects"] = 1 + n_distractors
     d_shape = rng.integers(0, 2, (SCENE_MAX_DISTRACTORS, n))
     # never the main object's colour: a distractor touching it would otherwise change its outline
     d_colour = (f["colour"] + rng.integers(1, len(SCENE_COLOURS), (SCENE_MAX_DISTRACTORS, n))) % len(SCENE_COLOURS)
-    d_size = rng.uniform(1.8, 2.8, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
+    d_size = rng.uniform(*d["distractor_size"], (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
     d_x = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
     d_y = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
 
@@ -248,7 +262,7 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE) -> tuple[np.ndarr
     dx, dy = xx - col(f["x"]), -(yy - col(f["y"]))
     c, s = col(np.cos(th)), col(np.sin(th))
     u, v = c * dx + s * dy, -s * dx + c * dy
-    sdf = _scene_sdf(f["shape"], u, v, col(f["size"]))
+    sdf = _scene_sdf(outline[f["shape"]], u, v, col(f["size"]))
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)
     light = 1 - col(f["shade"]) * np.clip(0.5 - v / (2 * col(f["size"])), 0.0, 1.0)
     colour = SCENE_COLOURS[f["colour"]][:, :, None, None] * light[:, None]
