@@ -167,3 +167,28 @@ def test_teacher_and_extraction_run_on_scenes(tmp_path):
     store = FeatureStore.open(out)
     assert set(store.factors) == set(load_dataset("scenes", "test").factors)
     assert np.isnan(store.factors["d2_x"]).any() and (store.factors["d2_shape"] == -1).any()
+
+
+def test_bench_script_criteria_and_table():
+    """benchmarks/bench_benchmark_data.py: the issue-15 criteria and the table row, from given figures."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_benchmark_data as bb
+
+    floor = {"fd": 1.0, "fd_std": 0.5, "kid": 0.0, "kid_std": 1.0, "fd_inf": 0.0, "fd_inf_std": 1.0}
+    model = {"fd": 5.0, "fd_std": 0.1, "kid": 3.0, "kid_std": 0.1, "fd_inf": 4.0, "fd_inf_std": 0.2,
+             "coverage": 1.0, "precision": 0.69, "recall": 0.9,
+             "memorisation": {"pixel": {"nn_ratio": 1.0}, "features": {"nn_ratio": 0.99}}}
+    r = {"dataset": "scenes", "num_classes": 4, "n_factors": 22, "n_train": 10, "n_test": 20, "load_s": 0.1,
+         "evaluator": {"n_samples": 8, "n_reference": 10, "n_heldout": 20, "classifier_test_accuracy": 0.9},
+         "floor": floor, "result": model, "train_time": {"wall_s": 60.0, "cpu_s": 50.0}, "eval_s": 3.0,
+         "grid": "g.png"}
+    # FD 5 >= 3 x 1; floor std 0.5 > 0.1 x (5 - 1) = 0.4; coverage 1; precision 0.69 < 0.7
+    assert bb.criteria(r) == {"fd >= 3x floor": True, "floor std <= 0.1 x (fd - floor)": False,
+                              "coverage 1.0": True, "precision >= 0.7": False}
+    text = bb.markdown([r], 1.0)
+    row = next(line for line in text.splitlines() if line.startswith("| scenes"))
+    assert "| 5.0 | 8 |" in row  # ratio 5 / 1, gap (5 - 1) / 0.5
+    assert "60 / 50" in row and text.count("NO") == 2
