@@ -166,7 +166,7 @@ SCENE_MAX_DISTRACTORS = 2
 SHAPE_OUTLINES = ["circle", "square", "triangle", "cross", "wide bar", "tall bar"]  # what _scene_sdf can draw
 # The design's knobs (how hard the data is for the default teacher): classes (outlines, by name),
 # main size range (px), rotation range (+- degrees), largest shading, P(0, 1, 2 distractors),
-# distractor sizes (px). Two easier variants tried are in benchmarks/RESULTS.md (issue 15 section).
+# distractor sizes (px). The variants tried are in benchmarks/RESULTS.md (issue 15 section).
 SCENE_DESIGN = dict(classes=("circle", "square", "triangle", "cross"), size=(4.0, 6.0), rotation=45.0,
                     shade=0.5, distractors=(0.3, 0.4, 0.3), distractor_size=(1.8, 2.8))
 
