@@ -170,7 +170,7 @@ def _out_file(path: Path | None, option: str = "--out") -> Path | None:
 @train_app.command("teacher")
 def train_teacher_cmd(
     out: Path = typer.Option(..., help="Run directory to write."),
-    data: str = typer.Option(_d(T, "data"), help="digits | shapes | mnist | cifar10 | folder:PATH"),
+    data: str = typer.Option(_d(T, "data"), help="digits | shapes | scenes | mnist | cifar10 | folder:PATH"),
     preset: str = typer.Option(_d(T, "preset"), help="UNet preset: tiny | small | cifar | test"),
     steps: int = typer.Option(_d(T, "steps"), help="Optimiser steps."),
     batch: int = typer.Option(_d(T, "batch"), help="Images per step (global: across every process)."),
@@ -545,7 +545,7 @@ def layers_cmd(
 def extract_cmd(
     model: Path = typer.Argument(..., help="Run directory or diffusers UNet2DModel / DDPMPipeline directory."),
     out: Path = typer.Option(..., help="Feature file (.h5); an interrupted one is resumed."),
-    data: str = typer.Option(_d(E, "data"), help="digits | shapes | mnist | cifar10 | folder:PATH"),
+    data: str = typer.Option(_d(E, "data"), help="digits | shapes | scenes | mnist | cifar10 | folder:PATH"),
     layers: str | None = typer.Option(None, help="Comma-separated module paths or globs (default: down blocks, "
                                                     "mid block, up blocks)."),
     sigmas: str | None = typer.Option(None, help="Comma-separated EDM sigmas, 0 = clean input "

@@ -6,6 +6,10 @@ Names accepted by ``load_dataset``:
                scikit-learn wheel, so it is the embedded default that needs no download.
 - ``shapes``   procedural 16x16 RGB circles, squares and triangles; every generative factor
                (shape, colour, size, position) is stored so probes can ask which one a layer encodes.
+- ``scenes``   procedural 16x16 RGB scenes: one large rotated, shaded object (its shape is the
+               class) over a two-colour gradient background, with up to two small objects partly
+               hidden behind it; 4096 train and 10,000 test images, every factor stored. A
+               benchmark with headroom above the metric's floor (docs/metric.md).
 - ``mnist``, ``cifar10``  through torchvision when it is installed (and online for the first
                download); otherwise read directly from torchvision's on-disk layout under ``root``.
 - ``folder:PATH``  an image folder, one sub-folder per class (or flat, labels unknown).
@@ -31,7 +35,7 @@ from probe.core.errors import UserError
 
 SPLIT_SEED = 20250211           # fixed seed of every train/test split (not a run's seed)
 SPLITS = ("train", "test")
-DATASETS = ("digits", "shapes", "mnist", "cifar10", "folder:PATH")
+DATASETS = ("digits", "shapes", "scenes", "mnist", "cifar10", "folder:PATH")
 
 
 @dataclass
@@ -76,6 +80,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
         return _digits(split)
     if name == "shapes":
         return _shapes(split)
+    if name == "scenes":
+        return _scenes(split)
     if name == "mnist":
         return _mnist(split, root)
     if name == "cifar10":
@@ -142,6 +148,154 @@ def _shapes(split: str) -> ImageDataset:
                "size": radius, "x": cx, "y": cy}
     return ImageDataset("shapes", split, _to_unit_range(images, 1.0),
                         torch.from_numpy(shape.astype(np.int64)), 3, factors, SHAPE_NAMES)
+
+
+# ---------------------------------------------------------------------------------- scenes
+SCENE_CLASSES = ["circle", "square", "triangle", "cross"]  # = SCENE_DESIGN["classes"]
+SCENE_SIZE = 16                 # pixels per side (32 would make the default teacher 4.5x slower, measured)
+SCENE_COUNT = {"train": 4096, "test": 10_000}  # test = the metric's held-out pool (floor resamples)
+SCENE_SEEDS = {"train": SPLIT_SEED + 10, "test": SPLIT_SEED + 11}  # one stream per split: disjoint by construction
+# Bright, saturated object colours, far from every background so the objects stay salient.
+SCENE_COLOURS = np.array([[0.95, 0.25, 0.2], [0.95, 0.75, 0.15], [0.3, 0.85, 0.25],
+                          [0.2, 0.8, 0.9], [0.3, 0.4, 1.0], [0.9, 0.35, 0.9]], dtype=np.float32)
+# Dark backgrounds, each a pair of colours blended along a random direction.
+SCENE_BACKGROUNDS = np.array([[[0.05, 0.05, 0.2], [0.1, 0.3, 0.35]], [[0.25, 0.12, 0.05], [0.3, 0.3, 0.1]],
+                              [[0.1, 0.1, 0.1], [0.3, 0.3, 0.35]], [[0.2, 0.05, 0.2], [0.35, 0.1, 0.1]]],
+                             dtype=np.float32)
+SCENE_MAX_DISTRACTORS = 2
+SHAPE_OUTLINES = ["circle", "square", "triangle", "cross", "wide bar", "tall bar"]  # what _scene_sdf can draw
+# The design's knobs (how hard the data is for the default teacher): classes (outlines, by name),
+# main size range (px), rotation range (+- degrees), largest shading, P(0, 1, 2 distractors),
+# distractor sizes (px). The variants tried are in benchmarks/RESULTS.md (issue 15 section).
+SCENE_DESIGN = dict(classes=("circle", "square", "triangle", "cross"), size=(4.0, 6.0), rotation=45.0,
+                    shade=0.5, distractors=(0.3, 0.4, 0.3), distractor_size=(1.8, 2.8))
+
+
+def _scene_sdf(shape: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Signed distance (pixels, < 0 inside) of each object's outline at local coordinates (u right, v up).
+
+    ``shape`` indexes SHAPE_OUTLINES; ``r`` is the size (circle radius; the others are scaled to
+    a similar area). Arrays broadcast as [N, 1, 1] against [N, H, W]. Polygons use the maximum of
+    their edges' half-plane distances, exact inside and near the edges, which is all the
+    anti-aliasing needs.
+    """
+    circle = np.sqrt(u ** 2 + v ** 2) - r
+    square = np.maximum(np.abs(u), np.abs(v)) - 0.85 * r
+    # equilateral triangle, apex up, centroid at the origin, circumradius 1.25 r
+    rt = 1.25 * r
+    edge = lambda nx, ny: nx * u + ny * v - 0.5 * rt  # noqa: E731 - inradius = circumradius / 2
+    triangle = np.maximum(np.maximum(edge(0.0, -1.0), edge(np.sqrt(3) / 2, 0.5)), edge(-np.sqrt(3) / 2, 0.5))
+    w = 0.4 * r  # half-width of the cross's arms
+    cross = np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - w), np.maximum(np.abs(u) - w, np.abs(v) - r))
+    # bars: a 2.2:1 rectangle of about the circle's area, lying or standing
+    wide = np.maximum(np.abs(u) - 1.3 * r, np.abs(v) - 0.6 * r)
+    tall = np.maximum(np.abs(u) - 0.6 * r, np.abs(v) - 1.3 * r)
+    return np.choose(shape.reshape(-1, 1, 1).astype(np.int64), [circle, square, triangle, cross, wide, tall])
+
+
+def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE,
+                    design: dict | None = None) -> tuple[np.ndarray, dict]:
+    """``n`` scenes from ``seed``: float32 images [n, 3, size, size] in [0, 1] and their factors.
+
+    ``design`` overrides SCENE_DESIGN's knobs (for trying variants; ``load_dataset`` uses the default).
+
+    Vectorised (10,000 images in well under a second). Factors, one array [n] each (int =
+    categorical, float = continuous; -1 / NaN where a factor does not apply, i.e. a distractor
+    that is absent):
+
+    - ``shape`` (the class), ``colour`` (SCENE_COLOURS index), ``size`` (pixels), ``x``, ``y``
+      (centre, pixels from the top-left corner), ``rotation`` (degrees, counter-clockwise, in
+      [-45, 45) by default), ``shade`` (how much darker the object's bottom is than its top, 0-0.5) of the
+      main object;
+    - ``background`` (SCENE_BACKGROUNDS index), ``bg_angle`` (degrees, direction of its gradient);
+    - ``n_objects`` (1 + distractors), and per distractor k = 1, 2: ``d{k}_shape`` (0 disc,
+      1 square), ``d{k}_colour``, ``d{k}_size``, ``d{k}_x``, ``d{k}_y`` and ``d{k}_visible``
+      (share of its area not hidden by objects drawn after it: occlusion).
+    """
+    rng = np.random.default_rng(seed)
+    f: dict[str, np.ndarray] = {}
+    d = {**SCENE_DESIGN, **(design or {})}
+    outline = np.array([SHAPE_OUTLINES.index(c) for c in d["classes"]])
+    f["shape"] = rng.integers(0, len(d["classes"]), n)
+    f["colour"] = rng.integers(0, len(SCENE_COLOURS), n)
+    f["size"] = rng.uniform(*d["size"], n).astype(np.float32)
+    f["x"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
+    f["y"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
+    f["rotation"] = rng.uniform(-d["rotation"], d["rotation"], n).astype(np.float32)
+    f["shade"] = rng.uniform(0.0, d["shade"], n).astype(np.float32)
+    f["background"] = rng.integers(0, len(SCENE_BACKGROUNDS), n)
+    f["bg_angle"] = rng.uniform(0.0, 360.0, n).astype(np.float32)
+    n_distractors = rng.choice(SCENE_MAX_DISTRACTORS + 1, n, p=list(d["distractors"]))
+    f["n_objects"] = 1 + n_distractors
+    d_shape = rng.integers(0, 2, (SCENE_MAX_DISTRACTORS, n))
+    # never the main object's colour: a distractor touching it would otherwise change its outline
+    d_colour = (f["colour"] + rng.integers(1, len(SCENE_COLOURS), (SCENE_MAX_DISTRACTORS, n))) % len(SCENE_COLOURS)
+    d_size = rng.uniform(*d["distractor_size"], (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
+    d_x = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
+    d_y = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres
+    yy, xx = yy[None], xx[None]
+
+    def col(a):  # per-image values as [n, 1, 1] for broadcasting against the pixel grid
+        return np.asarray(a, np.float32).reshape(-1, 1, 1)
+
+    # Background: linear blend of its two colours along bg_angle, over the image's diagonal extent.
+    a = np.deg2rad(f["bg_angle"])
+    t = ((xx - size / 2) * col(np.cos(a)) + (yy - size / 2) * col(np.sin(a))) / (size / np.sqrt(2)) * 0.5 + 0.5
+    pair = SCENE_BACKGROUNDS[f["background"]]                      # [n, 2, 3]
+    img = (pair[:, 0, :, None, None] * (1 - t[:, None]) + pair[:, 1, :, None, None] * t[:, None])
+
+    # Distractors first, so the main object (and the second distractor) can hide them.
+    alphas = []
+    for k in range(SCENE_MAX_DISTRACTORS):
+        present = k < n_distractors
+        du, dv = xx - col(d_x[k]), -(yy - col(d_y[k]))
+        sdf = np.where(col(d_shape[k]) == 0, np.sqrt(du ** 2 + dv ** 2) - col(d_size[k]),
+                       np.maximum(np.abs(du), np.abs(dv)) - 0.85 * col(d_size[k]))
+        alpha = np.clip(0.5 - sdf, 0.0, 1.0) * col(present)  # coverage of each pixel: anti-aliased edges
+        img = img * (1 - alpha[:, None]) + SCENE_COLOURS[d_colour[k]][:, :, None, None] * alpha[:, None]
+        alphas.append(alpha)
+
+    # Main object in its own rotated frame (u right, v up), shaded from top (full colour) to bottom.
+    th = np.deg2rad(f["rotation"])
+    dx, dy = xx - col(f["x"]), -(yy - col(f["y"]))
+    c, s = col(np.cos(th)), col(np.sin(th))
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    sdf = _scene_sdf(outline[f["shape"]], u, v, col(f["size"]))
+    alpha = np.clip(0.5 - sdf, 0.0, 1.0)
+    light = 1 - col(f["shade"]) * np.clip(0.5 - v / (2 * col(f["size"])), 0.0, 1.0)
+    colour = SCENE_COLOURS[f["colour"]][:, :, None, None] * light[:, None]
+    img = img * (1 - alpha[:, None]) + colour * alpha[:, None]
+
+    # What is left of each distractor after everything drawn over it.
+    hidden_by = [alphas[1], alpha], [alpha]
+    for k in range(SCENE_MAX_DISTRACTORS):
+        present = k < n_distractors
+        left = alphas[k].copy()
+        for over in hidden_by[k]:
+            left *= 1 - over
+        visible = left.sum((1, 2)) / np.maximum(alphas[k].sum((1, 2)), 1e-6)
+        f[f"d{k + 1}_shape"] = np.where(present, d_shape[k], -1)
+        f[f"d{k + 1}_colour"] = np.where(present, d_colour[k], -1)
+        for name, values in (("size", d_size[k]), ("x", d_x[k]), ("y", d_y[k]), ("visible", visible)):
+            f[f"d{k + 1}_{name}"] = np.where(present, values, np.nan).astype(np.float32)
+    factors = {k: (v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32))
+               for k, v in f.items()}
+    return np.clip(img, 0.0, 1.0).astype(np.float32), factors
+
+
+_SCENE_CACHE: dict[str, tuple[np.ndarray, dict]] = {}  # split -> (images, factors), generated once per process
+
+
+def _scenes(split: str) -> ImageDataset:
+    if split not in _SCENE_CACHE:
+        _SCENE_CACHE[split] = generate_scenes(SCENE_COUNT[split], SCENE_SEEDS[split])
+    images, factors = _SCENE_CACHE[split]
+    factors = {k: v.copy() for k, v in factors.items()}  # callers may edit theirs; the cache stays intact
+    return ImageDataset("scenes", split, _to_unit_range(images, 1.0),
+                        torch.from_numpy(factors["shape"].copy()), len(SCENE_CLASSES), factors,
+                        list(SCENE_CLASSES))
 
 
 # --------------------------------------------------------------------- torchvision data sets

@@ -1,0 +1,190 @@
+"""Benchmark headroom: does the default teacher sit well above the metric's floor on each embedded data set?
+
+    # train the default teacher per data set (probe train teacher, default preset and steps), then measure
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_benchmark_data.py --data scenes --train --work-dir runs/bench
+    # or measure teachers trained before (RUN = a teacher run directory)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_benchmark_data.py --teacher scenes=RUN [--write]
+
+Per data set: the data's generation/load time, the metric classifier's held-out accuracy, the
+sample counts the evaluator uses by default (n per score, reference, held-out pool), the
+real-vs-real floor (mean +- std over 5 resamples), the teacher's FD / KID / FD-infinity (mean +-
+std over latent draws, ``probe eval``'s protocol), its ratio to the floor and its distance above
+the floor in floor stds, class coverage, precision/recall, the memorisation ratios, and the wall
+and CPU times of training and evaluation. Then the issue-15 criteria: teacher FD >= 3x the floor,
+floor std <= 0.1 x (teacher FD - floor), coverage 1.0, precision >= 0.7. With ``--write`` the
+markdown section replaces this script's section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import torch  # noqa: E402
+
+NAME = "bench_benchmark_data"
+TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def train_default_teacher(dataset: str, out: Path) -> dict:
+    """``probe train teacher --data DATASET`` with every other option at its default, timed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load, start = load_average(), time.perf_counter()
+    cmd = [sys.executable, "-m", "probe.cli", "train", "teacher", "--data", dataset, "--out", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timing = {"wall_s": time.perf_counter() - start,
+              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+              "load_start": load, "load_end": load_average(), "threads": os.environ.get("OMP_NUM_THREADS")}
+    (out / TIME_FILE).write_text(json.dumps(timing, indent=2))
+    return timing
+
+
+def training_time(run: Path) -> dict:
+    """Timing of a teacher run: this script's file when it trained it, else the loop's wall time
+    from metrics.jsonl (CPU time unknown)."""
+    if (run / TIME_FILE).exists():
+        return json.loads((run / TIME_FILE).read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [r["seconds"] for r in rows if "seconds" in r]
+    return {"wall_s": seconds[-1] if seconds else None, "cpu_s": None, "loop_only": True}
+
+
+def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
+    from probe.core.data import load_dataset
+    from probe.core.images import save_grid
+    from probe.quality.evaluate import EvalConfig, evaluate_model
+    from probe.quality.metrics import QualityEvaluator, default_n_samples
+
+    start = time.perf_counter()
+    train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    out: dict = {"dataset": dataset, "load_s": time.perf_counter() - start, "n_train": len(train),
+                 "n_test": len(test), "n_factors": len(train.factors), "num_classes": train.num_classes}
+    if run is None:  # floor and classifier only
+        start = time.perf_counter()
+        ev = QualityEvaluator(dataset, n_samples=default_n_samples(dataset))
+        out.update(floor=ev.floor(), evaluator=ev.info, eval_s=time.perf_counter() - start)
+        return out
+    start, cpu = time.perf_counter(), time.process_time()
+    result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset, draws=draws))
+    out.update(result=result, eval_s=time.perf_counter() - start, eval_cpu_s=time.process_time() - cpu,
+               train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"])
+    grid = run / "bench_samples.png"
+    save_grid(samples[:64], grid, scale=6)
+    out["grid"] = str(grid)
+    return out
+
+
+def criteria(r: dict) -> dict:
+    """Issue 15's headroom and quality criteria for one teacher, each True/False."""
+    f, m = r["floor"], r["result"]
+    return {"fd >= 3x floor": m["fd"] >= 3 * f["fd"],
+            "floor std <= 0.1 x (fd - floor)": f["fd_std"] <= 0.1 * (m["fd"] - f["fd"]),
+            "coverage 1.0": m["coverage"] >= 1.0, "precision >= 0.7": m["precision"] >= 0.7}
+
+
+def pm(d: dict, key: str, digits: int) -> str:
+    return f"{d[key]:.{digits}f} +- {d[key + '_std']:.{digits}f}"
+
+
+def fmt_s(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def markdown(results: list[dict], seconds: float) -> str:
+    lines = [f"<!-- {NAME}:start -->",
+             "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
+             "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps (1600), "
+             "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
+             "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
+             "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
+             "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the "
+             "samples to train / to held-out (equal-size sets), pixels and classifier features (1 = no copying).",
+             ""]
+    head = ("| data | classes / factors | train / test | n / reference / pool | classifier acc. | floor FD | "
+            "floor KID | floor FD-inf | teacher FD | KID | FD-inf | ratio | gap | coverage | precision | recall | "
+            "memorisation px / feat | train wall / CPU s | eval s |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        ev, f = r["evaluator"], r["floor"]
+        base = (f"| {r['dataset']} | {r['num_classes']} / {r['n_factors']} | {r['n_train']} / {r['n_test']} | "
+                f"{ev['n_samples']} / {ev['n_reference']} / {ev['n_heldout']} | {ev['classifier_test_accuracy']:.4f} | "
+                f"{pm(f, 'fd', 2)} | {pm(f, 'kid', 3)} | {pm(f, 'fd_inf', 2)} |")
+        if "result" not in r:
+            lines.append(base + " no teacher in this run |" + " |" * 9)
+            continue
+        m, t = r["result"], r["train_time"]
+        mem = m["memorisation"]
+        lines.append(base + f" {pm(m, 'fd', 2)} | {pm(m, 'kid', 3)} | {pm(m, 'fd_inf', 2)} | "
+                     f"{m['fd'] / f['fd']:.1f} | {(m['fd'] - f['fd']) / f['fd_std']:.0f} | {m['coverage']:.2f} | "
+                     f"{m['precision']:.3f} | {m['recall']:.3f} | {mem['pixel']['nn_ratio']:.3f} / "
+                     f"{mem['features']['nn_ratio']:.3f} | {fmt_s(t['wall_s'])} / {fmt_s(t.get('cpu_s'))} | "
+                     f"{r['eval_s']:.0f} |")
+    lines.append("")
+    for r in results:
+        if "result" in r:
+            crit = criteria(r)
+            t = r["train_time"]
+            lines.append(f"- {r['dataset']}: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
+                         + f"; training load average {t.get('load_start') or '?'} -> {t.get('load_end') or '?'}"
+                         + (" (wall of the training loop only, CPU time not recorded)" if t.get("loop_only") else "")
+                         + f"; data generated/loaded in {r['load_s']:.1f} s; samples: `{r['grid']}`")
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with "
+              f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; this measurement {seconds:.0f} s "
+              f"wall.",
+              f"<!-- {NAME}:end -->"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="", help="comma-separated data sets measured without a given teacher")
+    parser.add_argument("--teacher", action="append", default=[], help="DATA=RUN: a trained teacher of DATA")
+    parser.add_argument("--train", action="store_true", help="train the default teacher of every --data set")
+    parser.add_argument("--work-dir", default="runs/bench_benchmark_data", help="where --train writes teachers")
+    parser.add_argument("--draws", type=int, default=3, help="latent draws per teacher (probe eval's default: 3)")
+    parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    teachers = dict(t.split("=", 1) for t in args.teacher)
+    for dataset in filter(None, args.data.split(",")):
+        if args.train:
+            run = Path(args.work_dir) / f"teacher-{dataset}"
+            train_default_teacher(dataset, run)
+            teachers[dataset] = str(run)
+        else:
+            teachers.setdefault(dataset, "")
+    results = []
+    for dataset, run in teachers.items():
+        results.append(measure(dataset, Path(run) if run else None, args.draws))
+        print(f"{dataset} done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    draws = f"{args.draws} latent draw" + "s" * (args.draws > 1)
+    text = markdown(results, time.perf_counter() - start).replace("DRAWS latent draws", draws)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if args.write:
+        from results_md import write_section
+
+        write_section(NAME, text)
+
+
+if __name__ == "__main__":
+    main()
