@@ -38,3 +38,35 @@ def tiny_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
     return train_teacher(TeacherConfig(out=str(out), preset="test", steps=4, batch=16, checkpoint_every=2,
                                        eval_samples=0, sample_steps=2), progress=False)
+
+
+class FakeEvaluator:
+    """Stands in for probe.quality.metrics.QualityEvaluator, whose classifier is trained once per data
+    set: "FD" = ``scale`` x mean |x| of the samples, the samples of every call kept in ``seen``."""
+
+    scale = 1.0
+    seen: list = []
+
+    def __init__(self, dataset, n_samples, seed, progress):
+        self.info = {"dataset": dataset}
+
+    def evaluate(self, samples):
+        type(self).seen.append(samples.clone())
+        return {"fd": self.scale * float(samples.abs().mean()), "precision": 0.5, "recall": 0.5, "coverage": 0.5,
+                "n": len(samples)}
+
+    def floor(self):
+        return {"fd": 0.0}
+
+    def memorisation(self, samples):
+        return {"nn_ratio_pixel": 1.0}
+
+
+@pytest.fixture
+def fake_evaluator(monkeypatch):
+    """Installs a fresh FakeEvaluator subclass (own ``seen`` list; set ``scale`` on it) for one test."""
+    import probe.quality.metrics
+
+    fake = type("FakeEvaluator", (FakeEvaluator,), {"seen": []})
+    monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", fake)
+    return fake

@@ -17,27 +17,6 @@ from train.student.drift import capture_reference, metric_key, parse_key
 from train.student.loop import StudentConfig, train_student
 
 
-@pytest.fixture
-def fake_evaluator(monkeypatch):
-    """Stands in for the classifier-based evaluator (its classifier is trained once per data set)."""
-    import probe.quality.metrics
-
-    class FakeEvaluator:
-        def __init__(self, dataset, n_samples, seed, progress):
-            self.info = {"dataset": dataset}
-
-        def evaluate(self, samples):
-            return {"fd": float(samples.abs().mean()), "precision": 0.5, "recall": 0.5, "coverage": 0.5}
-
-        def floor(self):
-            return {"fd": 0.0}
-
-        def memorisation(self, samples):
-            return {}
-
-    monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
-
-
 def _cfg(out, teacher, **kw):
     base = dict(out=str(out), teacher=str(teacher), steps=2, batch=8, checkpoint_every=2, log_every=1, eval_every=2,
                 eval_samples=16, lr_g=1e-3, lr_aux=1e-3, seed=1, drift_samples=64)

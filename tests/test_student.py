@@ -110,28 +110,8 @@ def test_nonfinite_gradients_skip_the_step(tiny_teacher, tmp_path, monkeypatch):
     assert all(torch.equal(start[k[len("unet."):]], v) for k, v in gen.items() if k.startswith("unet."))
 
 
-def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, monkeypatch):
-    import probe.quality.metrics
-
-    seen = []
-
-    class FakeEvaluator:  # stands in for the classifier-based evaluator (trained once per data set)
-        def __init__(self, dataset, n_samples, seed, progress):
-            self.n = n_samples
-            self.info = {"dataset": dataset}
-
-        def evaluate(self, samples):
-            seen.append(samples.clone())
-            return {"fd": float(samples.abs().mean()), "n": len(samples)}
-
-        def floor(self):
-            return {"fd": 0.0}
-
-        def memorisation(self, samples):
-            assert samples.shape == seen[-1].shape  # the final evaluation's samples
-            return {"nn_ratio_pixel": 1.0}
-
-    monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
+def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, fake_evaluator):
+    seen = fake_evaluator.seen
     run = train_student(_cfg(tmp_path / "e", tiny_teacher, eval_every=2, eval_samples=16, steps=4), progress=False)
     evals = [r for r in read_metrics(run) if "eval_fd" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]

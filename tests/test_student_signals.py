@@ -176,24 +176,10 @@ def test_plateau_options_are_checked(tiny_teacher, tmp_path):
 
 
 @pytest.fixture
-def fake_evaluator(monkeypatch):
-    """The sample-quality evaluator replaced by a cheap function of the samples ("FD" = 100 x mean |x|)."""
-    import probe.quality.metrics
-
-    class FakeEvaluator:
-        def __init__(self, dataset, n_samples, seed, progress):
-            self.info = {"dataset": dataset}
-
-        def evaluate(self, samples):
-            return {"fd": 100 * float(samples.abs().mean()), "n": len(samples)}
-
-        def floor(self):
-            return {"fd": 0.0}
-
-        def memorisation(self, samples):
-            return {}
-
-    monkeypatch.setattr(probe.quality.metrics, "QualityEvaluator", FakeEvaluator)
+def fake_evaluator(fake_evaluator):
+    """The shared fake evaluator (tests/conftest.py) with "FD" = 100 x mean |x|."""
+    fake_evaluator.scale = 100.0
+    return fake_evaluator
 
 
 def test_a_run_stops_at_its_plateau_and_a_resume_trains_no_further(tiny_teacher, tmp_path, fake_evaluator):
