@@ -218,7 +218,8 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE,
     outline = np.array([SHAPE_OUTLINES.index(c) for c in d["classes"]])
     f["shape"] = rng.integers(0, len(d["classes"]), n)
     f["colour"] = rng.integers(0, len(SCENE_COLOURS), n)
-    f["size"] = rng.uniform(*d["size"], n).astype(np.float32)
+    lo, hi = d["size"]
+    f["size"] = rng.uniform(lo, hi, n).astype(np.float32)
     f["x"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
     f["y"] = rng.uniform(6.0, size - 6.0, n).astype(np.float32)
     f["rotation"] = rng.uniform(-d["rotation"], d["rotation"], n).astype(np.float32)
@@ -230,7 +231,8 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE,
     d_shape = rng.integers(0, 2, (SCENE_MAX_DISTRACTORS, n))
     # never the main object's colour: a distractor touching it would otherwise change its outline
     d_colour = (f["colour"] + rng.integers(1, len(SCENE_COLOURS), (SCENE_MAX_DISTRACTORS, n))) % len(SCENE_COLOURS)
-    d_size = rng.uniform(*d["distractor_size"], (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
+    lo, hi = d["distractor_size"]
+    d_size = rng.uniform(lo, hi, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
     d_x = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
     d_y = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
 
