@@ -172,7 +172,7 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     seeds = {e.label: paper.seeds_of(e) for e in paper.inits}   # 5 seeds for the arms of the headline contrasts
     assert all(len(seeds[a]) == 5 for a in ("full", "random", "band", "single", "io-reinit", "matched", "transplanted"))
     assert sum(map(len, seeds.values())) == 50
-    null = next(e for e in paper.inits if e.label == "null")
+    null = next(e for e in paper.inits if e.label == "null-signal")
     assert null.student == {"null_signal": "shuffle", "plateau_tol": 0.0} and null.spec == "teacher"
     # every arm is in a declared contrast; the mapping-held-fixed ones declare their match on step-0 FD
     contrasts = {c.name: c for c in paper.contrasts}

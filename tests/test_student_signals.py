@@ -122,7 +122,7 @@ def test_grid_arm_can_set_the_null_signal(tiny_teacher, tmp_path):
     def grid(arm_student):
         text = (f'teacher = "{tiny_teacher}"\nmethods = ["diffratio-js"]\nseeds = [0]\nreference_steps = 0\n'
                 f'[student]\nsteps = 2\nbatch = 8\neval_every = 1\n'
-                f'[inits]\nfull = "teacher"\nnull = {{ spec = "teacher", student = {{ {arm_student} }} }}\n')
+                f'[inits]\nfull = "teacher"\nnull-signal = {{ spec = "teacher", student = {{ {arm_student} }} }}\n')
         path = tmp_path / "grid.toml"
         path.write_text(text)
         return load_grid(str(path))
@@ -130,14 +130,19 @@ def test_grid_arm_can_set_the_null_signal(tiny_teacher, tmp_path):
     g = grid('null_signal = "shuffle"')
     refs = check_grid(g, tmp_path / "out")
     cfgs = {e.label: student_config(g, e, "diffratio-js", 0, tmp_path / "out", refs) for e in g.inits}
-    assert cfgs["full"].null_signal == "off" and cfgs["null"].null_signal == "shuffle"
-    assert cfgs["null"].steps == cfgs["full"].steps == 2
+    assert cfgs["full"].null_signal == "off" and cfgs["null-signal"].null_signal == "shuffle"
+    assert cfgs["null-signal"].steps == cfgs["full"].steps == 2
     with pytest.raises(UserError, match="unknown null signal"):
         check_grid(grid('null_signal = "on"'), tmp_path / "out")
     with pytest.raises(UserError, match="'steps' is the same for every arm"):
         grid("steps = 5")
     with pytest.raises(UserError, match="unknown option 'nulll'"):
         check_grid(grid('nulll = "shuffle"'), tmp_path / "out")
+    # an arm called "null" would come back from summary.csv as a missing value (pandas): refused by name
+    (tmp_path / "na.toml").write_text(f'teacher = "{tiny_teacher}"\nmethods = ["diffratio-js"]\nseeds = [0]\n'
+                                      '[inits]\nnull = "teacher"\n')
+    with pytest.raises(UserError, match="reads back as a missing value"):
+        load_grid(str(tmp_path / "na.toml"))
 
 
 # ---------------------------------------------------------------------------- plateau

@@ -257,9 +257,17 @@ def scale_steps(grid: Grid, factor: int) -> None:
                 table[key] = value * factor
 
 
+# labels pandas' read_csv turns into NaN by default (its STR_NA_VALUES that _LABEL lets through): an arm
+# named "null" would vanish from summary.csv when the verdict or the report reads it back
+_NA_LABELS = {"NA", "NULL", "NaN", "None", "nan", "null", "-NaN", "-nan"}
+
+
 def _init_entry(label: str, value, path: Path) -> InitEntry:
     if not _LABEL.match(label) or "__" in label:
         raise UserError(f"{path}: init label {label!r} must be letters, digits, '_', '-', '.' (no '__')")
+    if label in _NA_LABELS:
+        raise UserError(f"{path}: init label {label!r} reads back as a missing value from summary.csv; "
+                        "choose another name (e.g. null-signal)")
     if isinstance(value, str):
         return InitEntry(label, value, value if value in ("teacher", "random") else "other")
     if not isinstance(value, dict) or "spec" not in value:
