@@ -49,7 +49,7 @@ from probe.core.runs import (
     announce_resume,
     mark_finished,
     pick_device,
-    restore,
+    restore_training,
     run_status,
     save_state,
     start_run,
@@ -240,9 +240,7 @@ def _run(cfg: TransplantConfig, device, teacher, layers: list[str], dataset: str
     step, seconds = 0, 0.0
     guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
-        restore("network", net.load_state_dict, state["net"])
-        restore("optimiser", opt.load_state_dict, state["opt"])
-        restore("random state", rng.set_state, state["rng"])
+        restore_training(state, net, None, opt, rng)
         step, seconds = state["step"], state["seconds"]
         guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
     if resume:

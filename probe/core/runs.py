@@ -513,9 +513,11 @@ def restore(what: str, fn, *args) -> None:
 
 
 def restore_training(state: dict, net, ema, opt, rng: torch.Generator) -> None:
-    """Put a checkpoint written as {"net", "ema", "opt", "rng", ...} back into a single-network loop."""
+    """Put a checkpoint written as {"net", "ema", "opt", "rng", ...} back into a single-network loop
+    (``ema`` None: a loop without an EMA, whose checkpoint has no "ema")."""
     restore("network", net.load_state_dict, state["net"])
-    restore("EMA", ema.load_state_dict, state["ema"])
+    if ema is not None:
+        restore("EMA", ema.load_state_dict, state["ema"])
     restore("optimiser", opt.load_state_dict, state["opt"])
     restore("random state", rng.set_state, state["rng"])
 
