@@ -95,7 +95,9 @@ def build_report(cfg: ReportConfig, progress: bool = False) -> Path:
 
 
 def _build_report(cfg: ReportConfig, progress: bool) -> Path:
+    from analysis import report_features as F
     from analysis import report_sections as S
+    from analysis.report_context import Ctx, Grid
     from analysis.report_layout import Document
 
     found = discover(cfg.inputs)
@@ -106,8 +108,8 @@ def _build_report(cfg: ReportConfig, progress: bool) -> Path:
         if old.is_file():
             old.unlink()
     doc = Document(cfg.title, files, page_pngs=cfg.page_pngs)
-    grids = [S.Grid.read(a) for a in found.ablations]
-    ctx = S.Ctx(doc, found, cfg, grids)
+    grids = [Grid.read(a) for a in found.ablations]
+    ctx = Ctx(doc, found, cfg, grids)
 
     S.answer_page(ctx)
     contents_at = len(doc.blocks)
@@ -116,7 +118,7 @@ def _build_report(cfg: ReportConfig, progress: bool) -> Path:
     ctx.section("Quality per arm", lambda: S.arms_section(ctx), level=2)
     ctx.section("Learning curves", lambda: S.curves_section(ctx), level=2)
     ctx.section("Samples", lambda: S.samples_section(ctx), level=2)
-    ctx.section("The explanation from features", lambda: S.features_section(ctx))
+    ctx.section("The explanation from features", lambda: F.features_section(ctx))
     ctx.section("Caveats", lambda: S.caveats_section(ctx))
     ctx.section("What to run next", lambda: S.next_section(ctx))
 
