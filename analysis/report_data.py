@@ -256,7 +256,7 @@ def plural(n: int, word: str) -> str:
 
 def reading(claims: pd.DataFrame, contrasts: pd.DataFrame, arms: pd.DataFrame | None, reference: dict | None,
             steps: int | None, metric: str) -> list[str]:
-    """Three sentences: the claim-level verdicts, the contrast that decides most, where the arms stand."""
+    """The claim-level verdicts, the contrast that decides most, where the arms stand, the metric's resolution."""
     lines = []
     if len(claims):
         lines.append("Claims: " + "; ".join(f"claim {r.claim} ({r.question}) is {r.verdict.upper()}"
@@ -281,7 +281,42 @@ def reading(claims: pd.DataFrame, contrasts: pd.DataFrame, arms: pd.DataFrame | 
     else:
         lines.append("No contrast was judged.")
     lines.append(standing(arms, reference, steps, metric))
+    sentence = resolution(reference, metric)
+    if sentence:
+        lines.append(sentence)
     return lines
+
+
+HEADROOM = 3.0                  # teacher / floor ratio from which the metric can rank arms near the teacher
+
+
+def resolution(reference: dict | None, metric: str) -> str:
+    """Whether the data set leaves the metric room above its floor to rank arms at convergence.
+
+    Arms that train long enough approach the teacher's figure; when that figure sits at the
+    real-vs-real floor (digits: 10.1 vs 10.5 +- 1.3) every such arm lands inside the floor's noise,
+    so only the learning curves before convergence can separate them. The ratio ``HEADROOM`` is the
+    benchmark issue's bar (teacher at least 3x the floor). Empty when the figures are unknown or the
+    metric is not a distance.
+    """
+    ref = reference or {}
+    base = base_metric(metric)
+    floor = ref.get("floor") or {}
+    t, f, s = _f(ref.get(base)), _f(floor.get(base)), _f(floor.get(f"{base}_std"))
+    if base in HIGHER_IS_BETTER or not (math.isfinite(t) and math.isfinite(f) and f > 0):
+        return ""
+    s = s if math.isfinite(s) else 0.0
+    name = METRIC_NAMES.get(base, base)
+    if t <= f + 2 * s:
+        return (f"Resolution: the teacher's own {name} ({fmt(t)}) lies within the real-vs-real floor ({fmt(f)} ± "
+                f"{fmt(s)}), so on this data the metric cannot separate arms at convergence: any arm that trains "
+                f"long enough ends inside the floor's noise, and only the learning curves before that differ.")
+    ratio = t / f
+    if ratio < HEADROOM:
+        return (f"Resolution: the teacher's own {name} ({fmt(t)}) is only {fmt(ratio)}x the floor ({fmt(f)} ± "
+                f"{fmt(s)}): arms near the teacher's quality are hard to rank at convergence.")
+    return (f"Resolution: the teacher's own {name} ({fmt(t)}) is {fmt(ratio)}x the floor ({fmt(f)} ± {fmt(s)}): the "
+            f"metric has room to rank arms near the teacher's quality.")
 
 
 def standing(arms: pd.DataFrame | None, reference: dict | None, steps: int | None, metric: str) -> str:

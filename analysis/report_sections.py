@@ -1,7 +1,8 @@
 """The report's sections, one function each, laid out as an argument (see ``analysis.report``).
 
 Page 1, the answer: the question, the verdict per contrast, the headline learning curves with the
-teacher's figure and the floor, a three-sentence reading computed from the data, and what was run.
+teacher's figure and the floor, a reading computed from the data (verdicts, the largest
+decided effect, where the arms stand, whether the metric can rank arms at convergence), and what was run.
 Then: contents; 1 the claim; 2 the evidence for each contrast (contrasts, per-arm tables, learning
 curves, samples); 3 the explanation from features (``analysis.report_features``); 4 caveats; 5 what
 to run next. The inputs and the document context they share are in ``analysis.report_context``.
@@ -163,7 +164,7 @@ def answer_page(ctx: Ctx) -> None:
     else:
         lines = reading(pd.DataFrame(columns=["claim"]), pd.DataFrame(), None, None, None, "fd_final")
         student_curves_figure(ctx, headline=True)
-    doc.add(Paragraph("Reading of the data (generated from the tables, three sentences):", size=8.5, weight="bold",
+    doc.add(Paragraph("Reading of the data (generated from the tables):", size=8.5, weight="bold",
                       space_before=0.12))
     for i, line in enumerate(lines, start=1):
         doc.add(Paragraph(line, size=8.5, bullet=f"{i}.", space_before=0.03))

@@ -175,3 +175,17 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert g["results"]["extract"]["img_per_s"] > 0 and g["meta"]["dry_run"]
     assert "## GPU check" in out.stdout and "| diffratio-js | no |" in out.stdout
     assert RESULTS.read_text() == before
+
+
+def test_factor_heads_table_places_each_change_in_floor_stds():
+    import bench_factor_heads as fh
+    import torch
+
+    img = torch.zeros(2, 3, 16, 16)
+    img[:, :, 2:14, 2:14] = 1.0
+    assert fh.zoom(img).shape == img.shape and bool((fh.zoom(img) == 1).all())  # the crop fills the frame
+    row = {"data": "shapes", "classifier": "factor heads", "n": 2000, "pool": 3000, "floor": 1.25, "floor_std": 0.25,
+           "clean": 1.5, "rgb": 16.25, "zoom": 201.25, "heads": {"label": 1.0, "size": None}, "train_s": 20.0}
+    text = fh.render([row])
+    assert "| shapes | factor heads | 2000 / 3000 | 1.25 +- 0.25 | 1.50 (+1) | 16.25 (+60) | 201.2 (+800) |" in text
+    assert "label 1.000, size -" in text and text.startswith("<!-- bench_factor_heads:start -->")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.report_data import claim_rows, contrast_rows, fmt, verdict_settings
+from analysis.report_data import claim_rows, contrast_rows, fmt, resolution, verdict_settings
 
 # a hand-written verdict in the schema shared with analysis/verdict.py (issue 16 / 21)
 SCHEMA2 = {
@@ -348,3 +348,21 @@ def test_layout_wraps_to_the_width_and_continues_long_tables(tmp_path):
     assert len(manifest) == len(pages) and manifest[-1]["tables"] == [1]
     assert "Table 1. One row per number. (continued)" in _text(pdf, len(pages))
     assert (tmp_path / "table-01-long.csv").exists()
+
+
+def test_resolution_says_when_the_metric_cannot_rank_arms_at_convergence():
+    at_floor = {"fd": 10.1, "floor": {"fd": 10.53, "fd_std": 1.25}}      # digits' teacher and floor
+    little = {"fd": 20.0, "floor": {"fd": 10.0, "fd_std": 1.0}}
+    room = {"fd": 282.0, "floor": {"fd": 0.79, "fd_std": 0.39}}          # scenes' default teacher
+    assert "cannot separate arms at convergence" in resolution(at_floor, "fd_final")
+    assert "only 2.00x the floor" in resolution(little, "fd_final")
+    assert "has room to rank arms" in resolution(room, "fd_final") and "357x" in resolution(room, "fd_final")
+    assert resolution({}, "fd_final") == "" and resolution(room, "precision_final") == ""
+
+
+def test_demo_page_one_states_the_metric_resolution(demo):
+    root, pdf = demo
+    ref = json.loads((root / "run" / "ablation" / "reference.json").read_text())
+    expected = resolution(ref, "fd_final")
+    assert expected.startswith("Resolution:")
+    assert " ".join(expected.split()) in _text(pdf, 1)

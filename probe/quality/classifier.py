@@ -18,10 +18,14 @@ own head on the same penultimate layer, so the features must encode all of them:
   factor standardised with the train split's mean and std (non-finite values ignored). Regression
   keeps the order of the values (a size off by a little costs little), which bins would discard,
   and standardising puts every head's loss on the scale of a unit-variance target, comparable with
-  the cross-entropies, so no per-factor weight is needed;
+  the cross-entropies, so no weight between factors is needed;
 - a factor equal to the class label (``shapes``' shape) or constant is left out.
 
-All heads' losses are summed with weight 1. Translation augmentation is switched off when a
+The loss is the label's cross-entropy plus the *mean* of the factor heads' losses, so the label
+weighs as much as all factors together. Summing them instead let 21 factor heads of ``scenes``
+drown the label: its test accuracy fell from 0.989 (label only) to 0.747, against 0.958 with the
+mean, while colour, position and size kept their scores (0.99 / 0.91 / 0.81; measured with the
+default config, seed 0). Translation augmentation is switched off when a
 regression head is trained: a stored position would be wrong by up to ``max_shift`` pixels. Every
 head's test score (accuracy, or R^2 for a regression head) is recorded in ``info["heads"]``. A
 data set without factors (digits) trains exactly the label-only network it always did, under the
@@ -312,10 +316,12 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, num
                 x = random_shift(images[idx], max_shift, gen)
                 if heads:
                     feats = model.features(x)
+                    extras = [head_loss(head(feats), target[idx], h["kind"])
+                              for h, head, target in zip(heads, model.factor_heads, targets)]
+                    known = [e for e in extras if e is not None]  # a batch may hold no known value of a factor
                     loss = F.cross_entropy(model.head(feats), labels[idx])
-                    for h, head, target in zip(heads, model.factor_heads, targets):
-                        extra = head_loss(head(feats), target[idx], h["kind"])
-                        loss = loss + extra if extra is not None else loss
+                    if known:
+                        loss = loss + torch.stack(known).mean()
                 else:
                     loss = F.cross_entropy(model(x), labels[idx])
                 opt.zero_grad(set_to_none=True)
@@ -369,8 +375,8 @@ def cache_key(dataset_name: str, config: ClassifierConfig, data_fingerprint: str
     """
     cfg = {k: v for k, v in asdict(config).items() if k != "factor_heads"}
     body = {"dataset": dataset_name, "config": cfg, "data": data_fingerprint, "arch": ARCH_VERSION}
-    if heads:
-        body.update(heads=heads, factors=factors_fingerprint)
+    if heads:  # "factor_loss": entries trained with the summed factor losses are never reused
+        body.update(heads=heads, factors=factors_fingerprint, factor_loss="mean")
     payload = json.dumps(body, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
