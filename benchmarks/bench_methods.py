@@ -691,6 +691,26 @@ def _fmt(values: list[float], fmt: str) -> str:
     return f"{m:{fmt}} +- {s:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
 
 
+def vsd_ratio(secs: list[float], vsd: list[dict] | None, name: str) -> str:
+    """Mean seconds to the threshold over VSD's, or a bound when VSD missed it in some seeds.
+
+    A VSD seed that never reached the threshold needed more than its whole training time, so
+    counting that time as if it had reached it gives VSD's mean a lower bound and the ratio an
+    upper one: "< 0.43x" means at most 0.43x.
+    """
+    if not vsd:
+        return "-"
+    hits = [r["hits"][name] for r in vsd]
+    times = [h["seconds"] if h else r["train_s"] for h, r in zip(hits, vsd)]
+    ref = statistics.fmean(times)
+    if ref <= 0:
+        return "- (vsd: at the start)"
+    ratio = statistics.fmean(secs) / ref
+    if all(hits):
+        return f"{ratio:.2f}x"
+    return f"< {ratio:.2f}x (vsd {sum(map(bool, hits))}/{len(hits)})"
+
+
 def render_quality(q: dict) -> str:
     meta, targets = q["meta"], q["targets"]
     names = list(targets)
@@ -719,14 +739,12 @@ def render_quality(q: dict) -> str:
             if hits:
                 secs = [h["seconds"] for h in hits]
                 row += f" {_fmt([h['step'] for h in hits], '.0f')} | {_fmt(secs, '.0f')} |"
-                vsd_hits = [r["hits"][n] for r in vsd if r["hits"][n]] if vsd else []
-                ref = statistics.fmean(h["seconds"] for h in vsd_hits) if vsd_hits else 0.0
-                if vsd and len(vsd_hits) == len(vsd) and ref > 0:
-                    row += f" {statistics.fmean(secs) / ref:.2f}x |"
-                elif vsd and len(vsd_hits) == len(vsd):
-                    row += " - (vsd: at the start) |"
+                if m == "vsd":
+                    row += " - |"
+                elif len(hits) < len(runs):  # its own mean covers only the seeds that got there: no ratio
+                    row += f" - ({len(hits)}/{len(runs)} seeds) |"
                 else:
-                    row += " vsd not reached |" if vsd else " - |"
+                    row += f" {vsd_ratio(secs, vsd, n)} |"
             else:
                 row += f" > {max(r['last_step'] for r in runs)} | > {max(r['train_s'] for r in runs):.0f} | - |"
         row += (f" {_fmt([r['best_fd'] for r in runs], '.2f')} ({'/'.join(str(r['best_step']) for r in runs)}) |"
@@ -810,6 +828,7 @@ def main(argv: list[str] | None = None) -> None:
     sq.add_argument("--work-dir", help="where runs and cached results live (resumable); default a temp dir")
     sq.add_argument("--threads", type=int, default=1)
     sq.add_argument("--device", default="cpu")
+    sq.add_argument("--from-json", default="", help="render (and --write) a study saved with --json instead")
     for p in (sp, sq):
         p.add_argument("--dry-run", action="store_true", help="tiny budget smoke test; prints, writes nothing")
         p.add_argument("--note", default="")
@@ -831,9 +850,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             args.batch, args.eval_every, args.evals_per_chunk, args.eval_samples = 4, 1, 1, 16
             args.max_steps, args.sweep_steps, args.budget, args.teacher_steps = 3, 1, 60.0, 2
-        elif not args.teacher:
-            ap.error("quality needs --teacher RUN_DIR (or --dry-run)")
-        raw = run_quality(args)
+        elif not args.teacher and not args.from_json:
+            ap.error("quality needs --teacher RUN_DIR (or --dry-run, or --from-json)")
+        raw = json.loads(Path(args.from_json).read_text()) if args.from_json else run_quality(args)
+        if args.from_json and args.note:
+            raw["meta"]["note"] = args.note
         text = render_quality(raw)
         name = QUALITY_NAME
     print(text)

@@ -189,3 +189,14 @@ def test_factor_heads_table_places_each_change_in_floor_stds():
     text = fh.render([row])
     assert "| shapes | factor heads | 2000 / 3000 | 1.25 +- 0.25 | 1.50 (+1) | 16.25 (+60) | 201.2 (+800) |" in text
     assert "label 1.000, size -" in text and text.startswith("<!-- bench_factor_heads:start -->")
+
+
+def test_ratio_to_vsd_is_a_bound_when_vsd_misses_the_threshold_in_some_seeds():
+    def run(seconds, train_s):
+        return {"hits": {"1.1x": {"step": 1, "seconds": seconds} if seconds is not None else None}, "train_s": train_s}
+
+    assert bm.vsd_ratio([50.0], [run(100.0, 300.0), run(100.0, 300.0)], "1.1x") == "0.50x"
+    # one VSD seed never reached it in 200 s: VSD's mean is at least (100 + 200) / 2, the ratio at most 50 / 150
+    assert bm.vsd_ratio([50.0], [run(100.0, 300.0), run(None, 200.0)], "1.1x") == "< 0.33x (vsd 1/2)"
+    assert bm.vsd_ratio([50.0], [run(None, 200.0)], "1.1x") == "< 0.25x (vsd 0/1)"
+    assert bm.vsd_ratio([50.0], None, "1.1x") == "-"
