@@ -136,7 +136,8 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
             assert [e["step"] for e in r["evals"]] == sorted(e["step"] for e in r["evals"])
             assert r["eval_s"] > 0   # evaluation time, measured apart from the training seconds
     assert q["sweeps"]["diffratio-js"]["rungs"] == [1] and len(q["sweeps"]["diffratio-js"]["settings"]) == 2
-    assert "## One-step methods: time to quality" in first and "**(chosen)**" in first
+    assert "## One-step methods: time to quality" in first
+    assert "**(chosen)**" in first or "(beyond the edge; **chosen**)" in first   # a grid winner, or one past its edge
     results = sorted((tmp_path / "w" / "results").glob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
     bm.main(argv)   # everything cached: no run repeats, same table
@@ -200,3 +201,39 @@ def test_ratio_to_vsd_is_a_bound_when_vsd_misses_the_threshold_in_some_seeds():
     assert bm.vsd_ratio([50.0], [run(100.0, 300.0), run(None, 200.0)], "1.1x") == "< 0.33x (vsd 1/2)"
     assert bm.vsd_ratio([50.0], [run(None, 200.0)], "1.1x") == "< 0.25x (vsd 0/1)"
     assert bm.vsd_ratio([50.0], None, "1.1x") == "-"
+
+
+def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
+    # best FD at the last rung falls with lr_g up to 8e-4 and rises after; lr_aux's optimum is inside the grid
+    def fd(setting):
+        return abs(setting["lr_g"] - 8e-4) * 1e4 + abs(setting["lr_aux"] - 1e-4) * 1e4
+
+    calls = []
+
+    class FakeStudy:
+        def run(self, method, setting, seed, stop_step, stop_at_targets, budget):
+            calls.append((dict(setting), stop_step, seed))
+            return {"best_fd": fd(setting)}
+
+    grid = {"lr_g": [5e-5, 1e-4, 2e-4], "lr_aux": [5e-5, 1e-4, 2e-4]}
+    settings = bm.sweep_settings("m", grid["lr_g"], grid["lr_aux"], {})
+    sw = bm.successive_halving(FakeStudy(), "m", settings, [50, 150], eta=3)
+    assert sw["best_setting"] == {"lr_g": 2e-4, "lr_aux": 1e-4}          # the top edge of lr_g
+    calls.clear()
+    bm.extend_at_edges(FakeStudy(), "m", sw, grid, limit=3)
+    tried = [t["setting"]["lr_g"] for t in sw["edge"]]
+    assert tried == pytest.approx([4e-4, 8e-4, 1.6e-3])                   # doubled until it stops helping
+    assert [t["adopted"] for t in sw["edge"]] == [True, True, False]
+    assert sw["best_setting"] == pytest.approx({"lr_g": 8e-4, "lr_aux": 1e-4})
+    assert all(seed == 0 for _, _, seed in calls) and {s for _, s, _ in calls} == {50, 150}  # every rung, seed 0
+    text = bm.render_quality({"meta": {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50,
+                                       "budget": 200.0, "max_steps": 1000, "seeds": [0], "cpu": "c", "cpus": 2,
+                                       "threads": 1, "torch": "x", "load": 0.0, "sweep_s": 60.0, "long_s": 60.0,
+                                       "batch": 64, "eta": 3},
+                              "targets": {"1.5x": 18.0}, "teacher_fd": 12.0, "runs": {}, "sweeps": {"m": sw}})
+    assert "lr_g=0.0008, lr_aux=0.0001 (beyond the edge; **chosen**)" in text and "(chosen)**" not in text
+    # a winner inside the grid is left alone
+    inside = {"settings": [{"lr_g": 1e-4, "lr_aux": 1e-4}], "rungs": [50], "fd": {"0": {50: 1.0}}, "best": 0,
+              "best_setting": {"lr_g": 1e-4, "lr_aux": 1e-4}}
+    bm.extend_at_edges(FakeStudy(), "m", inside, {"lr_g": [5e-5, 1e-4, 2e-4]})
+    assert inside["edge"] == [] and inside["best_setting"] == {"lr_g": 1e-4, "lr_aux": 1e-4}
