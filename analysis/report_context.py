@@ -34,18 +34,18 @@ ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if Path(path).exists() else {}
 
 
-def _metrics(run: Path) -> pd.DataFrame:
+def read_metrics_frame(run: Path) -> pd.DataFrame:
     p = Path(run) / "metrics.jsonl"
     rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
     return pd.DataFrame(rows)
 
 
 def run_label(run: Path) -> str:
-    cfg = _json(Path(run) / "config.json").get("config", {})
+    cfg = read_json(Path(run) / "config.json").get("config", {})
     return f"{cfg.get('method', '?')} / init {cfg.get('init', '?')} / seed {cfg.get('seed', '?')}"
 
 
@@ -77,12 +77,12 @@ class Grid:
         verdict, text = load_verdict(path)
         settings = verdict_settings(verdict)
         metric = settings.get("metric") or "fd_final"
-        reference = _json(path / "reference.json")
+        reference = read_json(path / "reference.json")
         summary = pd.read_csv(path / "summary.csv")
         agg = pd.read_csv(path / "aggregate.csv") if (path / "aggregate.csv").exists() else None
         curves = pd.read_csv(path / "curves.csv") if (path / "curves.csv").exists() else pd.DataFrame(
             columns=["run", "init", "method", "seed", "step", "metric", "value"])
-        recorded = _json(path / "grid.json")
+        recorded = read_json(path / "grid.json")
         grid = recorded.get("grid", {})
         steps = grid.get("student", {}).get("steps")
         if steps is None and "steps_done" in summary:

@@ -20,7 +20,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.heatmaps import short_layer
-from analysis.report_context import Ctx, Grid, _json, _metrics, balanced_cols, colour_map, run_label, verdict_cell
+from analysis.report_context import (
+    Ctx,
+    Grid,
+    balanced_cols,
+    colour_map,
+    read_json,
+    read_metrics_frame,
+    run_label,
+    verdict_cell,
+)
 from analysis.report_data import (
     MEMO_METRICS,
     METRIC_NAMES,
@@ -215,11 +224,11 @@ def what_was_run(ctx: Ctx) -> None:
     data = set()
     wall = 0.0
     for t in found.teachers:
-        conf = _json(t / "config.json").get("config", {})
-        m = _metrics(t)
+        conf = read_json(t / "config.json").get("config", {})
+        m = read_metrics_frame(t)
         secs = float(m["seconds"].max()) if "seconds" in m else float("nan")
         wall += secs if math.isfinite(secs) else 0.0
-        data.add(str(_json(t / "model.json").get("dataset") or conf.get("data")))
+        data.add(str(read_json(t / "model.json").get("dataset") or conf.get("data")))
         rows.append(["Teacher", f"{t}: {conf.get('steps')} steps (preset {conf.get('preset')}, batch "
                                 f"{conf.get('batch')}), seed {conf.get('seed')}, wall time {fmt(secs)} s"])
     for g in ctx.grids:
@@ -257,7 +266,7 @@ def what_was_run(ctx: Ctx) -> None:
     rows.append(["Wall time", f"{fmt(wall)} s of training recorded by the runs (teacher + students)"])
     recorded: dict[str, set[str]] = {}
     for run in list(found.teachers) + list(found.students):
-        for k, v in _json(run / "config.json").get("versions", {}).items():
+        for k, v in read_json(run / "config.json").get("versions", {}).items():
             recorded.setdefault(k, set()).add(str(v))
     rows.append(["Git revision", ", ".join(sorted(recorded.get("git", {"not recorded"})))])
     rows.append(["Versions", "runs: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in recorded.items()
@@ -426,7 +435,7 @@ def student_curves_figure(ctx: Ctx, headline: bool) -> bool | str:
     """Quality curves from student runs' own logs (runs given without an ablation directory)."""
     rows = []
     for s in ctx.found.students:
-        m = _metrics(s)
+        m = read_metrics_frame(s)
         if "eval_fd" in m:
             rows.append(m.dropna(subset=["eval_fd"])[["step", "eval_fd"]].rename(columns={"eval_fd": "value"})
                         .assign(init=run_label(s), method="", seed=0, metric="fd"))
@@ -436,7 +445,7 @@ def student_curves_figure(ctx: Ctx, headline: bool) -> bool | str:
     arms = list(dict.fromkeys(curves["init"]))
     ref = {}
     for t in ctx.found.teachers:
-        ev = _json(t / "eval.json")
+        ev = read_json(t / "eval.json")
         if ev:
             ref = ev
             break
@@ -457,7 +466,7 @@ def samples_section(ctx: Ctx) -> bool | str:
     from PIL import Image
 
     found = ctx.found
-    panels = [(f"teacher ({_json(t / 'eval.json').get('sampler', 'multi-step')})", t / "samples.png")
+    panels = [(f"teacher ({read_json(t / 'eval.json').get('sampler', 'multi-step')})", t / "samples.png")
               for t in found.teachers if (t / "samples.png").exists()]
     seen = set()
     rank = {}
@@ -465,7 +474,7 @@ def samples_section(ctx: Ctx) -> bool | str:
         rank.update({a: i for i, a in enumerate(arm_order(g.summary))})
     students = sorted(found.students, key=lambda s: rank.get(s.name.split("__")[0], len(rank)))  # stable
     for s in students:
-        conf = _json(s / "config.json").get("config", {})
+        conf = read_json(s / "config.json").get("config", {})
         key = (conf.get("init"), conf.get("method"))
         if key in seen or not (s / "samples.png").exists():
             continue
