@@ -53,16 +53,16 @@ from probe.core.errors import UserError
 from probe.core.images import save_grid
 from probe.core.locks import exclusive
 from probe.core.models import load_model, save_model
-from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, check_finite, guarded_step, is_finite
 from probe.core.progress import progress_bar
 from probe.core.runs import (
     MetricsLog,
-    announce_resume,
     atomic_torch_save,
     mark_finished,
     pick_device,
     restore,
     restore_training,
+    resume_point,
     run_status,
     save_state,
     start_run,
@@ -276,16 +276,10 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     params = list(net.parameters())
     rng = torch.Generator().manual_seed(cfg.seed + TRAIN_SEED_OFFSET)
-    step, seconds = 0, 0.0
-    guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
         restore_training(state, net, ema, opt, rng)
-        step, seconds = state["step"], state["seconds"]
-        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
-    if resume:
-        announce_resume(out, state, cfg.steps)
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
-                     resume_rows=state.get("metrics_rows") if state is not None else None)
+    at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite)
+    step, seconds, guard, log = at.step, at.seconds, at.guard, at.log
     record = {"regressed_onto": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "n_pairs": cfg.n_pairs,
               "sample_steps": cfg.sample_steps, "init": init_report["canonical"]}
     target = _Target(cfg, teacher, device, progress, state.get("target") if state is not None else None)

@@ -52,10 +52,10 @@ from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_fi
 from probe.core.progress import progress_bar
 from probe.core.runs import (
     MetricsLog,
-    announce_resume,
     load_state,
     mark_finished,
     restore_training,
+    resume_point,
     save_state,
     start_run,
     test_point,
@@ -150,18 +150,10 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
     ema = EMA(net, cfg.ema_halflife_images)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     rng = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
         restore_training(state, net, ema, opt, rng)
-        step = state["step"]
-        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
-    if resume and is_main():
-        announce_resume(out, state, cfg.steps)
-    log = None
-    if is_main():
-        log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
-                         resume_rows=state.get("metrics_rows") if state is not None else None)
+    at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite, main=is_main())
+    step, guard, log = at.step, at.guard, at.log
     images = data.images.to(device)
     autocast = autocast_for(device)
     comm = _comm_device(device)

@@ -42,14 +42,13 @@ from probe.core.data import load_dataset
 from probe.core.errors import UserError
 from probe.core.locks import exclusive
 from probe.core.models import load_model, save_model
-from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite, guarded_step, is_finite
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, check_finite, guarded_step, is_finite
 from probe.core.progress import progress_bar
 from probe.core.runs import (
-    MetricsLog,
-    announce_resume,
     mark_finished,
     pick_device,
     restore_training,
+    resume_point,
     run_status,
     save_state,
     start_run,
@@ -237,16 +236,10 @@ def _run(cfg: TransplantConfig, device, teacher, layers: list[str], dataset: str
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     params = list(net.parameters())
     rng = torch.Generator().manual_seed(cfg.seed + TRAIN_SEED_OFFSET)
-    step, seconds = 0, 0.0
-    guard = NonFiniteGuard(cfg.max_nonfinite)
     if state is not None:
         restore_training(state, net, None, opt, rng)
-        step, seconds = state["step"], state["seconds"]
-        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
-    if resume:
-        announce_resume(out, state, cfg.steps)
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
-                     resume_rows=state.get("metrics_rows") if state is not None else None)
+    at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite)
+    step, seconds, guard, log = at.step, at.seconds, at.guard, at.log
     record = {"transplanted_from": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "layers": layers,
               "sigmas": list(cfg.sigmas), "loss": cfg.loss, "init": init_report["canonical"]}
 

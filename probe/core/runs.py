@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from probe.core.errors import UserError
+from probe.core.nonfinite import NonFiniteGuard
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -409,6 +410,35 @@ def announce_resume(out, state: dict | None, steps: int) -> None:
         print(f"resumed {out}: no checkpoint yet, starting from step 0 of {steps}", file=sys.stderr)
     else:
         print(f"resumed from step {int(state['step'])} of {steps} ({out})", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a training loop continues: the step, its training clock, the non-finite guard with its
+    counts, and the metrics log trimmed to the checkpoint (None on ranks other than 0)."""
+    step: int
+    seconds: float
+    guard: NonFiniteGuard
+    log: MetricsLog | None
+
+
+def resume_point(out: Path, state: dict | None, resume: bool, steps: int, max_nonfinite: int,
+                 main: bool = True) -> ResumePoint:
+    """The part of a resume every loop shares, after it has put its own networks back.
+
+    state : the checkpoint ``start_run`` returned (None: a new run, or a resume before any checkpoint)
+    main  : this process is rank 0, the one that prints and writes the log           (default True)
+    """
+    if resume and main:
+        announce_resume(out, state, steps)
+    log = None
+    if main:
+        log = MetricsLog(out / "metrics.jsonl", resume_step=int(state["step"]) if state is not None else None,
+                         resume_rows=state.get("metrics_rows") if state is not None else None)
+    if state is None:
+        return ResumePoint(0, 0.0, NonFiniteGuard(max_nonfinite), log)
+    return ResumePoint(int(state["step"]), float(state.get("seconds", 0.0)),
+                       NonFiniteGuard(max_nonfinite, state.get("guard")), log)
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -66,15 +66,14 @@ from probe.core.errors import UserError
 from probe.core.images import save_grid
 from probe.core.locks import exclusive
 from probe.core.models import load_model, save_model
-from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, NonFiniteGuard, check_finite
+from probe.core.nonfinite import DEFAULT_MAX_NONFINITE, check_finite
 from probe.core.progress import progress_bar
 from probe.core.runs import (
-    MetricsLog,
-    announce_resume,
     load_state,
     mark_finished,
     read_metrics,
     restore,
+    resume_point,
     save_state,
     start_run,
     test_point,
@@ -354,8 +353,7 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     shape = (cfg.batch, gen_net.unet.config.in_channels, *([gen_net.unet.config.sample_size] * 2))
     parts = StepParts(cfg, method, generator, wrap_ddp(generator, device), wrap_ddp(method.aux, device), images,
                       shape, device, autocast_for(device), opt_g, opt_a, micros)
-    step, seconds, counts, acc = 0, 0.0, {"skipped_g": 0, "skipped_aux": 0}, Accumulator()
-    guard = NonFiniteGuard(cfg.max_nonfinite)
+    counts, acc = {"skipped_g": 0, "skipped_aux": 0}, Accumulator()
     if state is not None:
         restore("generator", gen_net.load_state_dict, state["generator"])
         restore("auxiliary network", method.aux.load_state_dict, state["aux"])
@@ -363,21 +361,16 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
         restore("generator optimiser", opt_g.load_state_dict, state["opt_g"])
         restore("auxiliary optimiser", opt_a.load_state_dict, state["opt_aux"])
         restore("random state", rng.set_state, state["rng"])
-        step, seconds, counts, acc = state["step"], state["seconds"], dict(state["counts"]), Accumulator(state["acc"])
-        guard = NonFiniteGuard(cfg.max_nonfinite, state.get("guard"))
+        counts, acc = dict(state["counts"]), Accumulator(state["acc"])
+    at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite, main=is_main())
+    step, seconds, guard, log = at.step, at.seconds, at.guard, at.log
     # an early stop (plateau_reached) is final: a resumed run that stopped trains no further
     stopped: dict | None = state.get("stopped") if state is not None else None
-    if resume and is_main():
-        announce_resume(out, state, cfg.steps)
-        if stopped is not None:
-            print(f"the run stopped at a plateau at step {stopped['step']}: not training further", file=sys.stderr)
-    log = None
+    if resume and is_main() and stopped is not None:
+        print(f"the run stopped at a plateau at step {stopped['step']}: not training further", file=sys.stderr)
     evals: list = []  # [(step, FD)] of the evaluations so far (rank 0), for the early-stop rule
-    if is_main():
-        log = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None,
-                         resume_rows=state.get("metrics_rows") if state is not None else None)
-        if state is not None:  # the log holds exactly the rows of the checkpoint
-            evals = [(r["step"], r["eval_fd"]) for r in read_metrics(out) if "eval_fd" in r]
+    if is_main() and state is not None:  # the log holds exactly the rows of the checkpoint
+        evals = [(r["step"], r["eval_fd"]) for r in read_metrics(out) if "eval_fd" in r]
     # fixed latents for grids and evaluations, drawn like probe.quality.evaluate (same z as `probe eval`)
     z_eval = torch.randn((max(cfg.eval_samples, 64), *shape[1:]),
                          generator=torch.Generator().manual_seed(cfg.eval_seed))
