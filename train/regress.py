@@ -280,6 +280,7 @@ def _regress(cfg: RegressConfig, device, teacher, resume: bool, progress: bool, 
         restore_training(state, net, ema, opt, rng)
     at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite)
     step, seconds, guard, log = at.step, at.seconds, at.guard, at.log
+    assert log is not None  # a single-process loop: always rank 0
     record = {"regressed_onto": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "n_pairs": cfg.n_pairs,
               "sample_steps": cfg.sample_steps, "init": init_report["canonical"]}
     target = _Target(cfg, teacher, device, progress, state.get("target") if state is not None else None)

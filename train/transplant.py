@@ -240,6 +240,7 @@ def _run(cfg: TransplantConfig, device, teacher, layers: list[str], dataset: str
         restore_training(state, net, None, opt, rng)
     at = resume_point(out, state, resume, cfg.steps, cfg.max_nonfinite)
     step, seconds, guard, log = at.step, at.seconds, at.guard, at.log
+    assert log is not None  # a single-process loop: always rank 0
     record = {"transplanted_from": str(cfg.teacher), "teacher_sha256": teacher.sha256(), "layers": layers,
               "sigmas": list(cfg.sigmas), "loss": cfg.loss, "init": init_report["canonical"]}
 
