@@ -18,6 +18,8 @@ from train.ablation.grid import AblationConfig
 from train.ablation.jobs import format_status, grid_status, plan_grid, state_file, write_plan
 from train.ablation.launch import LaunchConfig, job_slots, launch, visible_gpus
 
+from _grid import TINY_STUDENT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # 2 inits x 2 seeds from the session's tiny teacher; "reg" starts from a regressed generator built
@@ -27,15 +29,7 @@ teacher = "{teacher}"
 methods = ["diffratio-js"]
 seeds = [0, 1]
 reference_steps = 2
-
-[student]
-steps = 2
-batch = 8
-eval_every = 2
-eval_samples = 64
-checkpoint_every = 2
-log_every = 1
-
+""" + TINY_STUDENT + """
 [inits]
 full = {{ spec = "teacher", group = "teacher" }}
 reg = {{ spec = "from:@reg", group = "no-features" }}

@@ -11,9 +11,10 @@ import analysis.ablation_summary as summary_mod
 from analysis.ablation_summary import MEMO_COLUMNS, final_samples, write_tables
 from analysis.report_data import MEMO_METRICS, memorisation_table
 from probe.core.data import load_dataset
-from probe.pipeline import run_ablation
 from probe.quality.metrics import QualityEvaluator
-from train.ablation.grid import AblationConfig, check_grid, load_grid
+from train.ablation.grid import check_grid, load_grid
+
+from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
 
 # One arm, one seed, two steps: the smallest grid that trains a teacher, a student and scores both.
 TINY_GRID = """
@@ -21,33 +22,16 @@ teacher = "@t"
 methods = ["diffratio-js"]
 seeds = [0]
 reference_steps = 2
-[student]
-steps = 2
-batch = 8
-eval_every = 2
-eval_samples = 64
-checkpoint_every = 2
-log_every = 1
+""" + TINY_STUDENT + """
 [inits]
 full = { spec = "teacher", group = "teacher" }
 [prereq.t]
-kind = "teacher"
-preset = "test"
-steps = 2
-batch = 8
-checkpoint_every = 2
-sample_steps = 2
-eval_samples = 0
-"""
+""" + TINY_TEACHER
 
 
 @pytest.fixture(scope="module")
 def grid_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("memo")
-    (root / "grid.toml").write_text(TINY_GRID)
-    out = root / "abl"
-    run_ablation(AblationConfig(config=str(root / "grid.toml"), out=str(out)), progress=False)
-    return out
+    return run_grid(tmp_path_factory.mktemp("memo"), TINY_GRID)
 
 
 def _tables(out):

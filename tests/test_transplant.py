@@ -13,6 +13,8 @@ from probe.core.runs import load_state, read_metrics, run_status
 from train.initspec import fresh_state
 from train.transplant import TransplantConfig, transplant_features
 
+from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
+
 
 def _cfg(teacher, out, **kw):
     values = {"steps": 12, "batch": 8, "n_val": 16, "sigmas": (0.5, 2.5), "lr": 3e-3, "lr_warmup": 1,
@@ -70,28 +72,14 @@ methods = ["diffratio-js"]
 seeds = [0]
 features = false
 reference_steps = 0
-
-[student]
-steps = 2
-batch = 8
-eval_every = 2
-eval_samples = 64
-checkpoint_every = 2
-log_every = 1
-
+""" + TINY_STUDENT + """
 [inits]
 full         = { spec = "teacher", group = "teacher" }
 transplanted = { spec = "from:@transplanted", group = "features" } # features only, output layer random
 # (an arm "from:@matched" would start from the regressed generator; the prerequisite is built anyway)
 
 [prereq.teacher]
-kind = "teacher"
-preset = "test"
-steps = 2
-batch = 8
-checkpoint_every = 2
-sample_steps = 2
-eval_samples = 0
+""" + TINY_TEACHER + """
 
 [prereq.matched]
 kind = "regress"
@@ -121,12 +109,7 @@ eval_samples = 64
 
 
 def test_grid_with_transplant_and_target_fd_prerequisites_end_to_end(tmp_path):
-    from probe.pipeline import run_ablation
-    from train.ablation.grid import AblationConfig
-
-    (tmp_path / "grid.toml").write_text(GRID)
-    out = tmp_path / "abl"
-    run_ablation(AblationConfig(config=str(tmp_path / "grid.toml"), out=str(out)), progress=False)
+    out = run_grid(tmp_path, GRID)
     s = pd.read_csv(out / "summary.csv").set_index("init")
     assert list(s.index) == ["full", "transplanted"] and (s.status == "done").all()
     assert s.fd_final.notna().all()
