@@ -12,6 +12,7 @@ from probe.core.data import (
     SCENE_CLASSES,
     SCENE_COLOURS,
     SCENE_COUNT,
+    SCENE_DESIGN_RICH,
     SCENE_MAX_DISTRACTORS,
     SCENE_SEEDS,
     generate_scenes,
@@ -31,6 +32,12 @@ AREA_PER_SIZE2 = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 3 * np.sqrt(3
 @pytest.fixture(scope="module")
 def splits():
     return load_dataset("scenes", "train"), load_dataset("scenes", "test")
+
+
+@pytest.fixture(scope="module")
+def rich():
+    """The rich design (rotation, shading, occluded distractors) as (images in [0, 1], factors)."""
+    return generate_scenes(4000, seed=7, design=SCENE_DESIGN_RICH)
 
 
 def test_listed_with_the_other_data_sets():
@@ -68,29 +75,37 @@ def test_splits_disjoint_by_construction(splits):
     assert len({row.tobytes() for row in test.images.numpy()}) == len(test)
 
 
-def test_every_factor_stored_with_its_kind(splits):
+def test_every_varying_factor_stored_with_its_kind(splits):
     for ds in splits:
         n = len(ds)
         assert np.array_equal(ds.factors["shape"], ds.labels.numpy())
+        # the default design holds rotation, shading and distractors fixed: those are not stored
+        assert set(ds.factors) == {"shape", "colour", "size", "x", "y", "background", "bg_angle"}
         for name, values in ds.factors.items():
             assert values.shape == (n,), name
             assert values.dtype in (np.int64, np.float32), name
-        n_distractors = ds.factors["n_objects"] - 1
-        assert set(np.unique(n_distractors)) == set(range(SCENE_MAX_DISTRACTORS + 1))
-        for k in range(1, SCENE_MAX_DISTRACTORS + 1):
-            present = n_distractors >= k
-            for name in ("shape", "colour"):  # int factors: -1 exactly where the distractor is absent
-                v = ds.factors[f"d{k}_{name}"]
-                assert (v[~present] == -1).all() and (v[present] >= 0).all()
-            for name in ("size", "x", "y", "visible"):  # float factors: NaN exactly there
-                v = ds.factors[f"d{k}_{name}"]
-                assert np.isnan(v[~present]).all() and np.isfinite(v[present]).all()
-            visible = ds.factors[f"d{k}_visible"][present]
-            assert visible.min() >= 0 and visible.max() <= 1 + 1e-6
-            # occlusion varies: the main object hides some distractors mostly, leaves others whole
-            assert (visible < 0.5).mean() > 0.1 and (visible > 0.99).mean() > 0.03
-            # a distractor never has the main object's colour (it would merge with its outline)
-            assert (ds.factors[f"d{k}_colour"][present] != ds.factors["colour"][present]).all()
+            assert len(np.unique(values)) > 1, name  # every stored factor varies
+
+
+def test_rich_design_stores_rotation_shading_and_occluded_distractors(rich):
+    _, f = rich
+    assert {"rotation", "shade", "n_objects", "d1_x", "d2_visible"} <= set(f)
+    n_distractors = f["n_objects"] - 1
+    assert set(np.unique(n_distractors)) == set(range(SCENE_MAX_DISTRACTORS + 1))
+    for k in range(1, SCENE_MAX_DISTRACTORS + 1):
+        present = n_distractors >= k
+        for name in ("shape", "colour"):  # int factors: -1 exactly where the distractor is absent
+            v = f[f"d{k}_{name}"]
+            assert (v[~present] == -1).all() and (v[present] >= 0).all()
+        for name in ("size", "x", "y", "visible"):  # float factors: NaN exactly there
+            v = f[f"d{k}_{name}"]
+            assert np.isnan(v[~present]).all() and np.isfinite(v[present]).all()
+        visible = f[f"d{k}_visible"][present]
+        assert visible.min() >= 0 and visible.max() <= 1 + 1e-6
+        # occlusion varies: the main object hides some distractors mostly, leaves others whole
+        assert (visible < 0.5).mean() > 0.1 and (visible > 0.99).mean() > 0.03
+        # a distractor never has the main object's colour (it would merge with its outline)
+        assert (f[f"d{k}_colour"][present] != f["colour"][present]).all()
 
 
 def _foreground(ds) -> np.ndarray:
@@ -100,9 +115,9 @@ def _foreground(ds) -> np.ndarray:
 def test_class_size_and_position_match_the_pixels(splits):
     _, ds = splits
     f = ds.factors
-    # no distractor pixels, so the foreground is the main object; light shading keeps it above FOREGROUND
-    alone = (f["n_objects"] == 1) & (f["shade"] < 0.3)
-    mask = _foreground(ds)[alone]
+    # the default design has no distractors and no shading: the foreground is the main object
+    alone = np.ones(len(ds), bool)
+    mask = _foreground(ds)
     area = mask.sum((1, 2))
     size2 = f["size"][alone] ** 2
     ratio = {}
@@ -110,7 +125,9 @@ def test_class_size_and_position_match_the_pixels(splits):
         m = f["shape"][alone] == k
         assert np.corrcoef(area[m], size2[m])[0, 1] > 0.9, name   # the size factor is real
         ratio[name] = float(np.median(area[m] / size2[m]))
-        assert ratio[name] == pytest.approx(AREA_PER_SIZE2[name], rel=0.05), name  # the class's outline
+        # the class's outline; 7%: the polygons' anti-aliasing (max of half-plane distances) adds a little
+        # area at sharp corners, most for the triangle (+6% measured, axis-aligned)
+        assert ratio[name] == pytest.approx(AREA_PER_SIZE2[name], rel=0.07), name
     # the classes differ in outline, not only in label: their area constants are ordered as designed
     assert sorted(ratio, key=ratio.get) == sorted(AREA_PER_SIZE2, key=AREA_PER_SIZE2.get)
     yy, xx = np.mgrid[0:16, 0:16] + 0.5
@@ -119,11 +136,9 @@ def test_class_size_and_position_match_the_pixels(splits):
     assert np.abs(cx - f["x"][alone]).max() < 1.0 and np.abs(cy - f["y"][alone]).max() < 1.0
 
 
-def test_main_colour_and_shading_at_the_centre(splits):
-    _, ds = splits
-    f = ds.factors
-    img = ((ds.images + 1) / 2).numpy()
-    i = np.arange(len(ds))
+def test_main_colour_and_shading_at_the_centre(rich):
+    img, f = rich
+    i = np.arange(len(img))
     centre = img[i, :, f["y"].astype(int), f["x"].astype(int)]  # [N, 3]: always the main object (drawn last)
     # the pixel centre is within 1 pixel of the object's centre, where the light is 1 - shade / 2 (+- shade / 10)
     expected = SCENE_COLOURS[f["colour"]] * (1 - f["shade"] / 2)[:, None]
@@ -165,8 +180,9 @@ def test_teacher_and_extraction_run_on_scenes(tmp_path):
     out = extract_features(run, "scenes", out=tmp_path / "f.h5", progress=False, split="test", n_samples=16,
                            batch=16)
     store = FeatureStore.open(out)
-    assert set(store.factors) == set(load_dataset("scenes", "test").factors)
-    assert np.isnan(store.factors["d2_x"]).any() and (store.factors["d2_shape"] == -1).any()
+    test = load_dataset("scenes", "test")
+    assert set(store.factors) == set(test.factors)
+    np.testing.assert_array_equal(store.factors["colour"], test.factors["colour"][:16])  # the first 16, in order
 
 
 def test_bench_script_criteria_and_table():

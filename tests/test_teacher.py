@@ -47,3 +47,13 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train_teacher(_cfg(tmp_path / "r"), progress=False)
     with pytest.raises(UserError, match="different config"):
         train_teacher(_cfg(tmp_path / "r", lr=1.0), resume=True, progress=False)
+
+
+def test_default_steps_depend_on_the_data_and_are_recorded(tmp_path):
+    from train.teacher import DEFAULT_TEACHER_STEPS, TEACHER_STEPS
+
+    assert TeacherConfig(out=str(tmp_path / "a"), data="scenes").steps == TEACHER_STEPS["scenes"]
+    assert TeacherConfig(out=str(tmp_path / "b"), data="digits").steps == DEFAULT_TEACHER_STEPS
+    assert TeacherConfig(out=str(tmp_path / "c"), data="scenes", steps=7).steps == 7  # an explicit count wins
+    with pytest.raises(UserError, match="steps"):
+        TeacherConfig(out=str(tmp_path / "d"), steps=0)

@@ -63,12 +63,19 @@ from probe.core.runs import (
 )
 
 
+# Default optimiser steps per data set, each measured to fit 10 minutes of training on 2 CPU cores
+# (benchmarks/RESULTS.md, "Benchmark headroom"): scenes' 16x16 RGB images need more steps than the
+# 8x8 digits for a teacher that draws every class; any other data set gets DEFAULT_TEACHER_STEPS.
+DEFAULT_TEACHER_STEPS = 1600
+TEACHER_STEPS = {"scenes": 2400}
+
+
 @dataclass
 class TeacherConfig:
     out: str                                   # run directory
     data: str = "digits"                       # data set name (probe/core/data.py)
     preset: str = "tiny"                       # UNet preset (probe/core/models.py)
-    steps: int = 1600                          # optimiser steps in total
+    steps: int | None = None                   # optimiser steps in total; None = the data set's (TEACHER_STEPS)
     batch: int = 64                            # images per step (global: over all processes and micro-batches)
     accum: int = 1                             # micro-batches per process and step (gradient accumulation)
     lr: float = 2e-3                           # Adam learning rate
@@ -88,6 +95,8 @@ class TeacherConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored with the run
 
     def __post_init__(self):
+        if self.steps is None:  # resolved here, so config.json records the number the run used
+            self.steps = TEACHER_STEPS.get(self.data, DEFAULT_TEACHER_STEPS)
         self.validate()
 
     def validate(self) -> None:
@@ -136,6 +145,7 @@ def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: boo
 
 def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None,
                   micros, data, unet) -> Path:
+    assert cfg.steps is not None  # resolved on construction
     kept = {}
 
     def start():  # rank 0: check everything a resume needs, then open the run directory
