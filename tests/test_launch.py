@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _grid import TINY_STUDENT
 
 from probe.core.errors import UserError
 from probe.pipeline import run_ablation
 from train.ablation.grid import AblationConfig
 from train.ablation.jobs import format_status, grid_status, plan_grid, state_file, write_plan
 from train.ablation.launch import LaunchConfig, job_slots, launch, visible_gpus
-
-from _grid import TINY_STUDENT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
 
 import analysis.ablation_summary as summary_mod
 from analysis.ablation_summary import MEMO_COLUMNS, final_samples, write_tables
@@ -13,8 +14,6 @@ from analysis.report_data import MEMO_METRICS, memorisation_table
 from probe.core.data import load_dataset
 from probe.quality.metrics import QualityEvaluator
 from train.ablation.grid import check_grid, load_grid
-
-from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
 
 # One arm, one seed, two steps: the smallest grid that trains a teacher, a student and scores both.
 TINY_GRID = """

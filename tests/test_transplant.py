@@ -6,14 +6,13 @@ import json
 import pandas as pd
 import pytest
 import torch
+from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
 
 from probe.core.errors import UserError
 from probe.core.models import load_model
 from probe.core.runs import load_state, read_metrics, run_status
 from train.initspec import fresh_state
 from train.transplant import TransplantConfig, transplant_features
-
-from _grid import TINY_STUDENT, TINY_TEACHER, run_grid
 
 
 def _cfg(teacher, out, **kw):

@@ -62,7 +62,6 @@ from probe.core.runs import (
     write_json,
 )
 
-
 # Default optimiser steps per data set, each measured to fit 10 minutes of training on 2 CPU cores
 # (benchmarks/RESULTS.md, "Benchmark headroom"): scenes' 16x16 RGB images need more steps than the
 # 8x8 digits for a teacher that draws every class; any other data set gets DEFAULT_TEACHER_STEPS.
