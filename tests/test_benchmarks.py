@@ -237,3 +237,32 @@ def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
               "best_setting": {"lr_g": 1e-4, "lr_aux": 1e-4}}
     bm.extend_at_edges(FakeStudy(), "m", inside, {"lr_g": [5e-5, 1e-4, 2e-4]})
     assert inside["edge"] == [] and inside["best_setting"] == {"lr_g": 1e-4, "lr_aux": 1e-4}
+
+
+def test_long_run_judge_tells_settled_drifting_and_oscillating_curves_apart(tmp_path):
+    import bench_long_run as lr
+
+    steps = list(range(0, 2100, 100))
+    head = [(s, 400.0 - s / 10) for s in steps[:10]]           # the first half never enters the judgement
+    flat = head + [(s, 20.0 + (0.2 if i % 2 else -0.2)) for i, s in enumerate(steps[10:])]
+    falling = head + [(s, 40.0 - (s - 1000) / 50) for s in steps[10:]]       # -20 over the window
+    swinging = head + [(s, 20.0 + (6.0 if i % 2 else -6.0)) for i, s in enumerate(steps[10:])]
+    assert lr.judge(flat, floor_std=1.0)["verdict"] == "settled"
+    v = lr.judge(falling, floor_std=1.0)
+    assert v["verdict"] == "drifting (improving)" and v["trend"] == pytest.approx(-20.0) and v["window"] == [1000, 2000]
+    assert lr.judge(swinging, floor_std=1.0)["verdict"] == "oscillating"
+    assert lr.judge(swinging, floor_std=4.0)["verdict"] == "settled"  # the same swing within a wider floor
+    assert lr.judge(flat[:4], floor_std=1.0)["verdict"] == "too few evaluations"
+
+    # the section from a run directory's files
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval_fd": f}) + "\n" for s, f in swinging)
+                                       + json.dumps({"step": 2000, "loss_g": 1.0}) + "\n")
+    assert lr.curve(run) == swinging
+    config = {"method": "diffratio-js", "lr_g": 1e-4, "lr_aux": 1e-4, "batch": 64, "ema_halflife_images": 5000.0,
+              "data": "scenes", "teacher": "/x/teacher", "steps": 2000, "eval_every": 100, "eval_samples": 500}
+    final = {"floor": {"n": 500, "fd": 4.0, "fd_std": 1.0}}
+    text = lr.markdown(run, swinging, lr.judge(swinging, 1.0), final, config, teacher_fd=15.8)
+    assert text.startswith("<!-- bench_long_run:start -->") and text.endswith("<!-- bench_long_run:end -->")
+    assert "| 0 | 400.0 | 100 | 390.0 |" in text and "**oscillating**" in text and "eval.json: 15.8" in text
