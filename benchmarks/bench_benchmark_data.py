@@ -108,7 +108,8 @@ def fmt_s(x) -> str:
 def markdown(results: list[dict], seconds: float) -> str:
     lines = [f"<!-- {NAME}:start -->",
              "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
-             "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps (1600), "
+             "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps "
+             "(TEACHER_STEPS: 2400 on scenes, 1600 elsewhere), "
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
              "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
              "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
