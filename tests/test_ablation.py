@@ -184,6 +184,12 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     partial = load_grid(str(Path(grid_path("paper")).with_name("paper-partial.toml")))
     check_grid(partial, tmp_path / "partial")
     assert {e.spec for e in partial.inits} >= {"keep:down_blocks.*", "keep:up_blocks.*", "keep:mid_block"}
+    # paper-digits: the same arms, seeds and contrasts on digits (the grid reports/ablation-paper ran)
+    digits = load_grid("paper-digits")
+    check_grid(digits, tmp_path / "paper-digits")
+    assert {e.label: e.spec for e in digits.inits} == {e.label: e.spec for e in paper.inits}
+    assert {c.name for c in digits.contrasts} == set(contrasts)
+    assert paper.prereqs["teacher"]["data"] == "scenes" and digits.prereqs["teacher"]["data"] == "digits"
     for name in ("demo", "demo-quick", "methods", "random-js"):
         grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
         assert not grid.contrasts or {c.arm for c in grid.contrasts} <= {e.label for e in grid.inits}
