@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--sizes", default="tiny", help="UNet presets, comma-separated (e.g. tiny,small)")
     sp.add_argument("--teacher", help="use this teacher run for --teacher-size instead of an untrained one")
     sp.add_argument("--teacher-size", default="tiny")
-    sp.add_argument("--data", default="scenes", help="data set of the untrained teachers (16x16 RGB for scenes, 8x8 grey for digits)")
+    sp.add_argument("--data", default="scenes", help="data set of the untrained teachers (scenes: 16x16 RGB)")
     sp.add_argument("--batch", type=int, default=64)
     sp.add_argument("--rounds", type=int, default=3)
     sp.add_argument("--warmup", type=int, default=3)
