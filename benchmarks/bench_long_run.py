@@ -69,11 +69,12 @@ def train(teacher: str, data: str | None, steps: int, out: Path, eval_every: int
 def markdown(run: Path, points: list[tuple[int, float]], verdict: dict, final: dict, config: dict,
              teacher_fd: float | None) -> str:
     floor = final["floor"]
+    data = config.get("data") or "the teacher's data set"
     lines = [f"<!-- {NAME}:start -->",
              "## The default student's long-run curve (`benchmarks/bench_long_run.py`)", "",
              f"`probe train student` with its defaults ({config['method']}, lr_g {config['lr_g']}, lr_aux "
              f"{config['lr_aux']}, batch {config['batch']}, EMA half-life {config['ema_halflife_images']:g} images) "
-             f"on {config.get('data') or 'the teacher data'} from the teacher `{Path(config['teacher']).name}`"
+             f"on {data} from the teacher `{Path(config['teacher']).name}`"
              + (f" (its own FD, from its eval.json: {teacher_fd:.1f})" if teacher_fd is not None else "")
              + f", {config['steps']} steps, evaluated every {config['eval_every']} steps on the same "
              f"{config['eval_samples']} latents. Floor at n = {floor['n']}: "
