@@ -57,3 +57,8 @@ def test_default_steps_depend_on_the_data_and_are_recorded(tmp_path):
     assert TeacherConfig(out=str(tmp_path / "c"), data="scenes", steps=7).steps == 7  # an explicit count wins
     with pytest.raises(UserError, match="steps"):
         TeacherConfig(out=str(tmp_path / "d"), steps=0)
+    # the CLI's help states the same numbers (it reads defaults without importing the trainers)
+    from pathlib import Path
+
+    cli = (Path(__file__).resolve().parents[1] / "probe" / "cli.py").read_text()
+    assert f"{TEACHER_STEPS['scenes']} on scenes, else {DEFAULT_TEACHER_STEPS}" in cli
