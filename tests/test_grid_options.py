@@ -7,6 +7,7 @@ from train.ablation.grid import AblationConfig, load_grid, scale_steps
 from train.ablation.jobs import plan_grid
 from train.regress import RegressConfig
 from train.student.loop import StudentConfig
+from train.teacher import TEACHER_STEPS
 
 GRID = """
 teacher = "@teacher"
@@ -68,6 +69,11 @@ def test_scale_multiplies_every_step_count_defaults_included(tmp_path):
     assert big.prereqs["teacher"]["steps"] == 80
     assert big.prereqs["regressed"]["steps"] == 4 * RegressConfig.steps
     assert big.seeds == base.seeds and [e.seeds for e in big.inits] == [e.seeds for e in base.inits]
+    # a teacher that leaves steps out trains its data set's default (2400 on scenes), and that is scaled
+    scenes = GRID.replace('data = "digits"\npreset = "test"\nsteps = 20', 'data = "scenes"\npreset = "test"')
+    assert "steps = 20" not in scenes
+    big = load_grid(_write(tmp_path, scenes), AblationConfig(config="", out="x", scale=2))
+    assert big.prereqs["teacher"]["steps"] == 2 * TEACHER_STEPS["scenes"]
     for bad in (0, -1, 1.5, True):
         with pytest.raises(UserError, match="scale must be an integer >= 1"):
             scale_steps(base, bad)

@@ -69,6 +69,11 @@ DEFAULT_TEACHER_STEPS = 1600
 TEACHER_STEPS = {"scenes": 2400}
 
 
+def default_teacher_steps(data: str) -> int:
+    """The optimiser steps a teacher of data set ``data`` trains when its config leaves steps out."""
+    return TEACHER_STEPS.get(data, DEFAULT_TEACHER_STEPS)
+
+
 @dataclass
 class TeacherConfig:
     out: str                                   # run directory
@@ -95,7 +100,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         if self.steps is None:  # resolved here, so config.json records the number the run used
-            self.steps = TEACHER_STEPS.get(self.data, DEFAULT_TEACHER_STEPS)
+            self.steps = default_teacher_steps(self.data)
         self.validate()
 
     def validate(self) -> None:

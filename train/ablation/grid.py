@@ -80,7 +80,7 @@ from train.initspec import validate_init_spec
 from train.regress import RegressConfig
 from train.student.loop import StudentConfig, validate
 from train.student.methods import get_method
-from train.teacher import TeacherConfig
+from train.teacher import TeacherConfig, default_teacher_steps
 from train.transplant import TransplantConfig
 
 SHIPPED = ("paper", "paper-digits", "quick")
@@ -253,6 +253,8 @@ def scale_steps(grid: Grid, factor: int) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(config)} if config else {}
         for key in STEP_KEYS:
             value = table.get(key, defaults.get(key))
+            if value is None and config is TeacherConfig and key == "steps":  # a per-data-set default
+                value = default_teacher_steps(table.get("data", TeacherConfig.data))
             if isinstance(value, int) and not isinstance(value, bool):
                 table[key] = value * factor
 
