@@ -266,3 +266,23 @@ def test_long_run_judge_tells_settled_drifting_and_oscillating_curves_apart(tmp_
     text = lr.markdown(run, swinging, lr.judge(swinging, 1.0), final, config, teacher_fd=15.8)
     assert text.startswith("<!-- bench_long_run:start -->") and text.endswith("<!-- bench_long_run:end -->")
     assert "| 0 | 400.0 | 100 | 390.0 |" in text and "**oscillating**" in text and "eval.json: 15.8" in text
+
+
+def test_ema_bench_tracks_reproduce_the_loops_own_average_and_merge_over_seeds(tiny_teacher, tmp_path):
+    """Every average rides on one run; the track with the run's own setting gives the loop's own FD."""
+    import bench_ema as be
+
+    runs = [be.train(str(tiny_teacher), None, steps=4, seed=seed, eval_every=2, out=tmp_path / f"s{seed}",
+                     batch=4, eval_samples=64) for seed in (0, 1)]
+    records = [json.loads((r / "tracks.json").read_text()) for r in runs]
+    for rec in records:
+        assert rec["own_track"] == "5k" and rec["own_track_max_abs_diff"] == 0.0  # same weights, same latents
+        assert set(rec["curves"]) == set(be.TRACKS)
+        assert all([s for s, _ in c] == [0, 2, 4] for c in rec["curves"].values())
+        # a 4-step run at batch 4 (16 images) has barely left the start under a 5000-image half-life,
+        # while the raw weights have moved: the tracks are not copies of one another
+        assert rec["curves"]["raw"][-1][1] != rec["curves"]["5k"][-1][1]
+    text = be.markdown({"digits": records})
+    assert text.startswith("<!-- bench_ema:start -->") and text.endswith("<!-- bench_ema:end -->")
+    assert "### digits: 2 seeds (0, 1), 4 steps" in text and "| raw (no EMA) |" in text
+    assert "| 20000, ramp-up 0.1 |" in text

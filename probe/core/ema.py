@@ -15,6 +15,16 @@ from torch import nn
 M = TypeVar("M", bound=nn.Module)
 
 
+def rampup_halflife(halflife_images: float, rampup: float, images_seen: float) -> float:
+    """EDM's ramp-up: the half-life is at most ``rampup`` x the images seen so far (``rampup <= 0``: off).
+
+    Early in a run the weights move fast and a long average would lag far behind them; the ramp-up
+    keeps the average short then and lets it grow to ``halflife_images`` as the run goes on."""
+    if rampup <= 0:
+        return float(halflife_images)
+    return min(float(halflife_images), images_seen * rampup)
+
+
 class EMA(Generic[M]):
     """A frozen copy of ``net`` updated towards it after every optimiser step."""
 

@@ -42,6 +42,7 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ from probe.core.distributed import (
     wrap_ddp,
 )
 from probe.core.edm import SIGMA_MAX, SIGMA_MIN, OneStepGenerator
-from probe.core.ema import EMA
+from probe.core.ema import EMA, rampup_halflife
 from probe.core.errors import UserError
 from probe.core.images import save_grid
 from probe.core.locks import exclusive
@@ -259,9 +260,7 @@ def plateau_reached(evals: list,               # [(step, FD)] of every evaluatio
 
 def ema_halflife(cfg: StudentConfig, step: int) -> float:
     """EMA half-life (images) at ``step``: EDM's ramp-up keeps the average from lagging early on."""
-    if cfg.ema_rampup <= 0:
-        return cfg.ema_halflife_images
-    return min(cfg.ema_halflife_images, step * cfg.batch * cfg.ema_rampup)
+    return rampup_halflife(cfg.ema_halflife_images, cfg.ema_rampup, step * cfg.batch)
 
 
 @torch.no_grad()
@@ -290,19 +289,22 @@ def train_student(cfg: StudentConfig,
                   resume: bool = False,             # continue the run in cfg.out from its state.pt
                   progress: bool = True,            # rich progress bar
                   stop_after: int | None = None,    # return after this step (tests: simulates a kill)
+                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0, after each step's
+                                                    # EMA update: (step, raw generator net); not resumed
                   ) -> Path:
     """Train (or resume) a one-step generator; returns the run directory. ``stop_after`` simulates a kill.
 
     Under torchrun every process calls this with the same config (probe/core/distributed.py)."""
     validate(cfg)
     with distributed_session(cfg.device) as device:
-        return _train_student(cfg, device, resume, progress and is_main(), stop_after)
+        return _train_student(cfg, device, resume, progress and is_main(), stop_after, on_step)
 
 
 STATE_KEYS = ("generator", "aux", "ema", "opt_g", "opt_aux", "rng", "step", "seconds", "counts", "acc")
 
 
-def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None) -> Path:
+def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None,
+                   on_step=None) -> Path:
     micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)
     cuda_speedups(device)
     method_cls = get_method(cfg.method)
@@ -330,11 +332,11 @@ def _train_student(cfg: StudentConfig, device, resume: bool, progress: bool, sto
         if is_main():  # one writer per run directory; other ranks only read it
             stack.enter_context(exclusive(cfg.out, "student run"))
         return _train_locked(cfg, device, resume, progress, stop_after, micros, record, dataset, images,
-                             gen_net, generator, method, evaluator, drift)
+                             gen_net, generator, method, evaluator, drift, on_step)
 
 
 def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop_after: int | None, micros,
-                  record, dataset, images, gen_net, generator, method, evaluator, drift=None) -> Path:
+                  record, dataset, images, gen_net, generator, method, evaluator, drift=None, on_step=None) -> Path:
     kept = {}
 
     def start():  # rank 0: check everything a resume needs, then open the run directory
@@ -409,6 +411,8 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
             ema.update(gen_net, cfg.batch)
             step += 1
             seconds += time.perf_counter() - t0
+            if on_step is not None and is_main():
+                on_step(step, gen_net)  # after the clock stops: an observer's cost is not training time
             acc.add(**stats)
             if log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 log.log(step=step, seconds=seconds, **acc.pop(), **counts, **guard.metrics())

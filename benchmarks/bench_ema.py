@@ -1,0 +1,190 @@
+"""Which average of the generator should a student report? Several EMAs of one run, side by side.
+
+The EMA changes no training step: it only averages the weights the run visits. So one run can
+carry several averages at once (half-lives with and without EDM's ramp-up, and no average at
+all), each evaluated on the same latents, at the same steps, by the same evaluator as the loop's
+own evaluation. Their curves then differ by the averaging alone, not by seed or by trajectory.
+The track with the run's own settings must reproduce the loop's FD (``metrics.jsonl``): checked
+and printed.
+
+Per track and data set, over seeds (one process per seed, one torch thread each):
+- FD at fixed budgets, mean +- std over seeds;
+- best FD and its step;
+- ``bench_long_run.judge`` over the last half of the evaluations: trend and wobble against 2
+  floor stds (settled / drifting / oscillating).
+
+    python benchmarks/bench_ema.py train --teacher RUN --data scenes --steps 4000 --seed 0 --out runs/ema/scenes-0
+    python benchmarks/bench_ema.py tables runs/ema/scenes-* runs/ema/digits-* --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+NAME = "bench_ema"
+ROOT = Path(__file__).resolve().parents[1]
+# name: (half-life in images, ramp-up ratio); "raw" = the generator's own weights, no average
+TRACKS = {"raw": (0.0, 0.0), "5k": (5_000.0, 0.0), "20k": (20_000.0, 0.0), "20k-r0.05": (20_000.0, 0.05),
+          "20k-r0.1": (20_000.0, 0.1), "50k-r0.1": (50_000.0, 0.1)}
+BUDGETS = (200, 400, 1000, 2000, 4000)  # steps at which the table shows FD (those a run reaches)
+
+
+def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int, out: Path,
+          **overrides) -> Path:
+    """One default student run that also keeps every track of TRACKS; writes ``tracks.json`` into it.
+
+    ``overrides``: other StudentConfig fields (tests use a small batch and few samples)."""
+    import torch
+
+    from probe.core.ema import EMA, rampup_halflife
+    from probe.core.models import load_model
+    from probe.quality.metrics import QualityEvaluator
+    from train.student.loop import StudentConfig, one_step_samples, train_student
+
+    cfg = StudentConfig(out=str(out), teacher=teacher, data=data, steps=steps, seed=seed, eval_every=eval_every,
+                        checkpoint_every=steps, **overrides)
+    model = load_model(teacher)
+    evaluator = QualityEvaluator(data or model.dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed)
+    shape = (model.channels, model.resolution, model.resolution)
+    del model
+    # the loop's own evaluation latents (train/student/loop.py), so the "own" track can be checked against it
+    z = torch.randn((max(cfg.eval_samples, 64), *shape), generator=torch.Generator().manual_seed(cfg.eval_seed))
+    z = z[:cfg.eval_samples]
+    emas: dict = {}
+    curves: dict[str, list] = {name: [] for name in TRACKS}
+
+    def observe(step: int, net) -> None:
+        for name, (halflife, rampup) in TRACKS.items():
+            if name == "raw":
+                continue
+            if name not in emas:  # the first step: every average starts from the initial weights, like the loop's
+                emas[name] = EMA(net, halflife)
+                emas[name].net.load_state_dict(initial)
+            emas[name].halflife_images = rampup_halflife(halflife, rampup, step * cfg.batch)
+            emas[name].update(net, cfg.batch)
+        if step % eval_every == 0 or step == steps:
+            for name in TRACKS:
+                weights = net if name == "raw" else emas[name].net
+                fd = evaluator.evaluate(one_step_samples(weights, cfg.sigma_init, z, "cpu"))["fd"]
+                curves[name].append([step, float(fd)])
+
+    # the initial generator, before any step: taken from the init the loop applies (same seed, same spec)
+    from train.init import initialise_generator
+
+    torch.manual_seed(cfg.seed)
+    initial = initialise_generator(cfg.init, load_model(teacher), cfg.seed)[0].state_dict()
+    train_student(cfg, progress=True, on_step=observe)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    own = {int(r["step"]): float(r["eval_fd"]) for r in rows if "eval_fd" in r}
+    own_name = next((n for n, (h, r) in TRACKS.items() if (h, r) == (cfg.ema_halflife_images, cfg.ema_rampup)), None)
+    check = (max(abs(own[s] - f) for s, f in curves[own_name]) if own_name else None)
+    for name in TRACKS:  # step 0 is the same initial generator for every track: the loop's own evaluation
+        curves[name].insert(0, [0, own[0]])
+    final = json.loads((out / "eval.json").read_text())
+    record = {"data": data or json.loads((out / "config.json").read_text())["config"].get("data"),
+              "teacher": teacher, "seed": seed, "steps": steps, "eval_every": eval_every, "batch": cfg.batch,
+              "eval_samples": cfg.eval_samples, "floor": final["floor"], "tracks": TRACKS, "curves": curves,
+              "own_track": own_name, "own_track_max_abs_diff": check}
+    (out / "tracks.json").write_text(json.dumps(record, indent=1))
+    print(f"track {own_name} vs the loop's own FD: max |difference| {check}")
+    return out
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per track: FD at each budget (mean, std over seeds), best, and the last-half judgement per seed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_long_run import judge
+
+    floor_std = float(np.mean([r["floor"]["fd_std"] for r in records]))
+    out = {}
+    for name in records[0]["curves"]:
+        per_seed = [dict(map(tuple, r["curves"][name])) for r in records]
+        at = {}
+        for b in BUDGETS:
+            vals = [c[b] for c in per_seed if b in c]
+            if len(vals) == len(per_seed):
+                at[b] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+        best = [min(c.values()) for c in per_seed]
+        judged = [judge(sorted(c.items()), floor_std) for c in per_seed]
+        nan = float("nan")  # too few evaluations to judge: no trend, wobble or tail
+        out[name] = {"at": at, "best": (float(np.mean(best)), float(np.std(best, ddof=1)) if len(best) > 1 else 0.0),
+                     "tail_mean": float(np.mean([j.get("tail_mean", nan) for j in judged])),
+                     "wobble": [j.get("wobble", nan) for j in judged], "trend": [j.get("trend", nan) for j in judged],
+                     "verdicts": [j["verdict"] for j in judged]}
+    return {"floor_std": floor_std, "tracks": out}
+
+
+def markdown(groups: dict[str, list[dict]]) -> str:
+    lines = [f"<!-- {NAME}:start -->", "## Which EMA should the student report? (`benchmarks/bench_ema.py`)", "",
+             "One default `probe train student` run per seed carries every average below at once (same trajectory, "
+             "same latents, same evaluator, n = eval samples); the averages differ by half-life (images) and "
+             "EDM's ramp-up (half-life <= ratio x images seen). Cells: FD mean +- std over seeds. Last half: mean "
+             "FD, and trend / wobble per seed against 2 floor stds (`bench_long_run.judge`).", ""]
+    for data, records in groups.items():
+        s = summarise(records)
+        steps = records[0]["steps"]
+        budgets = [b for b in BUDGETS if b <= steps]
+        checks = [r["own_track_max_abs_diff"] for r in records]
+        lines += [f"### {data}: {len(records)} seeds ({', '.join(str(r['seed']) for r in records)}), {steps} steps, "
+                  f"batch {records[0]['batch']}, evaluated every {records[0]['eval_every']} steps at n = "
+                  f"{records[0]['eval_samples']}; floor std {s['floor_std']:.2f}, so 2 floor stds = "
+                  f"{2 * s['floor_std']:.2f}", "",
+                  f"The `{records[0]['own_track']}` track (the run's own setting) against the loop's own FD: max "
+                  f"|difference| {max(checks):.2g} over seeds.", "",
+                  "| average | " + " | ".join(f"FD @ {b}" for b in budgets)
+                  + " | best | last-half mean | trend per seed | wobble per seed | verdicts |",
+                  "|---|" + "---:|" * (len(budgets) + 5)]
+        for name, t in s["tracks"].items():
+            halflife, rampup = TRACKS[name]
+            label = "raw (no EMA)" if name == "raw" else f"{halflife:g}" + (f", ramp-up {rampup:g}" if rampup else "")
+            cells = [f"{t['at'][b][0]:.1f} +- {t['at'][b][1]:.1f}" if b in t["at"] else "-" for b in budgets]
+            lines.append(f"| {label} | " + " | ".join(cells)
+                         + f" | {t['best'][0]:.1f} +- {t['best'][1]:.1f} | {t['tail_mean']:.1f} | "
+                         + ", ".join(f"{v:+.1f}" for v in t["trend"]) + " | "
+                         + ", ".join(f"{v:.1f}" for v in t["wobble"]) + " | " + "; ".join(t["verdicts"]) + " |")
+        lines.append("")
+    lines.append(f"<!-- {NAME}:end -->")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="one seed: train a default student and keep every average")
+    t.add_argument("--teacher", required=True)
+    t.add_argument("--data", help="real data (default: the teacher's)")
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--out", required=True)
+    m = sub.add_parser("tables", help="merge runs (grouped by data set) into the RESULTS section")
+    m.add_argument("runs", nargs="+")
+    m.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.cmd == "train":
+        import torch
+
+        torch.set_num_threads(1)
+        train(args.teacher, args.data, args.steps, args.seed, args.eval_every, Path(args.out))
+        return
+    groups: dict[str, list[dict]] = {}
+    for run in args.runs:
+        record = json.loads((Path(run) / "tracks.json").read_text())
+        groups.setdefault(str(record["data"]), []).append(record)
+    text = markdown(groups)
+    print(text)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_md import write_section
+
+        write_section(NAME, text)
+
+
+if __name__ == "__main__":
+    main()
