@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACKS = {"raw": (0.0, 0.0), "5k": (5_000.0, 0.0), "20k": (20_000.0, 0.0), "20k-r0.05": (20_000.0, 0.05),
           "20k-r0.1": (20_000.0, 0.1), "50k-r0.1": (50_000.0, 0.1)}
 BUDGETS = (200, 400, 1000, 2000, 4000)  # steps at which the table shows FD (those a run reaches)
+# the teacher's averages: fixed half-lives, and half-lives that are a fixed share of the images seen
+# (EDM's ramp-up with no cap), which scale with the run's length by themselves
+TEACHER_TRACKS = {"12.5k": (12_500.0, 0.0), "25k": (25_000.0, 0.0), "50k": (50_000.0, 0.0),
+                  "share 0.15": (float("inf"), 0.15), "share 0.3": (float("inf"), 0.3)}
 
 
 def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int, out: Path,
@@ -93,6 +98,64 @@ def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int
     (out / "tracks.json").write_text(json.dumps(record, indent=1))
     print(f"track {own_name} vs the loop's own FD: max |difference| {check}")
     return out
+
+
+def train_teacher_tracks(data: str, out: Path, n_samples: int, sample_steps: int = 18, **overrides) -> dict:
+    """The default teacher on ``data``, keeping every average of TEACHER_TRACKS; each is scored at the end.
+
+    Every track samples the same latents with the same Heun sampler and is scored by one evaluator
+    (n_samples images against its reference, plus the floor); writes ``teacher_tracks.json``."""
+    import torch
+
+    from probe.core.edm import heun_sample
+    from probe.core.ema import EMA, rampup_halflife
+    from probe.quality.metrics import QualityEvaluator
+    from train.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(out=str(out), data=data, eval_samples=0, **overrides)
+    assert cfg.steps is not None
+    emas: dict = {}
+
+    def observe(step: int, net) -> None:
+        for name, (halflife, rampup) in TEACHER_TRACKS.items():
+            if name not in emas:
+                emas[name] = EMA(net, 1.0)
+                emas[name].net.load_state_dict(initial)
+            emas[name].halflife_images = rampup_halflife(halflife, rampup, step * cfg.batch)
+            emas[name].update(net, cfg.batch)
+
+    # the loop's initial weights (same seed, same builder), which its own EMA starts from
+    from probe.core.data import load_dataset
+    from probe.core.edm import EDMDenoiser
+    from probe.core.models import build_unet
+
+    real = load_dataset(data, "train")
+    torch.manual_seed(cfg.seed)
+    initial = EDMDenoiser(build_unet(real.resolution, real.channels, cfg.preset)).state_dict()
+    start = time.perf_counter()
+    train_teacher(cfg, progress=True, on_step=observe)
+    train_s = time.perf_counter() - start
+    evaluator = QualityEvaluator(data, n_samples=n_samples, seed=0)
+    z = torch.randn((n_samples, real.channels, real.resolution, real.resolution),
+                    generator=torch.Generator().manual_seed(1))
+    scores = {}
+    for name, ema in emas.items():
+        with torch.no_grad():
+            x = torch.cat([heun_sample(ema.net.eval(), zb, sample_steps) for zb in z.split(500)])
+        scores[name] = {k: v for k, v in evaluator.evaluate(x).items() if isinstance(v, (int, float))}
+        print(name, {k: round(v, 3) for k, v in scores[name].items()}, flush=True)
+    from probe.core.models import load_model
+
+    # the loop's own average (saved in the run) must be the 12.5k track: same weights, same samples
+    own = load_model(out).denoiser
+    own_diff = max(float((a - b).abs().max()) for a, b in zip(own.state_dict().values(),
+                                                              emas["12.5k"].net.state_dict().values()))
+    record = {"data": data, "steps": cfg.steps, "batch": cfg.batch, "train_seconds": train_s,
+              "sample_steps": sample_steps, "n_samples": n_samples, "tracks": TEACHER_TRACKS, "scores": scores,
+              "floor": evaluator.floor(), "own_track": "12.5k", "own_track_max_abs_weight_diff": own_diff}
+    (out / "teacher_tracks.json").write_text(json.dumps(record, indent=1))
+    print(f"track 12.5k vs the run's saved EMA: max |weight difference| {own_diff}")
+    return record
 
 
 def summarise(records: list[dict]) -> dict:
@@ -162,6 +225,10 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--out", required=True)
+    te = sub.add_parser("teacher", help="the default teacher with several averages, each scored at the end")
+    te.add_argument("--data", default="scenes")
+    te.add_argument("--n", type=int, default=2000, help="samples per score")
+    te.add_argument("--out", required=True)
     m = sub.add_parser("tables", help="merge runs (grouped by data set) into the RESULTS section")
     m.add_argument("runs", nargs="+")
     m.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
@@ -172,6 +239,12 @@ def main() -> None:
 
         torch.set_num_threads(1)
         train(args.teacher, args.data, args.steps, args.seed, args.eval_every, Path(args.out))
+        return
+    if args.cmd == "teacher":
+        import torch
+
+        torch.set_num_threads(1)
+        train_teacher_tracks(args.data, Path(args.out), args.n)
         return
     groups: dict[str, list[dict]] = {}
     for run in args.runs:

@@ -286,3 +286,15 @@ def test_ema_bench_tracks_reproduce_the_loops_own_average_and_merge_over_seeds(t
     assert text.startswith("<!-- bench_ema:start -->") and text.endswith("<!-- bench_ema:end -->")
     assert "### digits: 2 seeds (0, 1), 4 steps" in text and "| raw (no EMA) |" in text
     assert "| 20000, ramp-up 0.1 |" in text
+
+
+def test_ema_bench_teacher_tracks_include_the_runs_own_average_exactly(tmp_path):
+    import bench_ema as be
+
+    rec = be.train_teacher_tracks("digits", tmp_path / "t", n_samples=64, sample_steps=2, preset="test", steps=4,
+                                  batch=16, checkpoint_every=2)
+    assert rec["own_track_max_abs_weight_diff"] == 0.0   # the 12.5k track is the run's own saved average
+    assert set(rec["scores"]) == set(be.TEACHER_TRACKS) and all(s["fd"] > 0 for s in rec["scores"].values())
+    # a half-life that is a share of the images seen is short this early: those tracks differ from 12.5k
+    assert rec["scores"]["share 0.15"]["fd"] != rec["scores"]["12.5k"]["fd"]
+    assert json.loads((tmp_path / "t" / "teacher_tracks.json").read_text())["steps"] == 4

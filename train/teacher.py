@@ -23,6 +23,7 @@ exit code 3, leaving the last checkpoint (always finite) in place.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from probe.core.distributed import (
     wrap_ddp,
 )
 from probe.core.edm import Denoiser, EDMDenoiser, edm_loss, heun_sample, sample_edm_sigmas
-from probe.core.ema import EMA
+from probe.core.ema import EMA, rampup_halflife
 from probe.core.images import save_grid
 from probe.core.locks import exclusive
 from probe.core.models import build_unet, save_model
@@ -86,6 +87,7 @@ class TeacherConfig:
     lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
     betas: tuple = (0.9, 0.99)                 # Adam betas
     ema_halflife_images: float = 12_500        # EMA half-life, in training images
+    ema_rampup: float = 0.0                    # EDM's ramp-up: half-life <= this x images seen so far; 0 = off
     p_mean: float = -1.2                       # mean of ln sigma during training
     p_std: float = 1.2                         # std of ln sigma during training
     sigma_range: tuple | None = None           # (lo, hi): train only on sigmas in this band
@@ -114,6 +116,7 @@ class TeacherConfig:
         c.positive_float(self.lr, "lr")
         c.betas(self.betas)
         c.positive_float(self.ema_halflife_images, "ema_halflife_images")
+        c.nonneg_float(self.ema_rampup, "ema_rampup")
         c.finite(self.p_mean, "p_mean")
         c.positive_float(self.p_std, "p_std")
         c.sigma_range(self.sigma_range)
@@ -123,19 +126,25 @@ class TeacherConfig:
         c.device(self.device)
 
 
-def train_teacher(cfg: TeacherConfig, resume: bool = False, progress: bool = True,
-                  stop_after: int | None = None) -> Path:
+def train_teacher(cfg: TeacherConfig,
+                  resume: bool = False,             # continue the run in cfg.out from its state.pt
+                  progress: bool = True,            # rich progress bar
+                  stop_after: int | None = None,    # return after this step (tests: simulates a kill)
+                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0, after each step's
+                                                    # EMA update: (step, raw network); not resumed
+                  ) -> Path:
     """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill.
 
     Under torchrun every process calls this with the same config (see the module docstring)."""
     with distributed_session(cfg.device) as device:
-        return _train(cfg, device, resume, progress and is_main(), stop_after)
+        return _train(cfg, device, resume, progress and is_main(), stop_after, on_step)
 
 
 STATE_KEYS = ("net", "ema", "opt", "rng", "step")
 
 
-def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None) -> Path:
+def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None,
+           on_step=None) -> Path:
     micros = split_batch(cfg.batch, world_size(), accum=cfg.accum)  # refuses a batch too small to split
     cuda_speedups(device)
     data = load_dataset(cfg.data, "train")
@@ -144,11 +153,11 @@ def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: boo
     with ExitStack() as stack:
         if is_main():  # one writer per run directory; other ranks only read it
             stack.enter_context(exclusive(cfg.out, "teacher run"))
-        return _train_locked(cfg, device, resume, progress, stop_after, micros, data, unet)
+        return _train_locked(cfg, device, resume, progress, stop_after, micros, data, unet, on_step)
 
 
 def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None,
-                  micros, data, unet) -> Path:
+                  micros, data, unet, on_step=None) -> Path:
     assert cfg.steps is not None  # resolved on construction
     kept = {}
 
@@ -193,8 +202,11 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
             # a NaN/inf loss or gradient skips the step: Adam's moments are never poisoned
             _, ok = guarded_step(opt, params, cfg.grad_clip, is_finite(loss_value))
             guard.update(ok, step + 1, str(out), log)
+            ema.halflife_images = rampup_halflife(cfg.ema_halflife_images, cfg.ema_rampup, (step + 1) * cfg.batch)
             ema.update(net, cfg.batch)
             step += 1
+            if on_step is not None and is_main():
+                on_step(step, net)
             if log is not None and (step % 50 == 0 or step == cfg.steps):
                 log.log(step=step, loss=loss_value, lr=opt.param_groups[0]["lr"], seconds=time.time() - t0,
                         **guard.metrics())

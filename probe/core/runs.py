@@ -465,6 +465,7 @@ class MetricsLog:
             else:
                 _remove(self.path)
         self.rows = len(keep)
+        self.kept = keep  # the rows carried over from before a resume (loops read their history here)
 
     @staticmethod
     def _line(row: dict) -> str:

@@ -72,7 +72,6 @@ from probe.core.progress import progress_bar
 from probe.core.runs import (
     load_state,
     mark_finished,
-    read_metrics,
     restore,
     resume_point,
     save_state,
@@ -371,8 +370,8 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     if resume and is_main() and stopped is not None:
         print(f"the run stopped at a plateau at step {stopped['step']}: not training further", file=sys.stderr)
     evals: list = []  # [(step, FD)] of the evaluations so far (rank 0), for the early-stop rule
-    if is_main() and state is not None:  # the log holds exactly the rows of the checkpoint
-        evals = [(r["step"], r["eval_fd"]) for r in read_metrics(out) if "eval_fd" in r]
+    if log is not None and state is not None:  # the log kept exactly the rows of the checkpoint
+        evals = [(r["step"], r["eval_fd"]) for r in log.kept if "eval_fd" in r]
     # fixed latents for grids and evaluations, drawn like probe.quality.evaluate (same z as `probe eval`)
     z_eval = torch.randn((max(cfg.eval_samples, 64), *shape[1:]),
                          generator=torch.Generator().manual_seed(cfg.eval_seed))
