@@ -139,7 +139,12 @@ def train_teacher_tracks(data: str, out: Path, n_samples: int, sample_steps: int
     z = torch.randn((n_samples, real.channels, real.resolution, real.resolution),
                     generator=torch.Generator().manual_seed(1))
     scores = {}
+    from probe.core.models import save_model
+
     for name, ema in emas.items():
+        # each average as a loadable teacher (load_model), so it can be scored again or trained from
+        save_model(out / "tracks" / name.replace(" ", "-"), ema.net, "teacher", data,
+                   extra={"steps": cfg.steps, "ema_track": name})
         with torch.no_grad():
             x = torch.cat([heun_sample(ema.net.eval(), zb, sample_steps) for zb in z.split(500)])
         scores[name] = {k: v for k, v in evaluator.evaluate(x).items() if isinstance(v, (int, float))}

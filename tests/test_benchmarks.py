@@ -298,3 +298,6 @@ def test_ema_bench_teacher_tracks_include_the_runs_own_average_exactly(tmp_path)
     # a half-life that is a share of the images seen is short this early: those tracks differ from 12.5k
     assert rec["scores"]["share 0.15"]["fd"] != rec["scores"]["12.5k"]["fd"]
     assert json.loads((tmp_path / "t" / "teacher_tracks.json").read_text())["steps"] == 4
+    from probe.core.models import load_model
+
+    assert load_model(tmp_path / "t" / "tracks" / "share-0.3").kind == "teacher"  # each average is a teacher
