@@ -288,6 +288,16 @@ def test_reference_and_heldout_are_disjoint_and_sized(evaluator):
     assert len(evaluator.heldout) >= evaluator.n_samples
 
 
+def test_floor_resamples_are_disjoint_when_the_pool_allows(evaluator, cache_dir):
+    big = QualityEvaluator("digits", n_samples=200, n_reference=500, seed=0, cache_dir=cache_dir)  # pool 1297
+    draws = big.floor_draws(5)
+    assert [len(d) for d in draws] == [200] * 5 and len(set(np.concatenate(draws).tolist())) == 1000
+    draws = evaluator.floor_draws(5)  # 500 per resample from a pool of 750: independent draws must overlap
+    assert all(len(set(d.tolist())) == 500 and d.max() < len(evaluator.heldout) for d in draws)
+    assert len(set(draws[0].tolist()) & set(draws[1].tolist())) > 0
+    assert [d.tolist() for d in evaluator.floor_draws(5)] == [d.tolist() for d in draws]  # seeded
+
+
 def test_floor_real_and_noise(evaluator):
     floor = evaluator.floor(n_resamples=5)
     assert all(math.isfinite(floor[k]) for k in ("fd", "fd_std", "precision", "recall"))

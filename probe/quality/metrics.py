@@ -399,15 +399,26 @@ class QualityEvaluator:
                                           n_subsets, seed=self.seed),
                     "features": memorisation(feats, *self._split_features, n_subsets, seed=self.seed)}
 
+    def floor_draws(self, n_resamples: int = 5) -> list[np.ndarray]:
+        """Rows of the held-out pool that each floor resample scores.
+
+        Disjoint blocks of one permutation when the pool holds ``n_resamples`` x ``n_samples``
+        images (scenes: 10,000), so the resamples' spread is not shrunk by shared images;
+        otherwise independent draws without replacement, which share images (digits: 500 of 750)."""
+        rng = np.random.default_rng([self.seed, 1])  # independent of the reference choice
+        n, pool = self.n_samples, len(self.heldout)
+        if pool >= n_resamples * n:
+            order = rng.permutation(pool)
+            return [order[i * n:(i + 1) * n] for i in range(n_resamples)]
+        return [rng.choice(pool, n, replace=False) for _ in range(n_resamples)]
+
     def floor(self, n_resamples: int = 5) -> dict:
         """Real-vs-real floor: held-out real images scored like a model, mean and std over resamples.
 
         Returns ``{"fd", "fd_std", "precision", "precision_std", ..., "n", "n_resamples"}``; cached.
         """
         if n_resamples not in self._floors:
-            rng = np.random.default_rng([self.seed, 1])  # independent of the reference choice
-            scores = [self._score(self.heldout[rng.choice(len(self.heldout), self.n_samples, replace=False)])
-                      for _ in range(n_resamples)]
+            scores = [self._score(self.heldout[rows]) for rows in self.floor_draws(n_resamples)]
             out: dict = {}
             for key in METRIC_KEYS:
                 values = np.array([s[key] for s in scores])
