@@ -116,6 +116,7 @@ def test_quality_is_evaluated_on_a_fixed_z(tiny_teacher, tmp_path, fake_evaluato
     evals = [r for r in read_metrics(run) if "eval_fd" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all(s.shape == (16, 1, 8, 8) for s in seen)
+    assert len(seen) == 3  # steps 0, 2, 4; eval.json reuses step 4's scores (same weights, same z)
     final = json.loads((run / "eval.json").read_text())
     assert final["step"] == 4 and final["fd"] == pytest.approx(evals[-1]["eval_fd"])  # same z, same weights
     assert final["memorisation"] == {"nn_ratio_pixel": 1.0}

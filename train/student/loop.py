@@ -392,11 +392,14 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
                          "step": step, "seconds": seconds, "counts": dict(counts), "acc": acc.state_dict(),
                          "guard": guard.state_dict(), "metrics_rows": log.rows, "stopped": stopped})
 
+    last_eval: dict = {}  # the latest evaluation: the final one reuses it when nothing has changed since
+
     def evaluate() -> dict:
         assert evaluator is not None and log is not None  # both exist on rank 0 only, where this runs
         result = evaluator.evaluate(one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device))
         cka = drift_metrics(drift, ema.net) if drift is not None else {}  # feature drift: cka/<layer>/<sigma>
         log.log(step=step, seconds=seconds, **{f"eval_{k}": v for k, v in result.items()}, **cka)
+        last_eval.update(step=step, result=result)
         return result
 
     if evaluator is not None and state is None:
@@ -438,7 +441,8 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
     save_grid(one_step_samples(ema.net, cfg.sigma_init, z_eval[:64], device), out / "samples.png")
     if evaluator is not None:
         samples = one_step_samples(ema.net, cfg.sigma_init, z_eval[:cfg.eval_samples], device)
-        final = evaluator.evaluate(samples)
+        # the loop's own evaluation at this step scored the same weights on the same latents: reuse it
+        final = last_eval["result"] if last_eval.get("step") == step else evaluator.evaluate(samples)
         write_json(out / "eval.json", {**final, "memorisation": evaluator.memorisation(samples),
                                        "floor": evaluator.floor(), "evaluator": evaluator.info,
                                        "sampler": "one-step", "nfe": 1, "step": step, "seconds": seconds,
