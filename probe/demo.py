@@ -44,7 +44,7 @@ class DemoConfig:
     report: str = "reports/demo.pdf"     # the PDF written at the end
     quick: bool = False                  # tiny models and few steps (for the tests)
     teacher_steps: int = 1600            # teacher optimiser steps (quick: 4)
-    student_steps: int = 400             # generator steps per student (quick: 3)
+    student_steps: int = 300             # generator steps per student (quick: 3)
     seeds: tuple = (0,)                  # student seeds
     teacher_eval_samples: int = 500      # samples of the teacher's end-of-run quality figure, 0 = skip (quick: 100)
     seed: int = 0                        # teacher seed
