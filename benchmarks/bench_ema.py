@@ -7,14 +7,18 @@ own evaluation. Their curves then differ by the averaging alone, not by seed or 
 The track with the run's own settings must reproduce the loop's FD (``metrics.jsonl``): checked
 and printed.
 
-Per track and data set, over seeds (one process per seed, one torch thread each):
+``teacher`` does the same for the default teacher: one run carries fixed half-lives and
+half-lives that are a share of the images seen; each is scored once at the end of the run.
+
+Per student track and data set, over seeds (one process per seed, one torch thread each):
 - FD at fixed budgets, mean +- std over seeds;
 - best FD and its step;
 - ``bench_long_run.judge`` over the last half of the evaluations: trend and wobble against 2
   floor stds (settled / drifting / oscillating).
 
     python benchmarks/bench_ema.py train --teacher RUN --data scenes --steps 4000 --seed 0 --out runs/ema/scenes-0
-    python benchmarks/bench_ema.py tables runs/ema/scenes-* runs/ema/digits-* --write
+    python benchmarks/bench_ema.py teacher --data scenes --out runs/ema/teacher
+    python benchmarks/bench_ema.py tables runs/ema/scenes-* runs/ema/digits-* runs/ema/teacher --write
 """
 
 from __future__ import annotations
@@ -187,7 +191,29 @@ def summarise(records: list[dict]) -> dict:
     return {"floor_std": floor_std, "tracks": out}
 
 
-def markdown(groups: dict[str, list[dict]]) -> str:
+def teacher_markdown(record: dict) -> list[str]:
+    """The teacher's averages, one row each, scored once at the end of the run."""
+    floor = record["floor"]
+    lines = [f"### The default teacher on {record['data']}: {record['steps']} steps of {record['batch']}, one run, "
+             f"each average scored once at the end (Heun-{record['sample_steps']}, n = {record['n_samples']}, the "
+             f"same latents; floor FD {floor['fd']:.2f} +- {floor['fd_std']:.2f}, precision "
+             f"{floor['precision']:.3f})", "",
+             f"The `{record['own_track']}` track against the run's own saved average: max |weight difference| "
+             f"{record['own_track_max_abs_weight_diff']:.2g}. Training took {record['train_seconds']:.0f} s "
+             "(one thread, beside other jobs).", "",
+             "| average | half-life at the end (images) | FD | KID x 1e3 | FD-infinity | precision | recall | coverage |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    images = record["steps"] * record["batch"]
+    for name, (halflife, rampup) in record["tracks"].items():
+        s = record["scores"][name]
+        end = min(halflife, images * rampup) if rampup > 0 else halflife
+        label = f"{halflife:g}" if rampup <= 0 else f"{rampup:g} x images seen"
+        lines.append(f"| {label} | {end:,.0f} | {s['fd']:.2f} | {s['kid']:.2f} | {s['fd_inf']:.2f} | "
+                     f"{s['precision']:.3f} | {s['recall']:.3f} | {s['coverage']:.2f} |")
+    return lines + [""]
+
+
+def markdown(groups: dict[str, list[dict]], teachers: list[dict] | None = None) -> str:
     lines = [f"<!-- {NAME}:start -->", "## Which EMA should the student report? (`benchmarks/bench_ema.py`)", "",
              "One default `probe train student` run per seed carries every average below at once (same trajectory, "
              "same latents, same evaluator, n = eval samples); the averages differ by half-life (images) and "
@@ -196,7 +222,7 @@ def markdown(groups: dict[str, list[dict]]) -> str:
     for data, records in groups.items():
         s = summarise(records)
         steps = records[0]["steps"]
-        budgets = [b for b in BUDGETS if b <= steps]
+        budgets = [b for b in BUDGETS if b < steps] + [steps]  # and the end of the run
         checks = [r["own_track_max_abs_diff"] for r in records]
         lines += [f"### {data}: {len(records)} seeds ({', '.join(str(r['seed']) for r in records)}), {steps} steps, "
                   f"batch {records[0]['batch']}, evaluated every {records[0]['eval_every']} steps at n = "
@@ -214,8 +240,10 @@ def markdown(groups: dict[str, list[dict]]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells)
                          + f" | {t['best'][0]:.1f} +- {t['best'][1]:.1f} | {t['tail_mean']:.1f} | "
                          + ", ".join(f"{v:+.1f}" for v in t["trend"]) + " | "
-                         + ", ".join(f"{v:.1f}" for v in t["wobble"]) + " | " + "; ".join(t["verdicts"]) + " |")
+                         + ", ".join(f"{v:.1f}" for v in t["wobble"]) + " | " + " / ".join(t["verdicts"]) + " |")
         lines.append("")
+    for record in teachers or []:
+        lines += teacher_markdown(record)
     lines.append(f"<!-- {NAME}:end -->")
     return "\n".join(lines)
 
@@ -252,10 +280,14 @@ def main() -> None:
         train_teacher_tracks(args.data, Path(args.out), args.n)
         return
     groups: dict[str, list[dict]] = {}
-    for run in args.runs:
-        record = json.loads((Path(run) / "tracks.json").read_text())
+    teachers = []
+    for run in map(Path, args.runs):
+        if (run / "teacher_tracks.json").exists():
+            teachers.append(json.loads((run / "teacher_tracks.json").read_text()))
+            continue
+        record = json.loads((run / "tracks.json").read_text())
         groups.setdefault(str(record["data"]), []).append(record)
-    text = markdown(groups)
+    text = markdown(groups, teachers)
     print(text)
     if args.write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -301,3 +301,5 @@ def test_ema_bench_teacher_tracks_include_the_runs_own_average_exactly(tmp_path)
     from probe.core.models import load_model
 
     assert load_model(tmp_path / "t" / "tracks" / "share-0.3").kind == "teacher"  # each average is a teacher
+    text = be.markdown({}, [rec])
+    assert "| 12500 | 12,500 |" in text and "| 0.3 x images seen | 19 |" in text  # 4 steps x 16 images x 0.3
