@@ -201,7 +201,7 @@ def teacher_markdown(record: dict) -> list[str]:
              f"The `{record['own_track']}` track against the run's own saved average: max |weight difference| "
              f"{record['own_track_max_abs_weight_diff']:.2g}. Training took {record['train_seconds']:.0f} s "
              "(one thread, beside other jobs).", "",
-             "| average | half-life at the end (images) | FD | KID x 1e3 | FD-infinity | precision | recall | coverage |",
+             "| average | half-life at the end (images) | FD | KID | FD-infinity | precision | recall | coverage |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     images = record["steps"] * record["batch"]
     for name, (halflife, rampup) in record["tracks"].items():
