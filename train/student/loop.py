@@ -119,8 +119,9 @@ class StudentConfig:
     weighting: str = "none"                    # w(sigma) of the generator loss: none | sigma2 | snr | edm
     fkl_clip: float = 10.0                     # diffratio-fkl: upper clip of h = exp(-l)
     sid_alpha: float = 1.2                     # sid: alpha of the SiD loss
-    ema_halflife_images: float = 5_000         # EMA half-life of the generator, in generated images
-    ema_rampup: float = 0.0                    # EDM's ramp-up (0.05 there): half-life <= this x images so far; 0 = off
+    ema_halflife_images: float = 20_000        # EMA half-life of the generator, in generated images
+    ema_rampup: float = 0.1                    # EDM's ramp-up: half-life <= this x images so far (0 = off); the
+                                               # pair was chosen by benchmarks/bench_ema.py (docs/method.md)
     grad_clip: float = 0.0                     # max gradient norm for both optimisers, 0 = off
     log_every: int = 25                        # steps between metrics.jsonl rows (means over the interval)
     eval_every: int = 100                      # steps between sample-quality evaluations, 0 = off
