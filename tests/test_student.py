@@ -153,6 +153,7 @@ def test_ema_half_life_ramps_up_like_edm():
     cfg = StudentConfig(out="x", teacher="x", batch=64, ema_halflife_images=5000, ema_rampup=0.05)
     assert student.ema_halflife(cfg, 1) == pytest.approx(64 * 0.05)
     assert student.ema_halflife(cfg, 10_000) == 5000
-    assert student.ema_halflife(StudentConfig(out="x", teacher="x", ema_halflife_images=5000, ema_rampup=0.0), 1) == 5000
+    fixed = StudentConfig(out="x", teacher="x", ema_halflife_images=5000, ema_rampup=0.0)
+    assert student.ema_halflife(fixed, 1) == 5000
     default = StudentConfig(out="x", teacher="x")  # 20000 images, reached after 20000 / (0.1 x 64) = 3125 steps
     assert student.ema_halflife(default, 1000) == pytest.approx(6400) and student.ema_halflife(default, 4000) == 20000
