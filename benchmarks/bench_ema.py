@@ -177,7 +177,7 @@ def summarise(records: list[dict]) -> dict:
     for name in records[0]["curves"]:
         per_seed = [dict(map(tuple, r["curves"][name])) for r in records]
         at = {}
-        for b in BUDGETS:
+        for b in (*BUDGETS, records[0]["steps"]):
             vals = [c[b] for c in per_seed if b in c]
             if len(vals) == len(per_seed):
                 at[b] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
