@@ -8,7 +8,7 @@ losses. Per step (``train/student/step.py``, the same code for one process and f
 1. draw z (and the fresh z and real-batch indices of the aux steps);
 2. ``aux_steps`` auxiliary updates on no-grad generator samples, the last one on G(z);
 3. one generator update on ``method.generator_loss(G(z))`` with the auxiliary network frozen;
-4. EMA of the generator by half-life in images (optionally with EDM's ramp-up).
+4. EMA of the generator by half-life in images, with EDM's ramp-up (``ema_rampup``).
 
 NaN policy (``probe/core/nonfinite.py``): an update whose loss or gradient is not finite is
 skipped, counted in ``metrics.jsonl`` (``skipped_g``, ``skipped_aux``, ``skipped_steps``,
