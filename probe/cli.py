@@ -177,6 +177,7 @@ def train_teacher_cmd(
     accum: int = typer.Option(_d(T, "accum"), help="Gradient-accumulation rounds per step and process."),
     lr: float = typer.Option(_d(T, "lr"), help="Adam learning rate."),
     ema_halflife: float = typer.Option(_d(T, "ema_halflife_images"), help="EMA half-life in training images."),
+    ema_rampup: float = typer.Option(_d(T, "ema_rampup"), help="EMA half-life <= this x images seen (0 = off)."),
     sigma_range: str | None = typer.Option(_d(T, "sigma_range"),
                                               help="'LO,HI': train only on sigmas in this band."),
     checkpoint_every: int = typer.Option(_d(T, "checkpoint_every"), help="Steps between checkpoints."),
@@ -190,7 +191,7 @@ def train_teacher_cmd(
     from train.teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(out=str(out), data=data, preset=preset, steps=steps, batch=batch, accum=accum, lr=lr,
-                        ema_halflife_images=ema_halflife, sigma_range=_band(sigma_range),
+                        ema_halflife_images=ema_halflife, ema_rampup=ema_rampup, sigma_range=_band(sigma_range),
                         checkpoint_every=checkpoint_every, sample_steps=sample_steps,
                         eval_samples=eval_samples, seed=seed, device=device)
     _out_dir(out)
@@ -223,6 +224,8 @@ def train_student_cmd(
     sid_alpha: float = typer.Option(_d(S, "sid_alpha"), help="SiD's alpha."),
     fkl_clip: float = typer.Option(_d(S, "fkl_clip"), help="diffratio-fkl: upper clip of exp(-l)."),
     grad_clip: float = typer.Option(_d(S, "grad_clip"), help="Max gradient norm, 0 = off."),
+    ema_halflife: float = typer.Option(_d(S, "ema_halflife_images"), help="Generator EMA half-life in images."),
+    ema_rampup: float = typer.Option(_d(S, "ema_rampup"), help="EMA half-life <= this x images seen (0 = off)."),
     eval_every: int = typer.Option(_d(S, "eval_every"), help="Steps between sample-quality rows in metrics.jsonl, "
                                                              "0 = off (and no eval.json)."),
     eval_samples: int = typer.Option(_d(S, "eval_samples"), help="Samples per quality evaluation."),
@@ -245,7 +248,8 @@ def train_student_cmd(
     cfg = StudentConfig(out=str(out), teacher=str(teacher), method=method, init=init, data=data, sigma_init=sigma_init,
                         steps=steps, batch=batch, accum=accum, lr_g=lr_g, lr_aux=lr_aux, aux_steps=aux_steps,
                         ratio_net=ratio_net, sigma_dist=sigma_dist, weighting=weighting, sid_alpha=sid_alpha,
-                        fkl_clip=fkl_clip, grad_clip=grad_clip, eval_every=eval_every, eval_samples=eval_samples,
+                        fkl_clip=fkl_clip, grad_clip=grad_clip, ema_halflife_images=ema_halflife, ema_rampup=ema_rampup,
+                        eval_every=eval_every, eval_samples=eval_samples,
                         checkpoint_every=checkpoint_every, seed=seed, device=device, null_signal=null_signal,
                         plateau_tol=plateau_tol, plateau_window=plateau_window, plateau_min_steps=plateau_min_steps)
     _out_dir(out)

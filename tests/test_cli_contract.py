@@ -30,7 +30,7 @@ from probe.cli import app, main
 # command -> (where its defaults live, {option name: field name} where they differ)
 SOURCES = {
     "train teacher": ("train.teacher:TeacherConfig", {"ema_halflife": "ema_halflife_images"}),
-    "train student": ("train.student.loop:StudentConfig", {}),
+    "train student": ("train.student.loop:StudentConfig", {"ema_halflife": "ema_halflife_images"}),
     "train regress": ("train.regress:RegressConfig", {}),
     "train transplant": ("train.transplant:TransplantConfig", {}),
     "train ablation": ("train.ablation.grid:AblationConfig|train.ablation.launch:LaunchConfig",

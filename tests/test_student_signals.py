@@ -223,10 +223,12 @@ def test_cli_passes_the_new_options(tiny_teacher, tmp_path):
 
     args = ["train", "student", "--teacher", str(tiny_teacher), "--steps", "2", "--batch", "8", "--eval-every", "0"]
     result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "s"), "--null-signal", "shuffle",
-                                             "--plateau-window", "0.5"])
+                                             "--plateau-window", "0.5", "--ema-halflife", "8000",
+                                             "--ema-rampup", "0.05"])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "s" / "config.json").read_text())["config"]
     assert config["null_signal"] == "shuffle" and config["plateau_window"] == 0.5
+    assert config["ema_halflife_images"] == 8000 and config["ema_rampup"] == 0.05
     assert "n_b0" in read_metrics(tmp_path / "s")[-1]
     bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "t"), "--null-signal", "labels"])
     assert isinstance(bad.exception, UserError) and "unknown null signal 'labels'" in str(bad.exception)
