@@ -176,6 +176,7 @@ def train_teacher_cmd(
     batch: int = typer.Option(_d(T, "batch"), help="Images per step (global: across every process)."),
     accum: int = typer.Option(_d(T, "accum"), help="Gradient-accumulation rounds per step and process."),
     lr: float = typer.Option(_d(T, "lr"), help="Adam learning rate."),
+    lr_cooldown: float = typer.Option(_d(T, "lr_cooldown"), help="Last fraction of the steps: lr falls linearly to 0."),
     ema_halflife: float = typer.Option(_d(T, "ema_halflife_images"), help="EMA half-life in training images."),
     ema_rampup: float = typer.Option(_d(T, "ema_rampup"), help="EMA half-life <= this x images seen (0 = off)."),
     sigma_range: str | None = typer.Option(_d(T, "sigma_range"),
@@ -191,6 +192,7 @@ def train_teacher_cmd(
     from train.teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(out=str(out), data=data, preset=preset, steps=steps, batch=batch, accum=accum, lr=lr,
+                        lr_cooldown=lr_cooldown,
                         ema_halflife_images=ema_halflife, ema_rampup=ema_rampup, sigma_range=_band(sigma_range),
                         checkpoint_every=checkpoint_every, sample_steps=sample_steps,
                         eval_samples=eval_samples, seed=seed, device=device)

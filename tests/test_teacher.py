@@ -62,3 +62,16 @@ def test_default_steps_depend_on_the_data_and_are_recorded(tmp_path):
 
     cli = (Path(__file__).resolve().parents[1] / "probe" / "cli.py").read_text()
     assert f"{TEACHER_STEPS['scenes']} on scenes, else {DEFAULT_TEACHER_STEPS}" in cli
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    from train.teacher import TeacherConfig, learning_rate
+
+    plain = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100)
+    assert learning_rate(plain, 0) == pytest.approx(1e-5) and learning_rate(plain, 99) == pytest.approx(1e-3)
+    assert learning_rate(plain, 999) == pytest.approx(1e-3)  # constant to the end by default
+    cool = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100, lr_cooldown=0.25)
+    assert learning_rate(cool, 749) == pytest.approx(1e-3) and learning_rate(cool, 750) == pytest.approx(1e-3)
+    assert learning_rate(cool, 875) == pytest.approx(5e-4) and learning_rate(cool, 999) == pytest.approx(4e-6)
+    with pytest.raises(UserError, match="lr_cooldown must be a finite number >= 0 and < 1"):
+        TeacherConfig(out="x", lr_cooldown=1.0)

@@ -85,6 +85,7 @@ class TeacherConfig:
     accum: int = 1                             # micro-batches per process and step (gradient accumulation)
     lr: float = 2e-3                           # Adam learning rate
     lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
+    lr_cooldown: float = 0.0                   # last fraction of the steps over which the lr falls linearly to 0
     betas: tuple = (0.9, 0.99)                 # Adam betas
     ema_halflife_images: float = 12_500        # EMA half-life, in training images
     ema_rampup: float = 0.0                    # EDM's ramp-up: half-life <= this x images seen so far; 0 = off
@@ -112,6 +113,7 @@ class TeacherConfig:
         for name in ("steps", "batch", "accum", "checkpoint_every", "sample_steps"):
             c.positive_int(getattr(self, name), name)
         c.nonneg_int(self.lr_warmup, "lr_warmup")
+        c.number(self.lr_cooldown, "lr_cooldown", at_least=0.0, below=1.0)
         c.positive_int(self.max_nonfinite, "max_nonfinite")
         c.positive_float(self.lr, "lr")
         c.betas(self.betas)
@@ -141,6 +143,16 @@ def train_teacher(cfg: TeacherConfig,
 
 
 STATE_KEYS = ("net", "ema", "opt", "rng", "step")
+
+
+def learning_rate(cfg: TeacherConfig, step: int) -> float:
+    """The lr of step ``step`` (0-based): linear warm-up, constant, then an optional linear cool-down to 0."""
+    assert cfg.steps is not None  # resolved on construction
+    scale = min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
+    start = cfg.steps * (1.0 - cfg.lr_cooldown)
+    if cfg.lr_cooldown > 0 and step >= start:
+        scale *= (cfg.steps - step) / (cfg.steps - start)
+    return cfg.lr * scale
 
 
 def _train(cfg: TeacherConfig, device: torch.device, resume: bool, progress: bool, stop_after: int | None,
@@ -188,7 +200,7 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
             sigma = sample_edm_sigmas(cfg.batch, rng, cfg.p_mean, cfg.p_std, cfg.sigma_range)
             noise = torch.randn(images[idx].shape, generator=rng)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup, 1))
+                g["lr"] = learning_rate(cfg, step)
             opt.zero_grad(set_to_none=True)
             loss = 0.0
             for k, m in enumerate(micros):  # this rank's rows; gradients all-reduced after the last
