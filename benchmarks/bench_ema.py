@@ -58,7 +58,8 @@ def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int
     cfg = StudentConfig(out=str(out), teacher=teacher, data=data, steps=steps, seed=seed, eval_every=eval_every,
                         checkpoint_every=steps, **overrides)
     model = load_model(teacher)
-    evaluator = QualityEvaluator(data or model.dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed)
+    dataset = data or model.dataset  # what the loop evaluates on (train/student/loop.py: _data_for)
+    evaluator = QualityEvaluator(dataset, n_samples=cfg.eval_samples, seed=cfg.eval_seed)
     shape = (model.channels, model.resolution, model.resolution)
     del model
     # the loop's own evaluation latents (train/student/loop.py), so the "own" track can be checked against it
@@ -95,7 +96,7 @@ def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int
     for name in TRACKS:  # step 0 is the same initial generator for every track: the loop's own evaluation
         curves[name].insert(0, [0, own[0]])
     final = json.loads((out / "eval.json").read_text())
-    record = {"data": data or json.loads((out / "config.json").read_text())["config"].get("data"),
+    record = {"data": dataset,
               "teacher": teacher, "seed": seed, "steps": steps, "eval_every": eval_every, "batch": cfg.batch,
               "eval_samples": cfg.eval_samples, "floor": final["floor"], "tracks": TRACKS, "curves": curves,
               "own_track": own_name, "own_track_max_abs_diff": check}

@@ -276,7 +276,7 @@ def test_ema_bench_tracks_reproduce_the_loops_own_average_and_merge_over_seeds(t
                      batch=4, eval_samples=64) for seed in (0, 1)]
     records = [json.loads((r / "tracks.json").read_text()) for r in runs]
     for rec in records:
-        assert rec["own_track"] == "20k-r0.1"  # the default (StudentConfig) is one of the tracks
+        assert rec["own_track"] == "20k-r0.1" and rec["data"] == "digits"  # the default is one of the tracks
         assert rec["own_track_max_abs_diff"] == 0.0  # same weights, same latents: the loop's own FD
         assert set(rec["curves"]) == set(be.TRACKS)
         assert all([s for s, _ in c] == [0, 2, 4] for c in rec["curves"].values())
