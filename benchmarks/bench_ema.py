@@ -43,6 +43,23 @@ TEACHER_TRACKS = {"12.5k": (12_500.0, 0.0), "25k": (25_000.0, 0.0), "50k": (50_0
                   "share 0.15": (float("inf"), 0.15), "share 0.3": (float("inf"), 0.3)}
 
 
+def start_tracks(tracks: dict, net) -> dict:
+    """One EMA per averaged track (all but "raw"), each starting from ``net``'s weights, as the loop's own does."""
+    from probe.core.ema import EMA
+
+    return {name: EMA(net, halflife) for name, (halflife, _) in tracks.items() if name != "raw"}
+
+
+def update_tracks(emas: dict, tracks: dict, step: int, net, batch: int) -> None:
+    """After step ``step``: every average moves towards ``net`` with its own (ramped) half-life."""
+    from probe.core.ema import rampup_halflife
+
+    for name, ema in emas.items():
+        halflife, rampup = tracks[name]
+        ema.halflife_images = rampup_halflife(halflife, rampup, step * batch)
+        ema.update(net, batch)
+
+
 def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int, out: Path,
           **overrides) -> Path:
     """One default student run that also keeps every track of TRACKS; writes ``tracks.json`` into it.
@@ -50,7 +67,6 @@ def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int
     ``overrides``: other StudentConfig fields (tests use a small batch and few samples)."""
     import torch
 
-    from probe.core.ema import EMA, rampup_halflife
     from probe.core.models import load_model
     from probe.quality.metrics import QualityEvaluator
     from train.student.loop import StudentConfig, one_step_samples, train_student
@@ -68,33 +84,26 @@ def train(teacher: str, data: str | None, steps: int, seed: int, eval_every: int
     emas: dict = {}
     curves: dict[str, list] = {name: [] for name in TRACKS}
 
+    def fd(net) -> float:
+        return float(evaluator.evaluate(one_step_samples(net, cfg.sigma_init, z, "cpu"))["fd"])
+
     def observe(step: int, net) -> None:
-        for name, (halflife, rampup) in TRACKS.items():
-            if name == "raw":
-                continue
-            if name not in emas:  # the first step: every average starts from the initial weights, like the loop's
-                emas[name] = EMA(net, halflife)
-                emas[name].net.load_state_dict(initial)
-            emas[name].halflife_images = rampup_halflife(halflife, rampup, step * cfg.batch)
-            emas[name].update(net, cfg.batch)
+        if step == 0:  # the initial generator: every average starts from it, so one score serves all tracks
+            emas.update(start_tracks(TRACKS, net))
+            start = fd(next(iter(emas.values())).net)  # an average's copy: in eval mode, like the loop's own
+            for name in TRACKS:
+                curves[name].append([0, start])
+            return
+        update_tracks(emas, TRACKS, step, net, cfg.batch)
         if step % eval_every == 0 or step == steps:
             for name in TRACKS:
-                weights = net if name == "raw" else emas[name].net
-                fd = evaluator.evaluate(one_step_samples(weights, cfg.sigma_init, z, "cpu"))["fd"]
-                curves[name].append([step, float(fd)])
+                curves[name].append([step, fd(net if name == "raw" else emas[name].net)])
 
-    # the initial generator, before any step: taken from the init the loop applies (same seed, same spec)
-    from train.init import initialise_generator
-
-    torch.manual_seed(cfg.seed)
-    initial = initialise_generator(cfg.init, load_model(teacher), cfg.seed)[0].state_dict()
     train_student(cfg, progress=True, on_step=observe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     own = {int(r["step"]): float(r["eval_fd"]) for r in rows if "eval_fd" in r}
     own_name = next((n for n, (h, r) in TRACKS.items() if (h, r) == (cfg.ema_halflife_images, cfg.ema_rampup)), None)
     check = (max(abs(own[s] - f) for s, f in curves[own_name]) if own_name else None)
-    for name in TRACKS:  # step 0 is the same initial generator for every track: the loop's own evaluation
-        curves[name].insert(0, [0, own[0]])
     final = json.loads((out / "eval.json").read_text())
     record = {"data": dataset,
               "teacher": teacher, "seed": seed, "steps": steps, "eval_every": eval_every, "batch": cfg.batch,
@@ -112,8 +121,8 @@ def train_teacher_tracks(data: str, out: Path, n_samples: int, sample_steps: int
     (n_samples images against its reference, plus the floor); writes ``teacher_tracks.json``."""
     import torch
 
+    from probe.core.data import load_dataset
     from probe.core.edm import heun_sample
-    from probe.core.ema import EMA, rampup_halflife
     from probe.quality.metrics import QualityEvaluator
     from train.teacher import TeacherConfig, train_teacher
 
@@ -122,21 +131,12 @@ def train_teacher_tracks(data: str, out: Path, n_samples: int, sample_steps: int
     emas: dict = {}
 
     def observe(step: int, net) -> None:
-        for name, (halflife, rampup) in TEACHER_TRACKS.items():
-            if name not in emas:
-                emas[name] = EMA(net, 1.0)
-                emas[name].net.load_state_dict(initial)
-            emas[name].halflife_images = rampup_halflife(halflife, rampup, step * cfg.batch)
-            emas[name].update(net, cfg.batch)
-
-    # the loop's initial weights (same seed, same builder), which its own EMA starts from
-    from probe.core.data import load_dataset
-    from probe.core.edm import EDMDenoiser
-    from probe.core.models import build_unet
+        if step == 0:
+            emas.update(start_tracks(TEACHER_TRACKS, net))
+        else:
+            update_tracks(emas, TEACHER_TRACKS, step, net, cfg.batch)
 
     real = load_dataset(data, "train")
-    torch.manual_seed(cfg.seed)
-    initial = EDMDenoiser(build_unet(real.resolution, real.channels, cfg.preset)).state_dict()
     start = time.perf_counter()
     train_teacher(cfg, progress=True, on_step=observe)
     train_s = time.perf_counter() - start

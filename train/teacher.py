@@ -132,8 +132,8 @@ def train_teacher(cfg: TeacherConfig,
                   resume: bool = False,             # continue the run in cfg.out from its state.pt
                   progress: bool = True,            # rich progress bar
                   stop_after: int | None = None,    # return after this step (tests: simulates a kill)
-                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0, after each step's
-                                                    # EMA update: (step, raw network); not resumed
+                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0: (0, net) before a
+                                                    # new run, (step, raw net) after each EMA update; not resumed
                   ) -> Path:
     """Train (or resume) a teacher; returns the run directory. ``stop_after`` simulates a kill.
 
@@ -193,6 +193,8 @@ def _train_locked(cfg: TeacherConfig, device: torch.device, resume: bool, progre
     autocast = autocast_for(device)
     comm = _comm_device(device)
     params = list(net.parameters())
+    if on_step is not None and is_main() and state is None:
+        on_step(0, net)  # the starting weights, which the run's own EMA starts from
     t0 = time.time()
     with progress_bar(cfg.steps, f"teacher {cfg.data}", progress, completed=step) as advance:
         while step < cfg.steps:

@@ -289,8 +289,9 @@ def train_student(cfg: StudentConfig,
                   resume: bool = False,             # continue the run in cfg.out from its state.pt
                   progress: bool = True,            # rich progress bar
                   stop_after: int | None = None,    # return after this step (tests: simulates a kill)
-                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0, after each step's
-                                                    # EMA update: (step, raw generator net); not resumed
+                  on_step: Callable[[int, torch.nn.Module], None] | None = None,  # rank 0: (0, generator) before
+                                                    # a new run, (step, raw generator) after each EMA update;
+                                                    # not resumed
                   ) -> Path:
     """Train (or resume) a one-step generator; returns the run directory. ``stop_after`` simulates a kill.
 
@@ -405,6 +406,8 @@ def _train_locked(cfg: StudentConfig, device, resume: bool, progress: bool, stop
 
     if evaluator is not None and state is None:
         evals.append((step, evaluate()["fd"]))  # the starting point, at step 0
+    if on_step is not None and is_main() and state is None:
+        on_step(0, gen_net)  # the starting weights, which the run's own EMA starts from
     with progress_bar(cfg.steps, f"{cfg.method} {dataset or ''}", progress, completed=step) as advance:
         while step < cfg.steps and stopped is None:
             t0 = time.perf_counter()
