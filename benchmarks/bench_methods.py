@@ -3,6 +3,7 @@
     python benchmarks/bench_methods.py speed                                  # tiny UNet, six methods
     python benchmarks/bench_methods.py speed --sizes tiny,small --rounds 5 --write
     python benchmarks/bench_methods.py speed --compare-src /tmp/before        # before/after, one run
+    python benchmarks/bench_methods.py memory --compare-src /tmp/before --write  # peak memory by size
     python benchmarks/bench_methods.py quality --teacher RUN --work-dir DIR --sweep --write
     python benchmarks/bench_methods.py quality --dry-run                      # smoke test, tiny budget
 
@@ -26,6 +27,12 @@
     step / median step time / median per-round matmul peak.
   - ``--compare-src DIR`` runs every method also from another source tree (e.g. ``git archive
     COMMIT | tar -x -C DIR``) in the same rounds, so a before/after comparison shares the load.
+
+``memory`` (no trained teacher needed)
+  - whole-process peak RSS of a short run per (preset, batch, method), from ``tiny`` at batch 64 to
+    ``cifar`` (35.7M parameters) at batch 4, where parameters and optimiser state outweigh the
+    activations; next to it, the float32 training state each method must hold
+    (``training_state_mib``), which is where the score-free methods save.
 
 ``quality`` (a trained teacher; see ``quality --help``)
   - time to quality: per method and seed, training seconds (the loop's clock: evaluation, set-up and
@@ -181,6 +188,7 @@ def worker_speed(a: dict) -> dict:
     return {"step_s": per_step[a["warmup"]:], "step_cpu_s": step_cpu_seconds(calls, per_step)[a["warmup"]:],
             "after_imports_mib": after_imports, "hwm_mib": _status_mib("VmHWM"),
             "threads": torch.get_num_threads(), "aux_parameters": model["method"]["aux_parameters"],
+            "uses_teacher": model["method"]["uses_teacher"],
             "generator_parameters": model["generator_parameters"]}
 
 
@@ -484,6 +492,98 @@ def render_speed(raw: dict, summary: dict | None = None) -> str:
     if meta.get("note"):
         lines += ["", meta["note"]]
     lines.append(f"<!-- {NAME}:end -->")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- memory
+MEMORY_NAME = "bench_methods_memory"
+FLOAT32 = 4  # bytes
+
+
+def training_state_mib(generator: int, aux: int, keeps_teacher: bool) -> float:
+    """What training must hold, in float32: the generator's weights, gradient, two Adam moments and
+    EMA (5 copies), the auxiliary network's weights, gradient and moments (4), and the teacher's
+    weights when the method evaluates it. Activations, the allocator and the interpreter come on top."""
+    return FLOAT32 * (5 * generator + 4 * aux + (generator if keeps_teacher else 0)) / 2 ** 20
+
+
+def run_memory(args) -> dict:
+    """Whole-process peak RSS per (size, batch, method), one fresh process each (``worker_speed``)."""
+    from probe.core.data import load_dataset
+
+    methods = [m for m in args.methods.split(",") if m]
+    specs = [(s.split(":")[0], int(s.split(":")[1])) for s in args.sizes.split(",") if s]
+    variants: list[tuple[str, str | None]] = [("", None)]
+    if args.compare_src:
+        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    data, rows, t_start = load_dataset(args.data, "train"), [], time.time()
+    for size, batch in specs:
+        teacher = str(make_untrained_teacher(size, tmp / f"teacher-{size}", args.data, data.resolution,
+                                             data.channels))
+        for m in methods:
+            for lab, src in variants:
+                res = run_worker("speed", {"batch": batch, "threads": args.threads, "seed": 0, "dataset": args.data,
+                                           "teacher": teacher, "method": m, "warmup": 1,
+                                           "timed_steps": args.steps - 1, "out": str(tmp / f"{size}-{m}-{lab}")}, src)
+                rows.append({"size": size, "batch": batch, "method": m, "variant": lab,
+                             **{k: res[k] for k in ("peak_rss_mib", "after_imports_mib", "aux_parameters",
+                                                    "generator_parameters", "uses_teacher")}})
+                print(f"{size} b{batch} {m}{'@' + lab if lab else ''}: peak {res['peak_rss_mib']:.0f} MiB",
+                      file=sys.stderr)
+    import shutil
+
+    import torch
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"rows": rows, "meta": {"methods": methods, "sizes": args.sizes, "data": args.data, "steps": args.steps,
+                                   "threads": args.threads, "compare_src": args.compare_src,
+                                   "compare_label": args.compare_label, "cpu": cpu_name(), "cpus": os.cpu_count(),
+                                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                   "minutes": (time.time() - t_start) / 60, "note": args.note}}
+
+
+def render_memory(raw: dict) -> str:
+    meta = raw["meta"]
+    label = meta["compare_label"] if meta["compare_src"] else None
+    lines = [f"<!-- {MEMORY_NAME}:start -->",
+             "## One-step methods: peak memory by model size (`benchmarks/bench_methods.py memory`)", "",
+             f"Measured {meta['date']} in {meta['minutes']:.0f} min on {meta['cpu']} ({meta['cpus']} CPUs), torch "
+             f"{meta['torch']}, {meta['threads']} thread(s), float32, data `{meta['data']}`. Every (size, method) is "
+             f"a fresh process running {meta['steps']} training steps of `train_student` with evaluation off and its "
+             "final checkpoint (an untrained teacher of that preset: weights do not change memory). **peak** = "
+             "whole-process peak RSS (`ru_maxrss`); **over imports** = peak minus the process's RSS after imports "
+             "and data loading; **state** = what training must hold in float32 (generator x5: weights, gradient, "
+             "two Adam moments, EMA; auxiliary network x4; the teacher x1 when the method evaluates it: VSD, SiD), "
+             "the part a method can change." + (f" `@{label}`: the same from `{meta['compare_src']}`." if label
+                                                else ""), ""]
+    for size in dict.fromkeys(r["size"] for r in raw["rows"]):
+        rows = [r for r in raw["rows"] if r["size"] == size]
+        ref = {r["variant"]: r for r in rows if r["method"] == "vsd"}
+        g = rows[0]["generator_parameters"]
+        lines += [f"### `{size}`: generator {g:,} parameters, batch {rows[0]['batch']}", "",
+                  "| method | aux params | teacher kept | state MiB | peak MiB | vs vsd | after imports MiB "
+                  "| over imports MiB | vs vsd |" + (f" peak @{label} | this / @{label} |" if label else ""),
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if label else "")]
+        for r in rows:
+            if r["variant"]:
+                continue
+            v = ref.get("")
+            over = r["peak_rss_mib"] - r["after_imports_mib"]
+            cells = [r["method"], f"{r['aux_parameters']:,}", "yes" if r["uses_teacher"] else "no",
+                     f"{training_state_mib(g, r['aux_parameters'], r['uses_teacher']):.0f}",
+                     f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / v['peak_rss_mib']:.2f}x" if v else "-",
+                     f"{r['after_imports_mib']:.0f}", f"{over:.0f}",
+                     f"{over / (v['peak_rss_mib'] - v['after_imports_mib']):.2f}x" if v else "-"]
+            if label:
+                b = next((x for x in rows if x["method"] == r["method"] and x["variant"] == label), None)
+                cells += [f"{b['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / b['peak_rss_mib']:.2f}x"] if b \
+                    else ["-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if meta["note"]:
+        lines += [meta["note"], ""]
+    lines.append(f"<!-- {MEMORY_NAME}:end -->")
     return "\n".join(lines)
 
 
@@ -854,6 +954,15 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--compare-methods", default="", help="methods run from --compare-src too (default: all)")
     sp.add_argument("--from-json", default="", help="render (and --write) these saved runs, comma-separated, "
                     "merged (e.g. one per size); measures nothing")
+    sm = sub.add_parser("memory", help="whole-process peak memory per method at several model sizes")
+    sm.add_argument("--methods", default=",".join(METHODS))
+    sm.add_argument("--sizes", default="tiny:64,small:64,cifar:4", help="UNet preset:batch, comma-separated")
+    sm.add_argument("--data", default="scenes")
+    sm.add_argument("--steps", type=int, default=2, help="training steps per process (>= 2)")
+    sm.add_argument("--threads", type=int, default=1)
+    sm.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
+    sm.add_argument("--compare-label", default="before")
+    sm.add_argument("--from-json", default="", help="render (and --write) a run saved with --json instead")
     sq = sub.add_parser("quality", help="time to 1.5x / 1.1x teacher FD per method and seed, optional sweep")
     sq.add_argument("--teacher", help="trained teacher run directory (required unless --dry-run)")
     sq.add_argument("--methods", default=",".join(METHODS))
@@ -878,7 +987,7 @@ def main(argv: list[str] | None = None) -> None:
     sq.add_argument("--threads", type=int, default=1)
     sq.add_argument("--device", default="cpu")
     sq.add_argument("--from-json", default="", help="render (and --write) a study saved with --json instead")
-    for p in (sp, sq):
+    for p in (sp, sm, sq):
         p.add_argument("--dry-run", action="store_true", help="tiny budget smoke test; prints, writes nothing")
         p.add_argument("--note", default="")
         p.add_argument("--json", help="also write the raw results here")
@@ -895,6 +1004,11 @@ def main(argv: list[str] | None = None) -> None:
             raw = run_speed(args)
         text = render_speed(raw)
         name = NAME
+    elif args.cmd == "memory":
+        if args.dry_run:
+            args.sizes, args.steps, args.methods = "test:4", 2, "diffratio-js,vsd"
+        raw = json.loads(Path(args.from_json).read_text()) if args.from_json else run_memory(args)
+        text, name = render_memory(raw), MEMORY_NAME
     else:
         if args.dry_run:
             args.batch, args.eval_every, args.evals_per_chunk, args.eval_samples = 4, 1, 1, 16

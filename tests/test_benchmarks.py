@@ -161,6 +161,24 @@ def test_speed_dry_run_cli(tmp_path):
     assert RESULTS.read_text() == before
 
 
+def test_memory_dry_run_cli_and_training_state(tmp_path):
+    from bench_methods import training_state_mib
+
+    # generator x5 (weights, gradient, 2 Adam moments, EMA), aux x4, teacher x1 when kept; float32
+    assert training_state_mib(2 ** 20, 2 ** 19, True) == 4 * (5 + 2 + 1)
+    assert training_state_mib(2 ** 20, 0, False) == 20
+    before = RESULTS.read_text()
+    out = subprocess.run([sys.executable, str(BENCH / "bench_methods.py"), "memory", "--dry-run",
+                          "--json", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["diffratio-js", "vsd"]
+    assert [r["uses_teacher"] for r in rows] == [False, True]
+    assert all(r["peak_rss_mib"] > r["after_imports_mib"] > 0 for r in rows)
+    assert "### `test`" in out.stdout and "| vsd |" in out.stdout and "| 1.00x |" in out.stdout
+    assert RESULTS.read_text() == before
+
+
 @pytest.mark.slow
 def test_gpu_bench_dry_run_on_cpu(tmp_path):
     before = RESULTS.read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -275,6 +276,37 @@ def test_every_command_refuses_an_output_another_process_holds(tiny_teacher, fea
 
 
 # ------------------------------------------------------------------------------- full disk
+def test_a_checkpoint_is_streamed_to_disk_and_recorded_with_the_files_digest(tmp_path, monkeypatch):
+    """No write holds the whole checkpoint (serialising it in memory first doubled a run's peak at
+    large sizes), and the digest recorded in the manifest is the file's own."""
+    import probe.core.runs as runs
+
+    state = {"a": torch.randn(128, 128), "b": torch.randn(128, 128), "c": torch.randn(128, 128), "step": 3}
+    sizes: list[int] = []
+    real = runs._write_all
+
+    def write_all(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("state.pt.tmp"):  # not the manifest's writes
+            sizes.append(memoryview(data).nbytes)
+        real(fd, data)
+
+    monkeypatch.setattr(runs, "_write_all", write_all)
+    runs.atomic_torch_save(tmp_path / "state.pt", state, manifest=tmp_path)
+    total = (tmp_path / "state.pt").stat().st_size
+    assert sum(sizes) == total and max(sizes) <= 128 * 128 * 4 < total / 2  # one tensor at a time at most
+    assert runs.read_manifest(tmp_path)["files"]["state.pt"] == [runs.file_digest(tmp_path / "state.pt")]
+    back = load_state(tmp_path, ("a", "b", "c", "step"))
+    assert all(torch.equal(back[k], state[k]) for k in "abc") and back["step"] == 3
+
+
+def test_an_unpicklable_checkpoint_leaves_no_temporary_file(tmp_path):
+    import probe.core.runs as runs
+
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the Python version
+        runs.atomic_torch_save(tmp_path / "state.pt", {"f": lambda: 0})
+    assert list(tmp_path.iterdir()) == []
+
+
 def _fail_writes_to(monkeypatch, name: str) -> dict:
     """Make the one low-level writer fail with ENOSPC halfway through a file called ``name``."""
     import probe.core.runs as runs
