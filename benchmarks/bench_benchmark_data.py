@@ -2,8 +2,10 @@
 
     # train the default teacher per data set (probe train teacher, default preset and steps), then measure
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_benchmark_data.py --data scenes --train --work-dir runs/bench
-    # or measure teachers trained before (RUN = a teacher run directory)
+    # or measure teachers trained before (RUN = a teacher run directory; repeat for several seeds)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_benchmark_data.py --teacher scenes=RUN [--write]
+    # several seeds in parallel processes, then one table with their spread
+    ... --teacher scenes=RUN0 --json a.json & ... --teacher scenes=RUN1 --json b.json; ... --from-json a.json,b.json
 
 Per data set: the data's generation/load time, the metric classifier's held-out accuracy, the
 sample counts the evaluator uses by default (n per score, reference, held-out pool), the
@@ -18,6 +20,7 @@ markdown section replaces this script's section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,9 +33,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from train.teacher import TeacherConfig  # noqa: E402
+
 NAME = "bench_benchmark_data"
+# options a trial teacher may change; a row names the ones that differ from TeacherConfig's defaults
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ("lr_cooldown", "ema_rampup",
+                                                                                        "p_mean")}
 TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
 
 
@@ -40,11 +49,12 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def train_default_teacher(dataset: str, out: Path) -> dict:
-    """``probe train teacher --data DATASET`` with every other option at its default, timed."""
+def train_default_teacher(dataset: str, out: Path, seed: int = 0) -> dict:
+    """``probe train teacher --data DATASET --seed SEED`` with every other option at its default, timed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load, start = load_average(), time.perf_counter()
-    cmd = [sys.executable, "-m", "probe.cli", "train", "teacher", "--data", dataset, "--out", str(out)]
+    cmd = [sys.executable, "-m", "probe.cli", "train", "teacher", "--data", dataset, "--out", str(out),
+           "--seed", str(seed)]
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     timing = {"wall_s": time.perf_counter() - start,
@@ -81,8 +91,11 @@ def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
         return out
     start, cpu = time.perf_counter(), time.process_time()
     result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset, draws=draws))
+    config = json.loads((run / "config.json").read_text())["config"]
     out.update(result=result, eval_s=time.perf_counter() - start, eval_cpu_s=time.process_time() - cpu,
-               train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"])
+               train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"],
+               seed=config.get("seed"), draws=draws,
+               changed={k: config[k] for k in DEFAULTS if k in config})
     grid = run / "bench_samples.png"
     save_grid(samples[:64], grid, scale=6)
     out["grid"] = str(grid)
@@ -105,11 +118,32 @@ def fmt_s(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def seed_summary(results: list[dict]) -> list[str]:
+    """Per data set and teacher setting with several seeds: the spread of the teacher over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if "result" in r:
+            groups.setdefault((r["dataset"], json.dumps(r.get("changed", {}), sort_keys=True)), []).append(r)
+    lines = []
+    for (dataset, changed), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        setting = ", ".join(f"{k} {v:g}" for k, v in json.loads(changed).items() if v != DEFAULTS.get(k))
+        lines.append(f"- {dataset}{' (' + setting + ')' if setting else ''} over seeds "
+                     f"{', '.join(str(r.get('seed')) for r in rs)}: " + ", ".join(
+                         f"{key} {np.mean(v):.3g} +- {np.std(v, ddof=1):.2g} ({min(v):.3g}-{max(v):.3g})"
+                         for key, v in ((k, [r["result"][k] for r in rs]) for k in ("fd", "precision", "recall")))
+                     + "; criteria met by " + ", ".join(
+                         f"{sum(criteria(r)[c] for r in rs)}/{len(rs)} ({c})" for c in criteria(rs[0])))
+    return ([""] + lines) if lines else []
+
+
 def markdown(results: list[dict], seconds: float) -> str:
     lines = [f"<!-- {NAME}:start -->",
              "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
              "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps "
-             "(TEACHER_STEPS: 2400 on scenes, 1600 elsewhere), "
+             "(TEACHER_STEPS: 2400 on scenes, 1600 elsewhere) and the row's seed (any other option that differs "
+             "from the default is named in the row), "
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
              "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
              "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
@@ -122,7 +156,9 @@ def markdown(results: list[dict], seconds: float) -> str:
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         ev, f = r["evaluator"], r["floor"]
-        base = (f"| {r['dataset']} | {r['num_classes']} / {r['n_factors']} | {r['n_train']} / {r['n_test']} | "
+        label = r["dataset"] + (f", seed {r['seed']}" if r.get("seed") is not None else "") + "".join(
+            f", {k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
+        base = (f"| {label} | {r['num_classes']} / {r['n_factors']} | {r['n_train']} / {r['n_test']} | "
                 f"{ev['n_samples']} / {ev['n_reference']} / {ev['n_heldout']} | {ev['classifier_test_accuracy']:.4f} | "
                 f"{pm(f, 'fd', 2)} | {pm(f, 'kid', 3)} | {pm(f, 'fd_inf', 2)} |")
         if "result" not in r:
@@ -140,10 +176,12 @@ def markdown(results: list[dict], seconds: float) -> str:
         if "result" in r:
             crit = criteria(r)
             t = r["train_time"]
-            lines.append(f"- {r['dataset']}: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
+            lines.append(f"- {r['dataset']}" + (f" seed {r['seed']}" if r.get("seed") is not None else "")
+                         + ": " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
                          + f"; training load average {t.get('load_start') or '?'} -> {t.get('load_end') or '?'}"
                          + (" (wall of the training loop only, CPU time not recorded)" if t.get("loop_only") else "")
                          + f"; data generated/loaded in {r['load_s']:.1f} s; samples: `{r['grid']}`")
+    lines += seed_summary(results)
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with "
               f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; this measurement {seconds:.0f} s "
               f"wall.",
@@ -151,11 +189,33 @@ def markdown(results: list[dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def measure_all(args) -> list[dict]:
+    """Every --teacher pair, and with --train a default teacher per (--data set, --seed)."""
+    teachers = [tuple(t.split("=", 1)) for t in args.teacher]
+    for dataset in filter(None, args.data.split(",")):
+        if args.train:
+            for seed in (int(v) for v in args.seeds.split(",")):
+                run = Path(args.work_dir) / (f"teacher-{dataset}" + (f"-seed{seed}" if seed else ""))
+                train_default_teacher(dataset, run, seed)
+                teachers.append((dataset, str(run)))
+        elif not any(d == dataset for d, _ in teachers):
+            teachers.append((dataset, ""))
+    results, start = [], time.perf_counter()
+    for dataset, run in teachers:
+        results.append(measure(dataset, Path(run) if run else None, args.draws))
+        print(f"{dataset} {run} done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="", help="comma-separated data sets measured without a given teacher")
-    parser.add_argument("--teacher", action="append", default=[], help="DATA=RUN: a trained teacher of DATA")
+    parser.add_argument("--teacher", action="append", default=[],
+                        help="DATA=RUN: a trained teacher of DATA (repeat it, also for several seeds of one set)")
     parser.add_argument("--train", action="store_true", help="train the default teacher of every --data set")
+    parser.add_argument("--seeds", default="0", help="with --train: one default teacher per seed (comma-separated)")
+    parser.add_argument("--from-json", default="", help="render (and --write) results saved with --json, "
+                        "comma-separated, e.g. teachers measured in parallel processes; measures nothing")
     parser.add_argument("--work-dir", default="runs/bench_benchmark_data", help="where --train writes teachers")
     parser.add_argument("--draws", type=int, default=3, help="latent draws per teacher (probe eval's default: 3)")
     parser.add_argument("--json", help="also write the raw figures here")
@@ -164,18 +224,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    teachers = dict(t.split("=", 1) for t in args.teacher)
-    for dataset in filter(None, args.data.split(",")):
-        if args.train:
-            run = Path(args.work_dir) / f"teacher-{dataset}"
-            train_default_teacher(dataset, run)
-            teachers[dataset] = str(run)
-        else:
-            teachers.setdefault(dataset, "")
-    results = []
-    for dataset, run in teachers.items():
-        results.append(measure(dataset, Path(run) if run else None, args.draws))
-        print(f"{dataset} done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.from_json:
+        results = [r for p in args.from_json.split(",") for r in json.loads(Path(p).read_text())]
+        draws_done = {r["draws"] for r in results if "draws" in r} or {args.draws}
+        args.draws = max(draws_done)
+    else:
+        results = measure_all(args)
     draws = f"{args.draws} latent draw" + "s" * (args.draws > 1)
     text = markdown(results, time.perf_counter() - start).replace("DRAWS latent draws", draws)
     print(text)
