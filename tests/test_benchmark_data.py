@@ -209,13 +209,15 @@ def test_bench_script_criteria_and_table():
     assert "| 5.0 | 8 |" in row  # ratio 5 / 1, gap (5 - 1) / 0.5
     assert "60 / 50" in row and text.count("NO") == 2
     # several seeds of one setting: a row each, named by seed, and their spread with the criteria count
-    r1 = {**r, "seed": 1, "changed": {"lr_cooldown": 0.0}, "result": {**model, "fd": 7.0, "precision": 0.75}}
-    r0 = {**r, "seed": 0, "changed": {"lr_cooldown": 0.0}}
+    default = {"lr_cooldown": bb.DEFAULTS["lr_cooldown"]}
+    r1 = {**r, "seed": 1, "changed": default, "result": {**model, "fd": 7.0, "precision": 0.75}}
+    r0 = {**r, "seed": 0, "changed": default}
     text = bb.markdown([r0, r1], 1.0)
     assert "| scenes, seed 0 |" in text and "| scenes, seed 1 |" in text and "lr_cooldown" not in text
     summary = next(line for line in text.splitlines() if line.startswith("- scenes over seeds 0, 1"))
     assert "fd 6 +- 1.4 (5-7)" in summary and "precision 0.72 +- 0.042 (0.69-0.75)" in summary
     assert "1/2 (precision >= 0.7)" in summary and "2/2 (coverage 1.0)" in summary
     # a changed option names its row and forms its own group
-    rc = {**r, "seed": 0, "changed": {"lr_cooldown": 0.25}}
-    assert "| scenes, seed 0, lr_cooldown 0.25 |" in bb.markdown([r0, rc], 1.0)
+    other = 0.5 if bb.DEFAULTS["lr_cooldown"] != 0.5 else 0.0
+    rc = {**r, "seed": 0, "changed": {"lr_cooldown": other}}
+    assert f"| scenes, seed 0, lr_cooldown {other:g} |" in bb.markdown([r0, rc], 1.0)
