@@ -85,7 +85,8 @@ class TeacherConfig:
     accum: int = 1                             # micro-batches per process and step (gradient accumulation)
     lr: float = 2e-3                           # Adam learning rate
     lr_warmup: int = 200                       # steps of linear learning-rate ramp-up
-    lr_cooldown: float = 0.0                   # last fraction of the steps over which the lr falls linearly to 0
+    lr_cooldown: float = 0.25                  # last fraction of the steps over which the lr falls linearly to 0
+                                               # (0 = off; 0.25 measured better on scenes, equal on digits)
     betas: tuple = (0.9, 0.99)                 # Adam betas
     ema_halflife_images: float = 12_500        # EMA half-life, in training images
     ema_rampup: float = 0.0                    # EDM's ramp-up: half-life <= this x images seen so far; 0 = off
