@@ -67,10 +67,11 @@ def test_default_steps_depend_on_the_data_and_are_recorded(tmp_path):
 def test_learning_rate_warms_up_holds_and_cools_down():
     from train.teacher import TeacherConfig, learning_rate
 
-    plain = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100)
+    plain = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100, lr_cooldown=0.0)
     assert learning_rate(plain, 0) == pytest.approx(1e-5) and learning_rate(plain, 99) == pytest.approx(1e-3)
-    assert learning_rate(plain, 999) == pytest.approx(1e-3)  # constant to the end by default
-    cool = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100, lr_cooldown=0.25)
+    assert learning_rate(plain, 999) == pytest.approx(1e-3)  # constant to the end without a cool-down
+    cool = TeacherConfig(out="x", steps=1000, lr=1e-3, lr_warmup=100)
+    assert cool.lr_cooldown == 0.25  # the default: the last quarter of the steps
     assert learning_rate(cool, 749) == pytest.approx(1e-3) and learning_rate(cool, 750) == pytest.approx(1e-3)
     assert learning_rate(cool, 875) == pytest.approx(5e-4) and learning_rate(cool, 999) == pytest.approx(4e-6)
     with pytest.raises(UserError, match="lr_cooldown must be a finite number >= 0 and < 1"):
