@@ -42,6 +42,7 @@ NAME = "bench_benchmark_data"
 # options a trial teacher may change; a row names the ones that differ from TeacherConfig's defaults
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ("lr_cooldown", "ema_rampup",
                                                                                         "p_mean")}
+OFF = {"lr_cooldown": 0.0, "ema_rampup": 0.0}  # what a run made before an option existed used
 TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
 
 
@@ -95,7 +96,7 @@ def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
     out.update(result=result, eval_s=time.perf_counter() - start, eval_cpu_s=time.process_time() - cpu,
                train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"],
                seed=config.get("seed"), draws=draws,
-               changed={k: config[k] for k in DEFAULTS if k in config})
+               changed={k: config.get(k, OFF.get(k)) for k in DEFAULTS})
     grid = run / "bench_samples.png"
     save_grid(samples[:64], grid, scale=6)
     out["grid"] = str(grid)
