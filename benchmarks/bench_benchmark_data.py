@@ -119,6 +119,12 @@ def fmt_s(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def row_label(r: dict) -> str:
+    """The data set, the teacher's seed, and every option that differs from the default."""
+    return r["dataset"] + (f", seed {r['seed']}" if r.get("seed") is not None else "") + "".join(
+        f", {k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
+
+
 def seed_summary(results: list[dict]) -> list[str]:
     """Per data set and teacher setting with several seeds: the spread of the teacher over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -139,7 +145,7 @@ def seed_summary(results: list[dict]) -> list[str]:
     return ([""] + lines) if lines else []
 
 
-def markdown(results: list[dict], seconds: float) -> str:
+def markdown(results: list[dict], seconds: float | None) -> str:
     lines = [f"<!-- {NAME}:start -->",
              "## Benchmark headroom: default teacher vs floor (`benchmarks/bench_benchmark_data.py`)",
              "", "Teacher = `probe train teacher --data DATA` with the default preset (`tiny`) and steps "
@@ -157,9 +163,7 @@ def markdown(results: list[dict], seconds: float) -> str:
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         ev, f = r["evaluator"], r["floor"]
-        label = r["dataset"] + (f", seed {r['seed']}" if r.get("seed") is not None else "") + "".join(
-            f", {k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
-        base = (f"| {label} | {r['num_classes']} / {r['n_factors']} | {r['n_train']} / {r['n_test']} | "
+        base = (f"| {row_label(r)} | {r['num_classes']} / {r['n_factors']} | {r['n_train']} / {r['n_test']} | "
                 f"{ev['n_samples']} / {ev['n_reference']} / {ev['n_heldout']} | {ev['classifier_test_accuracy']:.4f} | "
                 f"{pm(f, 'fd', 2)} | {pm(f, 'kid', 3)} | {pm(f, 'fd_inf', 2)} |")
         if "result" not in r:
@@ -177,15 +181,16 @@ def markdown(results: list[dict], seconds: float) -> str:
         if "result" in r:
             crit = criteria(r)
             t = r["train_time"]
-            lines.append(f"- {r['dataset']}" + (f" seed {r['seed']}" if r.get("seed") is not None else "")
-                         + ": " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
+            lines.append(f"- {row_label(r)}: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in crit.items())
                          + f"; training load average {t.get('load_start') or '?'} -> {t.get('load_end') or '?'}"
                          + (" (wall of the training loop only, CPU time not recorded)" if t.get("loop_only") else "")
                          + f"; data generated/loaded in {r['load_s']:.1f} s; samples: `{r['grid']}`")
     lines += seed_summary(results)
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with "
-              f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; this measurement {seconds:.0f} s "
-              f"wall.",
+              f"other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+              + (f"this measurement {seconds:.0f} s wall." if seconds is not None else
+                 "merged from runs measured in parallel processes (`--from-json`); evaluation seconds per "
+                 "teacher in the table."),
               f"<!-- {NAME}:end -->"]
     return "\n".join(lines)
 
@@ -232,7 +237,8 @@ def main() -> None:
     else:
         results = measure_all(args)
     draws = f"{args.draws} latent draw" + "s" * (args.draws > 1)
-    text = markdown(results, time.perf_counter() - start).replace("DRAWS latent draws", draws)
+    seconds = None if args.from_json else time.perf_counter() - start
+    text = markdown(results, seconds).replace("DRAWS latent draws", draws)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
