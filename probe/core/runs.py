@@ -199,7 +199,7 @@ class _HashingWriter:
 def atomic_torch_save(path, obj, manifest: Path | None = None) -> None:
     """``torch.save`` made atomic and recorded, like ``atomic_write_bytes``. It streams to the
     temporary file and hashes on the way: serialising in memory first held a second copy of every
-    weight and optimiser state (+800 MiB at the ``cifar`` preset, the run's peak)."""
+    weight and optimiser state (0.6-0.9 GiB at the ``cifar`` preset: the run's peak)."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
