@@ -119,10 +119,15 @@ def fmt_s(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def setting(r: dict) -> str:
+    """The teacher options that differ from the default, e.g. "lr_cooldown 0" ("" for the default)."""
+    return ", ".join(f"{k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
+
+
 def row_label(r: dict) -> str:
     """The data set, the teacher's seed, and every option that differs from the default."""
-    return r["dataset"] + (f", seed {r['seed']}" if r.get("seed") is not None else "") + "".join(
-        f", {k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
+    return ", ".join(filter(None, [r["dataset"], f"seed {r['seed']}" if r.get("seed") is not None else "",
+                                   setting(r)]))
 
 
 def seed_summary(results: list[dict]) -> list[str]:
@@ -130,13 +135,12 @@ def seed_summary(results: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         if "result" in r:
-            groups.setdefault((r["dataset"], json.dumps(r.get("changed", {}), sort_keys=True)), []).append(r)
+            groups.setdefault((r["dataset"], setting(r)), []).append(r)
     lines = []
-    for (dataset, changed), rs in groups.items():
+    for (dataset, options), rs in groups.items():
         if len(rs) < 2:
             continue
-        setting = ", ".join(f"{k} {v:g}" for k, v in json.loads(changed).items() if v != DEFAULTS.get(k))
-        lines.append(f"- {dataset}{' (' + setting + ')' if setting else ''} over seeds "
+        lines.append(f"- {dataset}{' (' + options + ')' if options else ''} over seeds "
                      f"{', '.join(str(r.get('seed')) for r in rs)}: " + ", ".join(
                          f"{key} {np.mean(v):.3g} +- {np.std(v, ddof=1):.2g} ({min(v):.3g}-{max(v):.3g})"
                          for key, v in ((k, [r["result"][k] for r in rs]) for k in ("fd", "precision", "recall")))

@@ -268,13 +268,19 @@ def worker_matmul(a: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- speed
+def compare_variants(args) -> list[tuple[str, str | None]]:
+    """(label, source tree) of every code version a run measures: this tree, and --compare-src if given."""
+    variants: list[tuple[str, str | None]] = [("", None)]
+    if args.compare_src:
+        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
+    return variants
+
+
 def run_speed(args) -> dict:
     """All speed measurements; returns the raw results (JSON-able)."""
     methods = [m for m in args.methods.split(",") if m]
     sizes = [s for s in args.sizes.split(",") if s]
-    variants: list[tuple[str, str | None]] = [("", None)]
-    if args.compare_src:
-        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
+    variants = compare_variants(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     from probe.core.data import load_dataset
 
@@ -513,9 +519,7 @@ def run_memory(args) -> dict:
 
     methods = [m for m in args.methods.split(",") if m]
     specs = [(s.split(":")[0], int(s.split(":")[1])) for s in args.sizes.split(",") if s]
-    variants: list[tuple[str, str | None]] = [("", None)]
-    if args.compare_src:
-        variants.append((args.compare_label, str(Path(args.compare_src).resolve())))
+    variants = compare_variants(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     data, rows, t_start = load_dataset(args.data, "train"), [], time.time()
     for size, batch in specs:
@@ -949,8 +953,6 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-flops", action="store_true")
     sp.add_argument("--matmul-sizes", type=lambda s: [int(v) for v in s.split(",")], default=list(MATMUL_SIZES))
-    sp.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
-    sp.add_argument("--compare-label", default="before")
     sp.add_argument("--compare-methods", default="", help="methods run from --compare-src too (default: all)")
     sp.add_argument("--from-json", default="", help="render (and --write) these saved runs, comma-separated, "
                     "merged (e.g. one per size); measures nothing")
@@ -960,8 +962,6 @@ def main(argv: list[str] | None = None) -> None:
     sm.add_argument("--data", default="scenes")
     sm.add_argument("--steps", type=int, default=2, help="training steps per process (>= 2)")
     sm.add_argument("--threads", type=int, default=1)
-    sm.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
-    sm.add_argument("--compare-label", default="before")
     sm.add_argument("--from-json", default="", help="render (and --write) a run saved with --json instead")
     sq = sub.add_parser("quality", help="time to 1.5x / 1.1x teacher FD per method and seed, optional sweep")
     sq.add_argument("--teacher", help="trained teacher run directory (required unless --dry-run)")
@@ -987,6 +987,9 @@ def main(argv: list[str] | None = None) -> None:
     sq.add_argument("--threads", type=int, default=1)
     sq.add_argument("--device", default="cpu")
     sq.add_argument("--from-json", default="", help="render (and --write) a study saved with --json instead")
+    for p in (sp, sm):
+        p.add_argument("--compare-src", help="also run every method from this source tree (before/after)")
+        p.add_argument("--compare-label", default="before")
     for p in (sp, sm, sq):
         p.add_argument("--dry-run", action="store_true", help="tiny budget smoke test; prints, writes nothing")
         p.add_argument("--note", default="")
