@@ -116,3 +116,26 @@ def test_dataset_download_holds_a_lock_on_the_data_root(tmp_path, monkeypatch):
     ds = data.load_dataset("mnist", "test", root=tmp_path)
     assert seen == ["held"] and len(ds) == 4 and np.all(ds.labels.numpy() == np.arange(4))
     FileLock(str(tmp_path / ".mnist.download.lock")).acquire(timeout=0)  # released afterwards
+
+
+def test_the_grids_classifier_job_finds_the_factor_head_entry_it_loaded(tmp_path, monkeypatch):
+    # A grid on a data set with factors (scenes, shapes) failed at its first job: the job checked for a
+    # label-only cache entry while the classifier it loaded or trained has factor heads in its key.
+    import functools
+
+    import probe.quality.classifier as classifier
+    from train.ablation.run import run_unit, unit_state
+
+    monkeypatch.setenv("ONESTEP_PROBE_CACHE", str(tmp_path))
+    monkeypatch.setattr(classifier, "ClassifierConfig", functools.partial(ClassifierConfig, width=8, feature_dim=16,
+                                                                          steps=20, batch_size=32))
+    job = {"dataset": "shapes"}
+    assert unit_state("classifier", job) == "missing"
+    run_unit("classifier", job, say=lambda _: None)  # raised "returned before it finished" before the fix
+    assert unit_state("classifier", job) == "done"
+    _, weights_path, info_path, heads = classifier.classifier_entry("shapes")
+    stored = [h["name"] for h in json.loads(info_path.read_text())["heads"]]
+    assert heads and stored == [h["name"] for h in heads] and weights_path.exists()
+    lines = []
+    run_unit("classifier", job, say=lines.append)
+    assert lines == ["finished before, skipped"]

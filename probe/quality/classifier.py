@@ -387,6 +387,24 @@ def cache_paths(cache_dir: Path, dataset_name: str, key: str) -> tuple[Path, Pat
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
+def classifier_entry(dataset_name: str, config: ClassifierConfig | None = None,
+                     cache_dir: str | os.PathLike | None = None, train=None) -> tuple[str, Path, Path, list[dict]]:
+    """``(key, weights_path, info_path, heads)`` of the cache entry ``load_or_train_classifier`` uses.
+
+    The one place the entry is named, so that whoever asks whether it exists (the grid's classifier
+    job) looks for the same file that is written: the factor heads are part of the key.
+    ``train`` may pass the already loaded train split.
+    """
+    config = config or ClassifierConfig()
+    train = train if train is not None else load_dataset(dataset_name, "train")
+    heads = factor_heads(train.factors, train.labels) if config.factor_heads else []
+    key = cache_key(dataset_name, config, dataset_fingerprint(train), heads,
+                    factor_fingerprint(train.factors) if heads else "")
+    weights_path, info_path = cache_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                                          dataset_name, key)
+    return key, weights_path, info_path, heads
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -425,11 +443,8 @@ def load_or_train_classifier(dataset_name: str, config: ClassifierConfig | None 
     """
     config = config or ClassifierConfig()
     train = train if train is not None else load_dataset(dataset_name, "train")
-    heads = factor_heads(train.factors, train.labels) if config.factor_heads else []
-    key = cache_key(dataset_name, config, dataset_fingerprint(train), heads,
-                    factor_fingerprint(train.factors) if heads else "")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    weights_path, info_path = cache_paths(cache_dir, dataset_name, key)
+    key, weights_path, info_path, heads = classifier_entry(dataset_name, config, cache_dir, train)
+    cache_dir = weights_path.parent
     found = _load_cached(weights_path, info_path, key, config)
     if found is not None:
         return found[0], {**found[1], "path": str(weights_path), "cached": True}

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.core.data import dataset_fingerprint, load_dataset
 from probe.core.errors import UserError
 from probe.core.models import load_model
 from probe.core.runs import pick_device, run_status, write_json
-from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, default_cache_dir
+from probe.quality.classifier import classifier_entry
 from probe.quality.evaluate import EvalConfig, evaluate_model
 from train.ablation.grid import RESERVED_STUDENT, Grid, InitEntry, _coerce
 from train.initspec import CATEGORIES, resolve_refs
@@ -124,9 +123,8 @@ def _at(base: Path | None, path: str) -> Path:
 
 
 def _classifier_files(dataset: str) -> tuple[Path, Path]:
-
-    key = cache_key(dataset, ClassifierConfig(), dataset_fingerprint(load_dataset(dataset, "train")))
-    return cache_paths(default_cache_dir(), dataset, key)
+    _, weights_path, info_path, _ = classifier_entry(dataset)
+    return weights_path, info_path
 
 
 def unit_state(kind: str, config: dict, base: Path | None = None) -> str:
