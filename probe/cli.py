@@ -358,7 +358,8 @@ def train_transplant_cmd(
 
 @train_app.command("ablation")
 def train_ablation_cmd(
-    config: str | None = typer.Option(None, help="Grid TOML file, or a shipped grid: paper | quick"),
+    config: str | None = typer.Option(None, help="Grid TOML file, or a shipped grid: "
+                                                 + " | ".join(_literal("train.ablation.grid", ast.Name(id="SHIPPED")))),
     out: Path | None = typer.Option(None, help="Ablation directory; rerunning skips finished jobs and resumes "
                                                   "partial ones."),
     teacher: Path | None = typer.Option(_d(A, "teacher"), help="Use this teacher instead of the grid's."),

@@ -109,7 +109,7 @@ _TOLERANCE = re.compile(r"^([0-9]+(\.[0-9]*)?)%$")
 
 @dataclass
 class AblationConfig:
-    config: str                       # grid TOML file, or a shipped grid name: paper | quick
+    config: str                       # grid TOML file, or a shipped grid name (SHIPPED)
     out: str                          # ablation directory (created; reused to resume)
     teacher: str | None = None        # override the grid's teacher (a model path); its prereq is then not built
     steps: int | None = None          # override [student] steps
