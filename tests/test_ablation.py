@@ -190,6 +190,16 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert {e.label: e.spec for e in digits.inits} == {e.label: e.spec for e in paper.inits}
     assert {c.name for c in digits.contrasts} == set(contrasts)
     assert paper.prereqs["teacher"]["data"] == "scenes" and digits.prereqs["teacher"]["data"] == "digits"
+    # paper-short: the headline arms of paper, same specs and contrasts, at a budget that fits 2 cores
+    short = load_grid("paper-short")
+    check_grid(short, tmp_path / "paper-short")
+    assert {e.label: e.spec for e in short.inits} == {e.label: e.spec for e in paper.inits if e.label in
+                                                      {"full", "random", "matched", "transplanted", "null-signal"}}
+    for c in short.contrasts:
+        assert (c.arm, c.versus, c.match, c.predicted, c.claim, c.in_claim) == (
+            contrasts[c.name].arm, contrasts[c.name].versus, contrasts[c.name].match, contrasts[c.name].predicted,
+            contrasts[c.name].claim, contrasts[c.name].in_claim)
+    assert short.prereqs["teacher"] == paper.prereqs["teacher"] and short.student["steps"] < paper.student["steps"]
     for name in ("demo", "demo-quick", "methods", "random-js"):
         grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
         assert not grid.contrasts or {c.arm for c in grid.contrasts} <= {e.label for e in grid.inits}
