@@ -10,15 +10,15 @@ import torch
 from filelock import FileLock, Timeout
 
 import probe.core.data as data
-from probe.core.data import dataset_fingerprint, load_dataset
-from probe.quality.classifier import ClassifierConfig, cache_key, cache_paths, file_sha256, load_or_train_classifier
+from probe.core.data import load_dataset
+from probe.quality.classifier import ClassifierConfig, classifier_entry, file_sha256, load_or_train_classifier
 
 TINY = ClassifierConfig(width=8, feature_dim=16, steps=40, batch_size=32, lr=1e-2, seed=1)  # ~0.1 s
 
 
 def _entry(cache_dir, config=TINY):
-    key = cache_key("digits", config, dataset_fingerprint(load_dataset("digits", "train")))
-    return cache_paths(cache_dir, "digits", key)
+    _, weights_path, info_path, _ = classifier_entry("digits", config, cache_dir)
+    return weights_path, info_path
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "enable_grad"])

@@ -122,16 +122,12 @@ def _at(base: Path | None, path: str) -> Path:
     return Path(path) if base is None else Path(base) / path
 
 
-def _classifier_files(dataset: str) -> tuple[Path, Path]:
-    _, weights_path, info_path, _ = classifier_entry(dataset)
-    return weights_path, info_path
-
-
 def unit_state(kind: str, config: dict, base: Path | None = None) -> str:
     """"done", "partial" (started, resumable) or "missing" for one job's unit; paths in ``config`` are
     read relative to ``base`` (default: the current directory)."""
     if kind == "classifier":
-        return "done" if all(p.exists() for p in _classifier_files(config["dataset"])) else "missing"
+        _, weights_path, info_path, _ = classifier_entry(config["dataset"])
+        return "done" if weights_path.exists() and info_path.exists() else "missing"
     if kind == "reference":
         c = {**config, "model": str(_at(base, config["model"])), "path": str(_at(base, config["path"]))}
         return "done" if reference_done(c) else "missing"
