@@ -91,6 +91,9 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
                      width log10(1 + steps): a mean FD over log-steps (NaN unless the curve spans both)
     steps_to_150pct  first evaluation step with FD <= 1.5 x the teacher's own FD; NaN = not reached
     steps_to_110pct  the same at 1.1 x (NaN also when the teacher's figure is unknown)
+    fd_tail          mean FD over the last quarter of the evaluations after step 0 (at least two), the
+                     plateau rule's tail: an end-of-run figure less at the mercy of one evaluation than
+                     fd_final when a curve still swings (NaN unless the run reached the budget)
     plateau          1 when the last quarter of the evaluations after step 0 (at least two) span
                      <= 2 x the floor's standard deviation, 0 when not, NaN when it cannot be told
     plateau_spread   that span (max - min), FD units
@@ -115,11 +118,12 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
     n_tail = max(2, math.ceil(PLATEAU_TAIL * len(after)))
     if span and span[-1][0] >= steps and len(after) >= n_tail:
         tail = after[-n_tail:]
+        row["fd_tail"] = float(np.mean(tail))
         row["plateau_spread"] = float(max(tail) - min(tail))
         row["plateau"] = (float(row["plateau_spread"] <= PLATEAU_FLOOR_SD * floor_std) if math.isfinite(floor_std)
                           else np.nan)
     else:
-        row["plateau_spread"], row["plateau"] = np.nan, np.nan
+        row["fd_tail"], row["plateau_spread"], row["plateau"] = np.nan, np.nan, np.nan
     return row
 
 
@@ -249,7 +253,7 @@ def aggregate(summary: pd.DataFrame,
               ) -> pd.DataFrame:
     """Tidy mean, std and bootstrap 95% CI per (init, init_group, method, metric) over finished runs."""
     done = summary[summary["status"] == "done"]
-    curve_cols = [c for c in summary.columns if c in ("fd_start", "cka_start", "fd_auc", "plateau")
+    curve_cols = [c for c in summary.columns if c in ("fd_start", "cka_start", "fd_auc", "fd_tail", "plateau")
                   or c.startswith(("fd_at_", "steps_to_"))]
     records = []
     for (init, group, method), g in done.groupby(["init", "init_group", "method"], sort=False):

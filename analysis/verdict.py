@@ -450,7 +450,7 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str 
                       f"{'fixed' if fixed else b.size}): the interval would be unreliable{note}")
         return res
     res.verdict, res.reason = decide(spec.predicted, res.ci_low, res.ci_high, res.margin)
-    if "plateau" in runs.columns and metric.endswith("_final"):
+    if "plateau" in runs.columns and (metric.endswith("_final") or metric == "fd_tail"):
         res.not_plateaued = [label for label, rows in ((spec.arm, arm), (spec.versus, versus)) if rows is not None
                              and (rows["plateau"].astype(float) == 0).any()]
         if spec.predicted == "arm no worse" and res.verdict == "contradicted" and spec.arm in res.not_plateaued:

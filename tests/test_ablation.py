@@ -206,7 +206,8 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     check_grid(long, tmp_path / "transplant-long")
     assert {e.label: e.spec for e in long.inits} == {e.label: e.spec for e in short.inits
                                                      if e.label in {"random", "transplanted"}}
-    assert [c.name for c in long.contrasts] == ["transplanted-vs-random"]
+    assert [c.name for c in long.contrasts] == ["transplanted-vs-random", "transplanted-vs-random-tail"]
+    assert long.contrasts[1].metric == "fd_tail" and not long.contrasts[1].in_claim
     assert {k: v for k, v in long.student.items() if k != "steps"} == {k: v for k, v in short.student.items()
                                                                         if k != "steps"}
     assert {k: long.prereqs[k] for k in long.prereqs} == {k: short.prereqs[k] for k in long.prereqs}

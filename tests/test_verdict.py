@@ -314,10 +314,11 @@ def test_learning_curve_columns_follow_their_definitions():
     assert row["fd_auc"] == pytest.approx(np.trapezoid(y, x) / x[-1])
     assert row["steps_to_150pct"] == 300.0 and math.isnan(row["steps_to_110pct"])   # 11 never reached
     assert row["plateau_spread"] == pytest.approx(0.5) and row["plateau"] == 1.0    # last 2 of 4: 14, 13.5
+    assert row["fd_tail"] == pytest.approx(13.75)                                   # their mean
     moving = curve_figures(curve[:-1] + [(400, 11.0)], 400, 100, reference_fd=10.0, floor_std=0.5)
     assert moving["plateau"] == 0.0 and moving["steps_to_110pct"] == 400.0
     unfinished = curve_figures(curve[:3], 400, 100, reference_fd=10.0, floor_std=0.5)
-    assert all(math.isnan(unfinished[k]) for k in ("fd_auc", "plateau", "fd_at_400"))
+    assert all(math.isnan(unfinished[k]) for k in ("fd_auc", "fd_tail", "plateau", "fd_at_400"))
     assert math.isnan(curve_figures(curve, 400, 100)["plateau"])     # no floor: cannot be told
     table = pd.DataFrame({"fd_curve": [json.dumps([list(p) for p in curve])]})
     figures = with_curve_figures(table, 400, 100, {"fd": 10.0, "floor": {"fd_std": 0.5}})

@@ -102,7 +102,7 @@ CONTRAST_KEYS = {"arm", "versus", "isolates", "predicted", "claim", "metric", "m
                  "in_claim"}
 REFERENCE_METRICS = ("fd_final", "fd_best", "precision_final", "recall_final", "coverage_final")
 # summary columns a contrast may compare or match on (analysis/ablation_summary.py writes them)
-SUMMARY_COLUMN = re.compile(r"^(fd_final|fd_best|fd_start|fd_auc|precision_final|recall_final|coverage_final|"
+SUMMARY_COLUMN = re.compile(r"^(fd_final|fd_best|fd_start|fd_auc|fd_tail|precision_final|recall_final|coverage_final|"
                             r"cka_start|cka_start_s[0-9.]+|steps_to_(150|110)pct|fd_at_[0-9]+)$")
 _TOLERANCE = re.compile(r"^([0-9]+(\.[0-9]*)?)%$")
 
