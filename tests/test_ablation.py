@@ -54,6 +54,16 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls))
     assert calls == []
 
+    # an edited grid (one contrast dropped) trains nothing again but redoes the verdict, which was out of date
+    edited = tmp_path / "quick-edited.toml"
+    edited.write_text(Path(grid_path("quick")).read_text().split("[contrasts.regressed-vs-full]")[0])
+    run_ablation(AblationConfig(config=str(edited), out=str(out)), progress=False, train_fn=_recording(calls))
+    assert calls == []
+    assert [c["name"] for c in json.loads((out / "verdict.json").read_text())["contrasts"]] == [
+        "full-vs-reference", "band-vs-full"]
+    run_ablation(AblationConfig(config="quick", out=str(out)), progress=False, train_fn=_recording(calls))
+    assert calls == [] and "regressed-vs-full" in (out / "verdict.txt").read_text()
+
     # summary rows agree with each run's own files
     for _, r in summary.iterrows():
         final = json.loads((out / "runs" / r.run / "eval.json").read_text())

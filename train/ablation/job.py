@@ -42,11 +42,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def run_recorded(out: Path, name: str, action, capture: bool = False, echo=None) -> None:
+def run_recorded(out: Path, name: str, action, capture: bool = False, echo=None, done: dict | None = None) -> None:
     """Run ``action(say)`` as job ``name`` of grid ``out``: state record and log around it.
 
     capture : also send this process's stdout/stderr to the job's log (a job in its own process)
     echo    : ``f(message)`` that also shows the job's lines (the in-process launcher's console)
+    done    : fields added to the record once the job finished (the aggregate's grid digest)
     Re-raises what ``action`` raised, after recording it.
     """
     out = Path(out)
@@ -79,7 +80,7 @@ def run_recorded(out: Path, name: str, action, capture: bool = False, echo=None)
             raise
         seconds = time.time() - started
         say(f"done in {seconds:.1f} s")
-        write_json(state_file(out, name), {"state": "done", **base, "seconds": seconds})
+        write_json(state_file(out, name), {"state": "done", **base, "seconds": seconds, **(done or {})})
 
 
 def run_job(out: Path, job: Job, progress: bool = False, train_fn=None, finalize=None, capture: bool = False,
@@ -109,7 +110,8 @@ def run_job(out: Path, job: Job, progress: bool = False, train_fn=None, finalize
         else:
             run_unit(job.kind, job.config, progress=progress, say=say, train_fn=train_fn)
 
-    run_recorded(out, job.name, action, capture=capture, echo=echo)
+    run_recorded(out, job.name, action, capture=capture, echo=echo,
+                 done=job.config if job.kind == AGGREGATE else None)
 
 
 def run_job_file(path: str | Path, threads: int | None = None, finalize=None) -> str:

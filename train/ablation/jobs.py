@@ -26,6 +26,7 @@ Files in the grid directory (each written by one process only)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -133,8 +134,15 @@ def plan_grid(cfg: AblationConfig) -> Plan:
                 scfg = student_config(grid, entry, method, seed, out, refs)
                 jobs.append(Job(run_name(entry.label, method, seed), "student", _jsonable(dataclasses.asdict(scfg)),
                                 deps, cwd))
-    jobs.append(Job(AGGREGATE, AGGREGATE, {}, [j.name for j in jobs], cwd))
+    jobs.append(Job(AGGREGATE, AGGREGATE, {"grid": grid_digest(grid)}, [j.name for j in jobs], cwd))
     return Plan(out=out, cfg=cfg, grid=grid, refs=refs, jobs=jobs)
+
+
+def grid_digest(grid: Grid) -> str:
+    """A digest of the whole grid as planned. The aggregate step reads the grid (its contrasts, data,
+    extraction), so an edited grid makes an earlier verdict out of date even when no run has to train again."""
+    text = json.dumps(_jsonable(dataclasses.asdict(grid)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _jsonable(x):
@@ -190,10 +198,12 @@ def _read(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------- state
 def job_done(out: Path, job: Job) -> bool:
-    """Finished, judged from the run directory (the aggregate step: from its record and verdict.json)."""
+    """Finished, judged from the run directory (the aggregate step: from its record, which must name the grid
+    as planned now, and verdict.json)."""
     if job.kind == AGGREGATE:
         rec = _read(state_file(out, job.name)) or {}
-        return rec.get("state") == "done" and (Path(out) / "verdict.json").exists()
+        return (rec.get("state") == "done" and rec.get("grid") == job.config.get("grid")
+                and (Path(out) / "verdict.json").exists())
     return unit_state(job.kind, job.config, Path(job.cwd)) == "done"
 
 
