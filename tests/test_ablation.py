@@ -210,8 +210,8 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
             contrasts[c.name].arm, contrasts[c.name].versus, contrasts[c.name].match, contrasts[c.name].predicted,
             contrasts[c.name].claim, contrasts[c.name].in_claim)
     assert short.prereqs["teacher"] == paper.prereqs["teacher"] and short.student["steps"] < paper.student["steps"]
-    # transplant-long: paper-short's transplant contrast run on; seed 0 must repeat paper-short's runs, so every
-    # setting but the budget is paper-short's
+    # transplant-long: paper-short's transplant contrast run on, with paper's 5 seeds; every other setting is
+    # paper-short's
     long = load_grid("transplant-long")
     check_grid(long, tmp_path / "transplant-long")
     assert {e.label: e.spec for e in long.inits} == {e.label: e.spec for e in short.inits
@@ -221,7 +221,8 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert {k: v for k, v in long.student.items() if k != "steps"} == {k: v for k, v in short.student.items()
                                                                         if k != "steps"}
     assert {k: long.prereqs[k] for k in long.prereqs} == {k: short.prereqs[k] for k in long.prereqs}
-    assert long.seeds == short.seeds and long.student["steps"] > short.student["steps"]
+    assert long.seeds == [0, 1, 2, 3, 4] == seeds["transplanted"] == seeds["random"]
+    assert long.student["steps"] > short.student["steps"]
     for name in ("demo", "demo-quick", "methods", "random-js"):
         grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
         assert not grid.contrasts or {c.arm for c in grid.contrasts} <= {e.label for e in grid.inits}
