@@ -27,7 +27,8 @@ OLD_PREDICTED = {"directional": "arm worse", "non-inferiority": "arm no worse"}
 OLD_RULE = "supported when all its tests are supported; contradicted when any is; inconclusive otherwise"
 METRIC_NAMES = {"fd_final": "FD (final)", "fd_best": "FD (best)", "precision_final": "precision",
                 "recall_final": "recall", "coverage_final": "coverage", "fd": "FD", "precision": "precision",
-                "recall": "recall", "coverage": "coverage"}
+                "recall": "recall", "coverage": "coverage", "fd_tail": "FD (mean of the last quarter)",
+                "fd_auc": "FD area (log steps)", "fd_start": "FD (step 0)"}
 HIGHER_IS_BETTER = ("precision", "recall", "coverage", "class_entropy")
 # the memorisation columns analysis.ablation_summary writes (MEMO_COLUMNS there): column -> (space, figure)
 MEMO_METRICS = {"nn_ratio_pixel": ("pixel", "nn_ratio"), "nn_ratio_features": ("features", "nn_ratio"),

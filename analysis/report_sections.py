@@ -186,11 +186,19 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
     metric = METRIC_NAMES.get(g.metric, g.metric)
     level = g.settings.get("level", 0.95)
     level = f"{level:.0%}" if math.isfinite(level) else "95%"
+    # a grid may compare some contrasts on another summary column (fd_tail, say): those rows name it
+    on = {}
+    if "metric" in c:
+        on = {r.Index: f" ({METRIC_NAMES.get(r.metric, r.metric)})" for r in c.itertuples()
+              if isinstance(r.metric, str) and r.metric not in ("", g.metric)}
+    if on:
+        metric = f"{metric}, or the metric a row names"
     if compact:
         columns = [Column("Contrast"), Column("Claim", "center"), Column("Arm vs versus", wrap=True),
                    Column("Predicted"), Column("Effect", "right"), Column(f"{level} interval", "right"),
                    Column("n", "center"), Column("Verdict", "center")]
-        cells = [[str(r.name), str(r.claim), f"{r.arm} vs {r.versus}", str(r.predicted), fmt(r.effect, True),
+        cells = [[str(r.name), str(r.claim), f"{r.arm} vs {r.versus}{on.get(r.Index, '')}", str(r.predicted),
+                  fmt(r.effect, True),
                   interval(r.ci_low, r.ci_high, True), f"{_int(r.n_arm)}/{_int(r.n_versus)}", str(r.verdict)]
                  for r in c.itertuples()]
         caption = (f"Verdict per contrast. Effect: mean {metric} of arm minus that of versus (> 0: arm worse); "
@@ -200,7 +208,8 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
                    Column("Match held fixed", wrap=True),
                    Column("Effect", "right"), Column(f"{level} interval", "right"), Column("Verdict", "center"),
                    Column("Reason", wrap=True)]
-        cells = [[f"{r.name}\n{r.arm} vs\n{r.versus}", str(r.isolates or "—"), str(r.match or "none declared"),
+        cells = [[f"{r.name}\n{r.arm} vs\n{r.versus}{on.get(r.Index, '')}", str(r.isolates or "—"),
+                  str(r.match or "none declared"),
                   fmt(r.effect, True), interval(r.ci_low, r.ci_high, True), str(r.verdict), str(r.reason or "")]
                  for r in c.itertuples()]
         caption = (f"The evidence for each contrast ({g.name}): what it holds fixed and what it isolates, the measured "

@@ -22,7 +22,7 @@ SCHEMA2 = {
     "floor": {"mean": 10.4, "std": 1.3}, "reference": {"fd": 8.6, "steps": 18},
     "contrasts": [
         {"name": "random-vs-teacher", "claim": "2", "arm": "random", "versus": "teacher",
-         "isolates": "all of the teacher removed", "predicted": "arm worse", "metric": "fd_final",
+         "isolates": "all of the teacher removed", "predicted": "arm worse", "metric": "fd_tail",
          "effect": 30.3, "ci_low": 26.0, "ci_high": 34.1, "n_arm": 3, "n_versus": 3, "match": None,
          "verdict": "supported", "reason": "CI [26.0, 34.1] above 0: the arm is worse, as predicted"},
         {"name": "reinit-io-vs-teacher", "claim": "2", "arm": "reinit-io", "versus": "teacher",
@@ -263,6 +263,9 @@ def test_schema_2_verdict_is_typeset_and_coloured(demo, tmp_path):
     for c in SCHEMA2["contrasts"]:
         assert c["name"] in page1 and c["verdict"] in page1
     assert "claim 2 (Is it the teacher's features rather than its mapping) is CONTRADICTED" in page1
+    # a contrast on another summary column than the verdict's names it in its row (and only that one)
+    assert "random vs teacher (FD (mean of the last quarter))" in " ".join(page1.split())
+    assert page1.count("(FD (mean of the last quarter))") == 1
     text = _text(pdf)
     assert "fd_start: arm 610 vs 20.0 (tolerance 50.0) NOT met" in text      # the measured match, refused
     assert "Refused: band-vs-teacher was not compared" in text                 # named among the caveats
