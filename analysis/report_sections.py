@@ -192,7 +192,7 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
         on = {r.Index: f" ({METRIC_NAMES.get(r.metric, r.metric)})" for r in c.itertuples()
               if isinstance(r.metric, str) and r.metric not in ("", g.metric)}
     if on:
-        metric = f"{metric}, or the metric a row names"
+        metric = f"{metric} (a row that names another metric: in that one)"
     if compact:
         columns = [Column("Contrast"), Column("Claim", "center"), Column("Arm vs versus", wrap=True),
                    Column("Predicted"), Column("Effect", "right"), Column(f"{level} interval", "right"),
@@ -201,7 +201,7 @@ def verdict_table(ctx: Ctx, g: Grid, compact: bool) -> None:
                   fmt(r.effect, True),
                   interval(r.ci_low, r.ci_high, True), f"{_int(r.n_arm)}/{_int(r.n_versus)}", str(r.verdict)]
                  for r in c.itertuples()]
-        caption = (f"Verdict per contrast. Effect: mean {metric} of arm minus that of versus (> 0: arm worse); "
+        caption = (f"Verdict per contrast. Effect: arm minus versus in mean {metric}; > 0: arm worse; "
                    f"n: runs (arm/versus).")
     else:
         columns = [Column("Contrast", wrap=True), Column("What it isolates", wrap=True),
