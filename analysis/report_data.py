@@ -331,9 +331,10 @@ def standing(arms: pd.DataFrame | None, reference: dict | None, steps: int | Non
     worst = sub.loc[sub["mean"].idxmin() if higher else sub["mean"].idxmax()]
     name = METRIC_NAMES.get(metric, metric)
     spread = f" ± {fmt(best['std'])}" if math.isfinite(_f(best["std"])) else ""
-    text = (f"After {steps if steps else '?'} generator steps the best arm is {best['init']} ({name} "
-            f"{fmt(best['mean'])}{spread}, {plural(int(best['n']), 'seed')}) and the worst {worst['init']} "
-            f"({fmt(worst['mean'])})")
+    # means only: whether two arms differ is what the contrasts decide, so this line ranks no arm as "best"
+    text = (f"After {steps if steps else '?'} generator steps the best mean is {best['init']}'s ({name} "
+            f"{fmt(best['mean'])}{spread}, {plural(int(best['n']), 'seed')}) and the worst {worst['init']}'s "
+            f"({fmt(worst['mean'])}; the contrasts say which differences the seeds resolve)")
     ref = reference or {}
     base = base_metric(metric)
     if math.isfinite(_f(ref.get(base))):

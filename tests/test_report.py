@@ -190,7 +190,7 @@ def test_reading_and_caveats_come_from_the_data(demo):
     best, worst = fd.loc[fd["mean"].idxmin()], fd.loc[fd["mean"].idxmax()]
     ref = json.loads((root / "run" / "ablation" / "reference.json").read_text())
     page1 = _text(pdf, 1)
-    assert f"the best arm is {best.init}" in page1 and f"the worst {worst.init}" in page1
+    assert f"the best mean is {best.init}'s" in page1 and f"the worst {worst.init}'s" in page1
     assert f"floor {fmt(ref['floor']['fd'])} ± {fmt(ref['floor']['fd_std'])}" in page1
     text = _text(pdf)
     assert f"{fmt(ref['floor']['fd'])} ± {fmt(ref['floor']['fd_std'])} in FD" in text  # the floor caveat quotes it
