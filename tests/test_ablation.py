@@ -215,13 +215,16 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     long = load_grid("transplant-long")
     check_grid(long, tmp_path / "transplant-long")
     assert {e.label: e.spec for e in long.inits} == {e.label: e.spec for e in short.inits
-                                                     if e.label in {"random", "transplanted"}}
-    assert [c.name for c in long.contrasts] == ["transplanted-vs-random", "transplanted-vs-random-tail"]
-    assert long.contrasts[1].metric == "fd_tail" and not long.contrasts[1].in_claim
+                                                     if e.label in {"full", "random", "transplanted"}}
+    assert [c.name for c in long.contrasts] == ["random-vs-full", "transplanted-vs-random",
+                                                "transplanted-vs-random-tail"]
+    assert long.contrasts[2].metric == "fd_tail" and not long.contrasts[2].in_claim
     assert {k: v for k, v in long.student.items() if k != "steps"} == {k: v for k, v in short.student.items()
                                                                         if k != "steps"}
     assert {k: long.prereqs[k] for k in long.prereqs} == {k: short.prereqs[k] for k in long.prereqs}
-    assert long.seeds == [0, 1, 2, 3, 4] == seeds["transplanted"] == seeds["random"]
+    long_seeds = {e.label: long.seeds_of(e) for e in long.inits}
+    assert long_seeds["transplanted"] == long_seeds["random"] == seeds["transplanted"] == [0, 1, 2, 3, 4]
+    assert long_seeds["full"] == [0, 1, 2]
     assert long.student["steps"] > short.student["steps"]
     for name in ("demo", "demo-quick", "methods", "random-js"):
         grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
