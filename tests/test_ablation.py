@@ -221,7 +221,7 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
     assert long.contrasts[2].metric == "fd_tail" and not long.contrasts[2].in_claim
     assert {k: v for k, v in long.student.items() if k != "steps"} == {k: v for k, v in short.student.items()
                                                                         if k != "steps"}
-    assert {k: long.prereqs[k] for k in long.prereqs} == {k: short.prereqs[k] for k in long.prereqs}
+    assert long.prereqs == {k: short.prereqs[k] for k in long.prereqs}
     long_seeds = {e.label: long.seeds_of(e) for e in long.inits}
     assert long_seeds["transplanted"] == long_seeds["random"] == seeds["transplanted"] == [0, 1, 2, 3, 4]
     assert long_seeds["full"] == [0, 1, 2]

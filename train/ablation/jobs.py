@@ -141,7 +141,7 @@ def plan_grid(cfg: AblationConfig) -> Plan:
 def grid_digest(grid: Grid) -> str:
     """A digest of the whole grid as planned. The aggregate step reads the grid (its contrasts, data,
     extraction), so an edited grid makes an earlier verdict out of date even when no run has to train again."""
-    text = json.dumps(_jsonable(dataclasses.asdict(grid)), sort_keys=True)
+    text = json.dumps(dataclasses.asdict(grid), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
