@@ -83,7 +83,7 @@ from train.student.methods import get_method
 from train.teacher import TeacherConfig, default_teacher_steps
 from train.transplant import TransplantConfig
 
-SHIPPED = ("paper", "paper-short", "transplant-long", "paper-digits", "quick")
+SHIPPED = ("paper", "paper-short", "scenes-long", "paper-digits", "quick")
 GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
 TOP_KEYS = {"teacher", "data", "methods", "seeds", "features", "reference_steps", "student", "inits", "prereq",
             "extract", "contrasts"}
