@@ -172,7 +172,7 @@ def train_teacher_cmd(
     out: Path = typer.Option(..., help="Run directory to write."),
     data: str = typer.Option(_d(T, "data"), help="digits | shapes | scenes | mnist | cifar10 | folder:PATH"),
     preset: str = typer.Option(_d(T, "preset"), help="UNet preset: tiny | small | cifar | test"),
-    steps: int | None = typer.Option(_d(T, "steps"), help="Optimiser steps [default: 2400 on scenes, else 1600]."),
+    steps: int | None = typer.Option(_d(T, "steps"), help="Optimiser steps (default: 2400 on scenes, else 1600)."),
     batch: int = typer.Option(_d(T, "batch"), help="Images per step (global: across every process)."),
     accum: int = typer.Option(_d(T, "accum"), help="Gradient-accumulation rounds per step and process."),
     lr: float = typer.Option(_d(T, "lr"), help="Adam learning rate."),
