@@ -637,13 +637,15 @@ def linear_cmd(
             s.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
+    figures = []
     if fig is not None:
         for target in df["target"].unique():
-            plot_probe_heatmap(df, target, fig.with_name(f"{fig.stem}-{target}{fig.suffix}"))
+            figures.append(fig.with_name(f"{fig.stem}-{target}{fig.suffix}"))
+            plot_probe_heatmap(df, target, figures[-1])
     best = df.loc[df.groupby("target")["accuracy"].idxmax()]
     for _, r in best.iterrows():
         typer.echo(f"{r['target']}: best {r['metric']} {r['accuracy']:.3f} at layer {r['layer']}, sigma {r['sigma']:g}")
-    typer.echo(f"wrote {out} ({len(df)} rows)")
+    typer.echo(f"wrote {out} ({len(df)} rows)" + "".join(f", {f}" for f in figures))
 
 
 @app.command("cka")
@@ -695,7 +697,7 @@ def cka_cmd(
         plot_cka_heatmap(df, fig)
     typer.echo(f"{estimator} CKA ({mode}): mean {df['cka'].mean():.3f}, min {df['cka'].min():.3f}, "
                f"max {df['cka'].max():.3f}; permutation null mean {df['null_mean'].mean():.3f}")
-    typer.echo(f"wrote {out} ({len(df)} rows)")
+    typer.echo(f"wrote {out} ({len(df)} rows)" + (f", {fig}" if fig else ""))
 
 
 @app.command("umap")

@@ -96,7 +96,7 @@ def test_linear(cli_features, tmp_path):
     df = pd.read_csv(tmp_path / "probes.csv")
     assert set(df["layer"]) == {"mid_block", "up_blocks.0"} and set(df["sigma"]) == {0.0, 1.0}
     assert df["accuracy"].between(0, 1).all() and (tmp_path / "probes-label.png").exists()
-    assert "label: best" in result.stdout
+    assert "label: best" in result.stdout and f"{tmp_path / 'probes-label.png'}" in result.stdout  # named
 
 
 def test_cka(cli_features, tmp_path):
@@ -105,7 +105,7 @@ def test_cka(cli_features, tmp_path):
     df = pd.read_csv(tmp_path / "cka.csv")
     assert len(df) == 4 and (df["mode"] == "pair").all() and (df["n_perm"] == 2).all()
     assert df["cka"].between(-0.5, 1.0 + 1e-6).all() and (tmp_path / "cka.png").exists()
-    assert "debiased CKA (pair)" in result.stdout
+    assert "debiased CKA (pair)" in result.stdout and f"{tmp_path / 'cka.png'}" in result.stdout
     ok(run_probe("cka", cli_features["teacher"], cli_features["student"], "--out", tmp_path / "rbf.csv",
                  "--estimator", "rbf", "--bandwidth", "offdiag", "--n-perm", "0"))
     assert (pd.read_csv(tmp_path / "rbf.csv")["bandwidth_rule"] == "offdiag").all()
