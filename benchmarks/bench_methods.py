@@ -799,7 +799,10 @@ def run_quality(args) -> dict:
     for item in [s for s in args.sweep_key.split(";") if s]:   # "sid:sid_alpha=1.0,1.2"
         m, rest = item.split(":", 1)
         field, values = rest.split("=", 1)
-        key_options[m] = (field, tuple(float(v) if "." in v or "e" in v else int(v) for v in values.split(",")))
+        key_options[m] = (field, tuple(_number(v) for v in values.split(",")))
+    fixed = parse_settings(args.settings)
+    if args.sweep and fixed:
+        raise SystemExit("--settings fixes what --sweep would choose: pass one of them")
     sweeps, clock = {}, {"sweep_s": 0.0, "long_s": 0.0}
     chunk = args.eval_every * args.evals_per_chunk
     for m in methods:
@@ -814,13 +817,16 @@ def run_quality(args) -> dict:
         clock["sweep_s"] += time.perf_counter() - t0
     runs = {}
     for m in methods:
-        setting = sweeps[m]["best_setting"] if m in sweeps else {}
+        setting = sweeps[m]["best_setting"] if m in sweeps else fixed.get(m, {})
         t0 = time.perf_counter()
         runs[m] = [study.run(m, setting, seed, None, stop_at_targets=True, budget=args.budget) for seed in seeds]
         clock["long_s"] += time.perf_counter() - t0
         print(f"{m}: {[r['hits'] for r in runs[m]]}", file=sys.stderr)
+    config = Path(teacher) / "config.json"  # a run directory of train_teacher names its data set
+    data = json.loads(config.read_text()).get("data", "digits") if config.exists() else "digits"
     return {"runs": runs, "sweeps": sweeps, "targets": targets, "teacher_fd": fd_teacher,
-            "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps,
+            "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps, "data": data,
+                     "settings": "swept" if args.sweep else ("fixed (--settings)" if fixed else "defaults"),
                      "teacher_eval_s": teacher_eval_s, "methods": methods, "seeds": seeds, "batch": args.batch,
                      "eval_every": args.eval_every, "eval_samples": args.eval_samples, "budget": args.budget,
                      "max_steps": args.max_steps, "threads": args.threads, "cpus": os.cpu_count(),
@@ -829,6 +835,33 @@ def run_quality(args) -> dict:
                      "long_s": clock["long_s"], "eta": args.eta, "sweep_steps": args.sweep_steps,
                      "edge_limit": args.edge_limit,
                      "dry_run": args.dry_run, "note": args.note}}
+
+
+def _number(v: str) -> int | float:
+    return float(v) if "." in v or "e" in v.lower() else int(v)
+
+
+def parse_settings(text: str) -> dict[str, dict]:
+    """``'vsd:lr_aux=1e-4,aux_steps=2;sid:sid_alpha=1'`` -> {method: {option: value}} (no sweep).
+
+    For carrying a sweep's winners from one data set to another when a sweep there does not fit the
+    budget; the table names each method's setting, so the choice is visible next to its figures.
+    """
+    out: dict[str, dict] = {}
+    for item in [t for t in text.split(";") if t.strip()]:
+        method, _, rest = item.partition(":")
+        if method.strip() not in METHODS or not rest:
+            raise SystemExit(f"--settings: expected METHOD:KEY=VALUE,...; got {item!r}")
+        pairs = [kv.split("=", 1) for kv in rest.split(",")]
+        if any(len(kv) != 2 for kv in pairs):
+            raise SystemExit(f"--settings: expected KEY=VALUE in {item!r}")
+        out[method.strip()] = {k.strip(): _number(v.strip()) for k, v in pairs}
+    return out
+
+
+def quality_section(data: str) -> str:
+    """RESULTS.md section of one data set's table (digits keeps the original name)."""
+    return QUALITY_NAME if data == "digits" else f"{QUALITY_NAME}_{data}"
 
 
 def _fmt(values: list[float], fmt: str) -> str:
@@ -859,14 +892,17 @@ def vsd_ratio(secs: list[float], vsd: list[dict] | None, name: str) -> str:
 def render_quality(q: dict) -> str:
     meta, targets = q["meta"], q["targets"]
     names = list(targets)
-    lines = [f"<!-- {QUALITY_NAME}:start -->",
-             "## One-step methods: time to quality (`benchmarks/bench_methods.py quality`)", "",
+    data = meta.get("data", "digits")
+    lines = [f"<!-- {quality_section(data)}:start -->",
+             f"## One-step methods: time to quality{'' if data == 'digits' else f' on {data}'} "
+             "(`benchmarks/bench_methods.py quality`)", "",
              f"Teacher `{meta['teacher']}`, Heun-{meta['teacher_steps']} FD **{q['teacher_fd']:.2f}** "
              f"(n={meta['eval_samples']}, evaluator seed 0); thresholds "
              + ", ".join(f"{k} = {v:.2f}" for k, v in targets.items())
              + f". Batch {meta['batch']}, FD of the EMA generator every {meta['eval_every']} steps, budget "
              f"{meta['budget']:.0f} training seconds or {meta['max_steps']} steps per run, seeds "
-             f"{', '.join(map(str, meta['seeds']))}. Seconds are the loop's training clock (evaluation, set-up and "
+             f"{', '.join(map(str, meta['seeds']))}; method settings {meta.get('settings', 'swept or defaults')} "
+             "(column 2). Seconds are the loop's training clock (evaluation, set-up and "
              f"checkpoints excluded); evaluation seconds are listed separately. {meta['cpu']} ({meta['cpus']} CPUs), "
              f"{meta['threads']} thread(s), torch {meta['torch']}, load average {meta['load']:.1f} at the end; "
              f"sweep {meta['sweep_s'] / 60:.1f} min, long runs {meta['long_s'] / 60:.1f} min (wall, this call).", ""]
@@ -917,7 +953,7 @@ def render_quality(q: dict) -> str:
             lines.append("")
     if meta.get("note"):
         lines += ["", meta["note"]]
-    lines.append(f"<!-- {QUALITY_NAME}:end -->")
+    lines.append(f"<!-- {quality_section(data)}:end -->")
     return "\n".join(lines)
 
 
@@ -978,6 +1014,8 @@ def main(argv: list[str] | None = None) -> None:
     sq.add_argument("--sweep", action="store_true", help="successive-halving sweep per method first")
     sq.add_argument("--sweep-lr-g", default="5e-5,1e-4,2e-4")
     sq.add_argument("--sweep-lr-aux", default="5e-5,1e-4,2e-4")
+    sq.add_argument("--settings", default="", help="fixed settings instead of a sweep: "
+                    "'vsd:lr_aux=1e-4,aux_steps=2;sid:sid_alpha=1' (other methods: defaults)")
     sq.add_argument("--sweep-key", default="", help="override key options: 'sid:sid_alpha=1.0,1.2;vsd:aux_steps=1,2'")
     sq.add_argument("--sweep-steps", type=int, default=200, help="steps of the first rung")
     sq.add_argument("--eta", type=int, default=3, help="successive halving: keep 1/eta, eta x steps per rung")
@@ -1022,7 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.from_json and args.note:
             raw["meta"]["note"] = args.note
         text = render_quality(raw)
-        name = QUALITY_NAME
+        name = quality_section(raw["meta"].get("data", "digits"))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
