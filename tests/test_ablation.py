@@ -210,21 +210,25 @@ def test_prerequisite_order_overrides_and_shipped_grids(tmp_path):
             contrasts[c.name].arm, contrasts[c.name].versus, contrasts[c.name].match, contrasts[c.name].predicted,
             contrasts[c.name].claim, contrasts[c.name].in_claim)
     assert short.prereqs["teacher"] == paper.prereqs["teacher"] and short.student["steps"] < paper.student["steps"]
-    # transplant-long: paper-short's transplant contrast run on, with paper's 5 seeds; every other setting is
-    # paper-short's
-    long = load_grid("transplant-long")
-    check_grid(long, tmp_path / "transplant-long")
+    # scenes-long: paper-short's arms but the null-signal control run on, with paper's 5 seeds for the
+    # transplant contrast; every other setting is paper-short's
+    long = load_grid("scenes-long")
+    check_grid(long, tmp_path / "scenes-long")
     assert {e.label: e.spec for e in long.inits} == {e.label: e.spec for e in short.inits
-                                                     if e.label in {"full", "random", "transplanted"}}
-    assert [c.name for c in long.contrasts] == ["random-vs-full", "transplanted-vs-random",
+                                                     if e.label in {"full", "random", "transplanted", "matched"}}
+    assert [c.name for c in long.contrasts] == ["random-vs-full", "matched-vs-full", "transplanted-vs-random",
                                                 "transplanted-vs-random-tail"]
-    assert long.contrasts[2].metric == "fd_tail" and not long.contrasts[2].in_claim
+    for c in long.contrasts[:3]:
+        assert (c.arm, c.versus, c.match, c.predicted, c.claim, c.in_claim) == (
+            contrasts[c.name].arm, contrasts[c.name].versus, contrasts[c.name].match, contrasts[c.name].predicted,
+            contrasts[c.name].claim, contrasts[c.name].in_claim)
+    assert long.contrasts[3].metric == "fd_tail" and not long.contrasts[3].in_claim
     assert {k: v for k, v in long.student.items() if k != "steps"} == {k: v for k, v in short.student.items()
                                                                         if k != "steps"}
     assert long.prereqs == {k: short.prereqs[k] for k in long.prereqs}
     long_seeds = {e.label: long.seeds_of(e) for e in long.inits}
     assert long_seeds["transplanted"] == long_seeds["random"] == seeds["transplanted"] == [0, 1, 2, 3, 4]
-    assert long_seeds["full"] == [0, 1, 2]
+    assert long_seeds["full"] == long_seeds["matched"] == [0, 1, 2]
     assert long.student["steps"] > short.student["steps"]
     for name in ("demo", "demo-quick", "methods", "random-js"):
         grid = load_grid(str(Path(grid_path("paper")).with_name(f"{name}.toml")))
