@@ -41,6 +41,7 @@ BUDGET_FRACTIONS = (0.25, 0.5, 1.0)     # fd_at_<step>: the evaluation steps nea
 THRESHOLDS = {"steps_to_150pct": 1.5, "steps_to_110pct": 1.1}   # x the teacher's own FD (reference.json)
 PLATEAU_TAIL = 0.25                     # plateau rule: the last quarter of the evaluations (at least two) ...
 PLATEAU_FLOOR_SD = 2.0                  # ... span at most this many floor standard deviations
+TREND_TAIL = 0.5                        # fd_trend: a straight line through the last half of the evaluations
 # memorisation of the final samples (probe.quality.memorisation): column -> (space, figure)
 MEMO_COLUMNS = {"nn_ratio_pixel": ("pixel", "nn_ratio"), "nn_ratio_features": ("features", "nn_ratio"),
                 "copy_share_pixel": ("pixel", "copy_share"), "copy_share_features": ("features", "copy_share")}
@@ -97,6 +98,10 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
     plateau          1 when the last quarter of the evaluations after step 0 (at least two) span
                      <= 2 x the floor's standard deviation, 0 when not, NaN when it cannot be told
     plateau_spread   that span (max - min), FD units
+    fd_trend         change in FD over the last half of the evaluations after step 0 (at least three) on a
+                     least-squares line: < 0 = still improving; NaN unless the run reached the budget
+    fd_trend_se      its standard error from the line's residuals, so that a curve that swings without
+                     a direction (|fd_trend| <= 2 x fd_trend_se) is told from one still moving
     """
     curve = sorted({int(s): float(v) for s, v in fds if v is not None and math.isfinite(v)}.items())
     if stopped_at is not None and curve and curve[-1][0] == int(stopped_at) < steps and eval_every > 0:
@@ -124,7 +129,26 @@ def curve_figures(fds: list, steps: int, eval_every: int, reference_fd: float = 
                           else np.nan)
     else:
         row["fd_tail"], row["plateau_spread"], row["plateau"] = np.nan, np.nan, np.nan
+    row["fd_trend"], row["fd_trend_se"] = _trend([(s, v) for s, v in span if s > 0], steps)
     return row
+
+
+def _trend(curve: list[tuple[int, float]], steps: int) -> tuple[float, float]:
+    """(change over the window, its standard error) of a least-squares line through the last half of ``curve``.
+
+    The plateau rule asks for a band of 2 floor stds, which a curve far above the teacher's figure that
+    swings by hundreds never meets; the trend says whether such a curve is still moving or only swinging.
+    """
+    tail = curve[-max(3, math.ceil(TREND_TAIL * len(curve))):]
+    if not curve or curve[-1][0] < steps or len(tail) < 3:
+        return np.nan, np.nan
+    x = np.array([s for s, _ in tail], float)
+    y = np.array([v for _, v in tail], float)
+    width = x[-1] - x[0]
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    se_slope = math.sqrt(float(resid @ resid) / (len(x) - 2) / float(((x - x.mean()) ** 2).sum()))
+    return float(slope * width), float(se_slope * width)
 
 
 def with_curve_figures(summary: pd.DataFrame, steps: int, eval_every: int, reference: dict | None) -> pd.DataFrame:
@@ -253,7 +277,8 @@ def aggregate(summary: pd.DataFrame,
               ) -> pd.DataFrame:
     """Tidy mean, std and bootstrap 95% CI per (init, init_group, method, metric) over finished runs."""
     done = summary[summary["status"] == "done"]
-    curve_cols = [c for c in summary.columns if c in ("fd_start", "cka_start", "fd_auc", "fd_tail", "plateau")
+    curve_cols = [c for c in summary.columns
+                  if c in ("fd_start", "cka_start", "fd_auc", "fd_tail", "plateau", "fd_trend")
                   or c.startswith(("fd_at_", "steps_to_"))]
     records = []
     for (init, group, method), g in done.groupby(["init", "init_group", "method"], sort=False):

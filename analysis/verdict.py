@@ -459,10 +459,32 @@ def judge(spec: ContrastSpec, df: pd.DataFrame, reference: dict, *, method: str 
             res.reason = (f"{res.reason.split(':')[0]}: worse at this budget, but {spec.arm} had not plateaued and "
                           f"may still get there (see steps_to_* and fd_auc)")
         elif res.not_plateaued:
-            note += (f"; {' and '.join(res.not_plateaued)} had not plateaued at the budget (docs/verdict.md): "
+            trends = [trend_words(rows) for label, rows in ((spec.arm, arm), (spec.versus, versus))
+                      if label in res.not_plateaued]
+            said = [f"{label} ({t})" if t else label for label, t in zip(res.not_plateaued, trends)]
+            note += (f"; {' and '.join(said)} had not plateaued at the budget (docs/verdict.md): "
                      f"this judges the budget, not convergence")
     res.reason += note
     return res
+
+
+def trend_words(rows: pd.DataFrame) -> str:
+    """How an arm's runs moved over the last half of their evaluations (summary ``fd_trend``), in words:
+    "still improving in 3/3 runs", "no trend resolved in 4/5 runs, worsening in 1/5"; "" without the columns.
+
+    A run counts as moving when its trend lies beyond 2 standard errors of the line (``fd_trend_se``).
+    """
+    if rows is None or "fd_trend" not in rows.columns or "fd_trend_se" not in rows.columns:
+        return ""
+    t, se = rows["fd_trend"].to_numpy(float), rows["fd_trend_se"].to_numpy(float)
+    ok = np.isfinite(t) & np.isfinite(se)
+    if not ok.any():
+        return ""
+    t, se, n = t[ok], se[ok], int(ok.sum())
+    counts = {"still improving": int((t < -2 * se).sum()), "worsening": int((t > 2 * se).sum())}
+    counts["no trend resolved"] = n - counts["still improving"] - counts["worsening"]
+    return ", ".join(f"{k} in {v}/{n} runs" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v) + \
+        " over the last half"
 
 
 def verdict(summary: pd.DataFrame,

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.ablation_summary import budget_steps, curve_figures, with_curve_figures
 from analysis.attribution import attribute, attribution_ready, fit_standardised
-from analysis.verdict import combine, decide, mean_ci, pooled_sd, verdict, verdict_from_dir
+from analysis.verdict import combine, decide, mean_ci, pooled_sd, trend_words, verdict, verdict_from_dir
 from probe.core.errors import UserError
 from train.ablation.grid import check_contrasts, check_grid, load_grid, parse_contrast
 
@@ -178,6 +178,23 @@ def test_not_plateaued_arms_are_named_and_cannot_contradict_non_inferiority():
     assert "had not plateaued" in v.claims[0].note
     settled = verdict(df.assign(plateau=1.0), reference=REFERENCE, contrasts=PAPER[:1]).contrasts[0]
     assert settled.verdict == "contradicted"
+    # with the trend columns the note says how each such arm moved: still improving, or swinging only
+    steps = list(range(100, 2100, 100))
+    rng = np.random.default_rng(0)
+    falling = [(s, 40.0 - s / 100) for s in steps]           # last half: steps 1100-2000, so -9 over it
+    swinging = [(s, 600.0 + (150.0 if i % 2 else -150.0) + rng.normal(0, 20)) for i, s in enumerate(steps)]
+    figures = {"full": curve_figures(falling, 2000, 100), "random": curve_figures(swinging, 2000, 100)}
+    assert figures["full"]["fd_trend"] == pytest.approx(-9.0) and figures["full"]["fd_trend_se"] < 1e-9
+    assert abs(figures["random"]["fd_trend"]) < 2 * figures["random"]["fd_trend_se"]
+    trended = df.assign(fd_trend=[figures[i]["fd_trend"] for i in df.init],
+                        fd_trend_se=[figures[i]["fd_trend_se"] for i in df.init])
+    rnd = verdict(trended, reference=REFERENCE, contrasts=PAPER[:2]).contrasts[1]
+    assert "random (no trend resolved in 5/5 runs over the last half) and full (still improving in 5/5 runs " \
+           "over the last half) had not plateaued" in rnd.reason
+    mixed = trended.assign(fd_trend=np.where((trended.init == "random") & (trended.seed == 0), 500.0, trended.fd_trend))
+    assert trend_words(mixed[mixed.init == "random"]) == ("no trend resolved in 4/5 runs, worsening in 1/5 runs "
+                                                           "over the last half")
+    assert trend_words(df) == ""                                                # no columns, no words
 
 
 def test_steps_to_threshold_counts_unreached_runs_at_their_budget():
@@ -315,10 +332,15 @@ def test_learning_curve_columns_follow_their_definitions():
     assert row["steps_to_150pct"] == 300.0 and math.isnan(row["steps_to_110pct"])   # 11 never reached
     assert row["plateau_spread"] == pytest.approx(0.5) and row["plateau"] == 1.0    # last 2 of 4: 14, 13.5
     assert row["fd_tail"] == pytest.approx(13.75)                                   # their mean
+    # fd_trend: the line through the last half (at least 3) of the evaluations after step 0, against scipy's
+    from scipy.stats import linregress
+
+    fit = linregress([200, 300, 400], [30.0, 14.0, 13.5])
+    assert row["fd_trend"] == pytest.approx(fit.slope * 200) and row["fd_trend_se"] == pytest.approx(fit.stderr * 200)
     moving = curve_figures(curve[:-1] + [(400, 11.0)], 400, 100, reference_fd=10.0, floor_std=0.5)
     assert moving["plateau"] == 0.0 and moving["steps_to_110pct"] == 400.0
     unfinished = curve_figures(curve[:3], 400, 100, reference_fd=10.0, floor_std=0.5)
-    assert all(math.isnan(unfinished[k]) for k in ("fd_auc", "fd_tail", "plateau", "fd_at_400"))
+    assert all(math.isnan(unfinished[k]) for k in ("fd_auc", "fd_tail", "plateau", "fd_at_400", "fd_trend"))
     assert math.isnan(curve_figures(curve, 400, 100)["plateau"])     # no floor: cannot be told
     table = pd.DataFrame({"fd_curve": [json.dumps([list(p) for p in curve])]})
     figures = with_curve_figures(table, 400, 100, {"fd": 10.0, "floor": {"fd_std": 0.5}})
