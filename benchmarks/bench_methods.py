@@ -837,8 +837,14 @@ def run_quality(args) -> dict:
                      "dry_run": args.dry_run, "note": args.note}}
 
 
-def _number(v: str) -> int | float:
-    return float(v) if "." in v or "e" in v.lower() else int(v)
+def _number(v: str) -> int | float | str:
+    """An option value from the command line: int, float, else the word itself (``sigma_dist=karras``)."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def parse_settings(text: str) -> dict[str, dict]:

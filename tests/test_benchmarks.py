@@ -261,6 +261,7 @@ def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep():
     fixed = bm.parse_settings("diffratio-js:lr_g=2e-4,lr_aux=2e-4; vsd:lr_aux=1e-4,aux_steps=2")
     assert fixed == {"diffratio-js": {"lr_g": 2e-4, "lr_aux": 2e-4}, "vsd": {"lr_aux": 1e-4, "aux_steps": 2}}
     assert isinstance(fixed["vsd"]["aux_steps"], int) and bm.parse_settings("") == {}
+    assert bm.parse_settings("vsd:sigma_dist=karras,lr_g=1e-4") == {"vsd": {"sigma_dist": "karras", "lr_g": 1e-4}}
     for bad in ("vds:lr_g=1e-4", "vsd", "vsd:lr_g"):
         with pytest.raises(SystemExit, match="--settings"):
             bm.parse_settings(bad)
