@@ -822,8 +822,7 @@ def run_quality(args) -> dict:
         runs[m] = [study.run(m, setting, seed, None, stop_at_targets=True, budget=args.budget) for seed in seeds]
         clock["long_s"] += time.perf_counter() - t0
         print(f"{m}: {[r['hits'] for r in runs[m]]}", file=sys.stderr)
-    config = Path(teacher) / "config.json"  # a run directory of train_teacher names its data set
-    data = json.loads(config.read_text()).get("data", "digits") if config.exists() else "digits"
+    data = teacher_data(teacher)
     return {"runs": runs, "sweeps": sweeps, "targets": targets, "teacher_fd": fd_teacher,
             "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps, "data": data,
                      "settings": "swept" if args.sweep else ("fixed (--settings)" if fixed else "defaults"),
@@ -863,6 +862,18 @@ def parse_settings(text: str) -> dict[str, dict]:
             raise SystemExit(f"--settings: expected KEY=VALUE in {item!r}")
         out[method.strip()] = {k.strip(): _number(v.strip()) for k, v in pairs}
     return out
+
+
+def teacher_data(teacher: str | Path) -> str:
+    """The data set a train_teacher run directory names in its config.json ({"config": {"data": ...}})."""
+    path = Path(teacher) / "config.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    return str(record.get("config", record).get("data") or "digits")
+
+
+def setting_text(setting: dict) -> str:
+    """``lr_g=0.0002, sigma_dist=karras``: numbers in %g, words as they are."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in setting.items())
 
 
 def quality_section(data: str) -> str:
@@ -919,7 +930,7 @@ def render_quality(q: dict) -> str:
               "|---|---|" + "---:|" * (4 * len(names) + 3)]
     vsd = q["runs"].get("vsd")
     for m, runs in q["runs"].items():
-        row = f"| {m} | {', '.join(f'{k}={v:g}' for k, v in runs[0]['setting'].items()) or 'defaults'} |"
+        row = f"| {m} | {setting_text(runs[0]['setting']) or 'defaults'} |"
         for n in names:
             hits = [r["hits"][n] for r in runs if r["hits"][n]]
             row += f" {len(hits)}/{len(runs)} |"
@@ -950,12 +961,12 @@ def render_quality(q: dict) -> str:
                                    for s in sw["rungs"])
                 adopted = any(t["adopted"] for t in sw.get("edge", []))
                 mark = " **(chosen)**" if i == sw["best"] and not adopted else ""
-                lines.append(f"| {', '.join(f'{k}={v:g}' for k, v in setting.items())}{mark} | {cells} |")
+                lines.append(f"| {setting_text(setting)}{mark} | {cells} |")
             for t in sw.get("edge", []):  # tries beyond the grid's edge (extend_at_edges)
                 cells = " | ".join(f"{t['fd'].get(s, t['fd'].get(str(s))):.2f}" for s in sw["rungs"])
                 chosen = t["adopted"] and t["setting"] == sw["best_setting"]
                 mark = " (beyond the edge" + ("; **chosen**)" if chosen else ", adopted)" if t["adopted"] else ")")
-                lines.append(f"| {', '.join(f'{k}={v:g}' for k, v in t['setting'].items())}{mark} | {cells} |")
+                lines.append(f"| {setting_text(t['setting'])}{mark} | {cells} |")
             lines.append("")
     if meta.get("note"):
         lines += ["", meta["note"]]

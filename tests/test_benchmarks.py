@@ -257,7 +257,7 @@ def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
     assert inside["edge"] == [] and inside["best_setting"] == {"lr_g": 1e-4, "lr_aux": 1e-4}
 
 
-def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep():
+def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep(tiny_teacher, tmp_path):
     fixed = bm.parse_settings("diffratio-js:lr_g=2e-4,lr_aux=2e-4; vsd:lr_aux=1e-4,aux_steps=2")
     assert fixed == {"diffratio-js": {"lr_g": 2e-4, "lr_aux": 2e-4}, "vsd": {"lr_aux": 1e-4, "aux_steps": 2}}
     assert isinstance(fixed["vsd"]["aux_steps"], int) and bm.parse_settings("") == {}
@@ -266,17 +266,21 @@ def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep():
         with pytest.raises(SystemExit, match="--settings"):
             bm.parse_settings(bad)
     # each data set has its own RESULTS.md section; digits keeps the name its table was written under
+    assert bm.teacher_data(tiny_teacher) == "digits" and bm.teacher_data(tmp_path) == "digits"   # no record
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"data": "scenes"}, "versions": {}}))
+    assert bm.teacher_data(tmp_path) == "scenes"
     assert bm.quality_section("digits") == "bench_methods_quality"
     assert bm.quality_section("scenes") == "bench_methods_quality_scenes"
     meta = {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50, "budget": 200.0,
             "max_steps": 1000, "seeds": [0], "cpu": "c", "cpus": 2, "threads": 1, "torch": "x", "load": 0.0,
             "sweep_s": 0.0, "long_s": 60.0, "batch": 64, "eta": 3, "data": "scenes", "settings": "fixed (--settings)"}
-    run = {"setting": {"lr_g": 2e-4}, "hits": {"1.5x": None}, "last_step": 100, "train_s": 50.0, "best_fd": 30.0,
+    run = {"setting": {"lr_g": 2e-4, "sigma_dist": "karras"}, "hits": {"1.5x": None}, "last_step": 100,
+           "train_s": 50.0, "best_fd": 30.0,
            "best_step": 100, "last_fd": 30.0, "eval_s": 1.0, "n_evals": 2}
     text = bm.render_quality({"meta": meta, "targets": {"1.5x": 18.0}, "teacher_fd": 12.0,
                               "runs": {"diffratio-js": [run]}, "sweeps": {}})
     assert text.startswith("<!-- bench_methods_quality_scenes:start -->") and "time to quality on scenes" in text
-    assert "method settings fixed (--settings)" in text and "| diffratio-js | lr_g=0.0002 |" in text
+    assert "method settings fixed (--settings)" in text and "| diffratio-js | lr_g=0.0002, sigma_dist=karras |" in text
 
 
 def test_long_run_judge_tells_settled_drifting_and_oscillating_curves_apart(tmp_path):
