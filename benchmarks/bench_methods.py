@@ -865,10 +865,10 @@ def parse_settings(text: str) -> dict[str, dict]:
 
 
 def teacher_data(teacher: str | Path) -> str:
-    """The data set a train_teacher run directory names in its config.json ({"config": {"data": ...}})."""
-    path = Path(teacher) / "config.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    return str(record.get("config", record).get("data") or "digits")
+    """The data set the teacher records (``LoadedModel.dataset``); digits when it records none."""
+    from probe.core.models import load_model
+
+    return load_model(teacher).dataset or "digits"
 
 
 def setting_text(setting: dict) -> str:

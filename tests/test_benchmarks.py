@@ -266,9 +266,11 @@ def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep(tiny_teac
         with pytest.raises(SystemExit, match="--settings"):
             bm.parse_settings(bad)
     # each data set has its own RESULTS.md section; digits keeps the name its table was written under
-    assert bm.teacher_data(tiny_teacher) == "digits" and bm.teacher_data(tmp_path) == "digits"   # no record
-    (tmp_path / "config.json").write_text(json.dumps({"config": {"data": "scenes"}, "versions": {}}))
-    assert bm.teacher_data(tmp_path) == "scenes"
+    assert bm.teacher_data(tiny_teacher) == "digits" and bm.teacher_data(tiny_teacher / "unet") == "digits"  # no record
+    from probe.core.models import load_model, save_model
+
+    save_model(tmp_path / "t", load_model(tiny_teacher).denoiser, "teacher", "scenes")
+    assert bm.teacher_data(tmp_path / "t") == "scenes"
     assert bm.quality_section("digits") == "bench_methods_quality"
     assert bm.quality_section("scenes") == "bench_methods_quality_scenes"
     meta = {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50, "budget": 200.0,
