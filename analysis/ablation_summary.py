@@ -145,6 +145,7 @@ def _trend(curve: list[tuple[int, float]], steps: int) -> tuple[float, float]:
     x = np.array([s for s, _ in tail], float)
     y = np.array([v for _, v in tail], float)
     width = x[-1] - x[0]
+    # by hand, not scipy's linregress: that gives a NaN error for a flat line (a run held at its plateau), 0 here
     slope, intercept = np.polyfit(x, y, 1)
     resid = y - (slope * x + intercept)
     se_slope = math.sqrt(float(resid @ resid) / (len(x) - 2) / float(((x - x.mean()) ** 2).sum()))
