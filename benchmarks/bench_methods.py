@@ -43,7 +43,10 @@
     reported (a method that gets worse after its best point shows it).
   - ``--sweep``: per method a grid of generator x auxiliary learning rates (3 x 3 by default) and the
     method's key option (``KEY_OPTIONS``), pruned by successive halving (keep the best third by best
-    FD, triple the steps; runs resume from their checkpoints), seed 0. When the winner's learning rate
+    FD, triple the steps; runs resume from their checkpoints), seed 0. Settings are compared at equal
+    training seconds by default (``--sweep-clock``), since the table ranks methods by seconds and a key
+    option such as VSD's ``aux_steps`` changes the cost of a step; ``--settings`` then names options
+    every swept setting keeps (``vsd:sigma_dist=karras``). When the winner's learning rate
     lies on the edge of its grid, it is doubled (or halved) beyond it over the same rungs, up to
     ``--edge-limit`` times, and adopted when better (``extend_at_edges``: on digits every method's
     winner first sat on the top edge, and VSD's and SiD's FD at 150 steps improved from 49.5 and 65.2
@@ -722,18 +725,43 @@ class Study:
         return res
 
 
-def successive_halving(study: Study, method: str, settings: list[dict], rungs: list[int], eta: int) -> dict:
-    """Prune ``settings`` by best FD at each rung (keep the best 1/eta); returns the table and the winner."""
+SECONDS_SLACK = 0.1  # a rung's time limit is the fastest setting's seconds + 10%: timing noise, not cost
+
+
+def best_within(res: dict, seconds: float) -> float:
+    """Best FD among a run's evaluations made within ``seconds`` of training (inf when none was)."""
+    return min((e["fd"] for e in res["evals"] if e["seconds"] <= seconds), default=math.inf)
+
+
+def successive_halving(study: Study, method: str, settings: list[dict], rungs: list[int], eta: int,
+                       clock: str = "seconds") -> dict:
+    """Prune ``settings`` by best FD at each rung (keep the best 1/eta); returns the table and the winner.
+
+    Every alive setting trains to the rung's steps. With ``clock="steps"`` each is scored by its best
+    FD within those steps. With ``clock="seconds"`` (the default) each is scored by its best FD within
+    the training seconds the fastest alive setting needed for those steps (+ ``SECONDS_SLACK``): a key
+    option that changes the cost of a step (VSD's ``aux_steps = 2`` doubles its auxiliary work) is then
+    judged at equal time, the quantity the time-to-quality table ranks methods by, not at equal steps.
+    """
+    if clock not in ("steps", "seconds"):
+        raise ValueError(f"clock must be 'steps' or 'seconds', got {clock!r}")
     alive, table = list(range(len(settings))), {i: {} for i in range(len(settings))}
+    limits: dict[int, float] = {}
     for rung, steps in enumerate(rungs):
-        for i in alive:
-            res = study.run(method, settings[i], 0, steps, stop_at_targets=False, budget=float("inf"))
-            table[i][steps] = res["best_fd"]
+        results = {i: study.run(method, settings[i], 0, steps, stop_at_targets=False, budget=float("inf"))
+                   for i in alive}
+        if clock == "seconds":
+            limits[steps] = min(r["train_s"] for r in results.values()) * (1 + SECONDS_SLACK)
+            for i, r in results.items():
+                table[i][steps] = best_within(r, limits[steps])
+        else:
+            for i, r in results.items():
+                table[i][steps] = r["best_fd"]
         if rung < len(rungs) - 1:
             alive = sorted(alive, key=lambda i: table[i][steps])[:max(1, math.ceil(len(alive) / eta))]
     best = min(alive, key=lambda i: table[i][rungs[len(rungs) - 1]] if rungs[-1] in table[i] else math.inf)
     return {"settings": settings, "rungs": rungs, "fd": {str(i): v for i, v in table.items()}, "best": best,
-            "best_setting": settings[best]}
+            "best_setting": settings[best], "clock": clock, "seconds": limits}
 
 
 EDGE_KEYS = ("lr_g", "lr_aux")  # sweep parameters whose grid is extended when the winner sits on its edge
@@ -744,10 +772,16 @@ def extend_at_edges(study: Study, method: str, sweep: dict, grids: dict, limit: 
 
     For each key of ``grids`` (key -> the values swept): while the current best value is the largest
     (smallest) value tried, run the best setting with it doubled (halved) through all the rungs, seed 0,
-    and adopt it when its best FD at the last rung is lower; at most ``limit`` steps per key. Updates
+    and adopt it when its best FD at the last rung is lower; at most ``limit`` steps per key. A sweep on
+    the seconds clock scores the tries within each rung's time limit, like the grid's settings. Updates
     ``sweep`` in place: ``edge`` lists every try, ``best_setting`` / ``best_fd`` the winner after them.
     """
     rungs, last = sweep["rungs"], sweep["rungs"][-1]
+    limits = {int(k): v for k, v in sweep.get("seconds", {}).items()}
+
+    def score(res: dict, steps: int) -> float:
+        return best_within(res, limits[steps]) if steps in limits else res["best_fd"]
+
     fd_last = sweep["fd"][str(sweep["best"])]
     best, best_fd = dict(sweep["best_setting"]), fd_last.get(last, fd_last.get(str(last)))
     tried: list[dict] = []
@@ -758,8 +792,8 @@ def extend_at_edges(study: Study, method: str, sweep: dict, grids: dict, limit: 
             if v is None or len(seen) < 2 or min(seen) < v < max(seen):
                 break
             candidate = {**best, key: v * 2 if v >= max(seen) else v / 2}
-            fds = {steps: study.run(method, candidate, 0, steps, stop_at_targets=False, budget=float("inf"))["best_fd"]
-                   for steps in rungs}
+            fds = {steps: score(study.run(method, candidate, 0, steps, stop_at_targets=False, budget=float("inf")),
+                                steps) for steps in rungs}
             seen.add(candidate[key])
             adopted = fds[last] < best_fd
             tried.append({"setting": candidate, "fd": fds, "adopted": adopted})
@@ -776,6 +810,17 @@ def run_quality(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     factors = [float(f) for f in args.thresholds.split(",") if f]
+    key_options = dict(KEY_OPTIONS)
+    for item in [s for s in args.sweep_key.split(";") if s]:   # "sid:sid_alpha=1.0,1.2"
+        m, rest = item.split(":", 1)
+        field, values = rest.split("=", 1)
+        key_options[m] = (field, tuple(_number(v) for v in values.split(",")))
+    fixed = parse_settings(args.settings)
+    if args.sweep:  # with a sweep, --settings holds options fixed under it (sigma_dist=karras), never swept ones
+        for m, options in fixed.items():
+            swept = {"lr_g", "lr_aux"} | ({key_options[m][0]} if m in key_options else set())
+            if swept & set(options):
+                raise SystemExit(f"--settings fixes {sorted(swept & set(options))} for {m}, which --sweep chooses")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_quality_"))
     teacher = args.teacher
     if teacher is None:  # dry run: a few-step teacher of the test preset
@@ -795,22 +840,14 @@ def run_quality(args) -> dict:
     study = Study(work, base, inprocess=args.dry_run)
     lr_g = [float(v) for v in args.sweep_lr_g.split(",")]
     lr_aux = [float(v) for v in args.sweep_lr_aux.split(",")]
-    key_options = dict(KEY_OPTIONS)
-    for item in [s for s in args.sweep_key.split(";") if s]:   # "sid:sid_alpha=1.0,1.2"
-        m, rest = item.split(":", 1)
-        field, values = rest.split("=", 1)
-        key_options[m] = (field, tuple(_number(v) for v in values.split(",")))
-    fixed = parse_settings(args.settings)
-    if args.sweep and fixed:
-        raise SystemExit("--settings fixes what --sweep would choose: pass one of them")
     sweeps, clock = {}, {"sweep_s": 0.0, "long_s": 0.0}
     chunk = args.eval_every * args.evals_per_chunk
     for m in methods:
         t0 = time.perf_counter()
         if args.sweep:
-            settings = sweep_settings(m, lr_g, lr_aux, key_options)
+            settings = [{**s, **fixed.get(m, {})} for s in sweep_settings(m, lr_g, lr_aux, key_options)]
             sweeps[m] = successive_halving(study, m, settings, rung_steps(args.sweep_steps, len(settings), args.eta,
-                                                                          chunk), args.eta)
+                                                                          chunk), args.eta, clock=args.sweep_clock)
             if args.edge_limit:
                 extend_at_edges(study, m, sweeps[m], {"lr_g": lr_g, "lr_aux": lr_aux}, args.edge_limit)
             print(f"{m}: best setting {sweeps[m]['best_setting']}", file=sys.stderr)
@@ -825,7 +862,9 @@ def run_quality(args) -> dict:
     data = teacher_data(teacher)
     return {"runs": runs, "sweeps": sweeps, "targets": targets, "teacher_fd": fd_teacher,
             "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps, "data": data,
-                     "settings": "swept" if args.sweep else ("fixed (--settings)" if fixed else "defaults"),
+                     "settings": ("swept" + (" over fixed options (--settings)" if fixed else "") if args.sweep
+                                  else "fixed (--settings)" if fixed else "defaults"),
+                     "sweep_clock": args.sweep_clock,
                      "teacher_eval_s": teacher_eval_s, "methods": methods, "seeds": seeds, "batch": args.batch,
                      "eval_every": args.eval_every, "eval_samples": args.eval_samples, "budget": args.budget,
                      "max_steps": args.max_steps, "threads": args.threads, "cpus": os.cpu_count(),
@@ -950,11 +989,16 @@ def render_quality(q: dict) -> str:
                 f" {sum(r['eval_s'] for r in runs):.0f} ({sum(r['n_evals'] for r in runs)}) |")
         lines.append(row)
     if q["sweeps"]:
+        seconds_clock = meta.get("sweep_clock", "steps") == "seconds"
         lines += ["", f"Sweep (seed 0, successive halving: keep the best 1/{meta['eta']} by best FD, x{meta['eta']} "
-                  "steps per rung; cells = best FD up to that many steps, '-' = pruned):", ""]
+                  "steps per rung; cells = best FD "
+                  + ("within the rung's training seconds: those the fastest setting needed for the rung's steps, "
+                     f"+{SECONDS_SLACK:.0%}, so settings that cost more per step are judged at equal time"
+                     if seconds_clock else "up to that many steps") + ", '-' = pruned):", ""]
         for m, sw in q["sweeps"].items():
-            lines += [f"{m}:", "", "| setting | " + " | ".join(f"{s} steps" for s in sw["rungs"]) + " |",
-                      "|---|" + "---:|" * len(sw["rungs"])]
+            limits = {int(k): v for k, v in sw.get("seconds", {}).items()}
+            heads = [f"{s} steps" + (f", {limits[s]:.0f} s" if s in limits else "") for s in sw["rungs"]]
+            lines += [f"{m}:", "", "| setting | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(sw["rungs"])]
             for i, setting in enumerate(sw["settings"]):
                 fd = sw["fd"][str(i)]
                 cells = " | ".join(f"{fd.get(s, fd.get(str(s))):.2f}" if (s in fd or str(s) in fd) else "-"
@@ -1032,7 +1076,11 @@ def main(argv: list[str] | None = None) -> None:
     sq.add_argument("--sweep-lr-g", default="5e-5,1e-4,2e-4")
     sq.add_argument("--sweep-lr-aux", default="5e-5,1e-4,2e-4")
     sq.add_argument("--settings", default="", help="fixed settings instead of a sweep: "
-                    "'vsd:lr_aux=1e-4,aux_steps=2;sid:sid_alpha=1' (other methods: defaults)")
+                    "'vsd:lr_aux=1e-4,aux_steps=2;sid:sid_alpha=1' (other methods: defaults); with --sweep, "
+                    "options every swept setting keeps ('vsd:sigma_dist=karras')")
+    sq.add_argument("--sweep-clock", choices=("seconds", "steps"), default="seconds",
+                    help="rank a rung's settings by best FD within equal training seconds (the fastest "
+                    "setting's + 10%%) or within equal steps")
     sq.add_argument("--sweep-key", default="", help="override key options: 'sid:sid_alpha=1.0,1.2;vsd:aux_steps=1,2'")
     sq.add_argument("--sweep-steps", type=int, default=200, help="steps of the first rung")
     sq.add_argument("--eta", type=int, default=3, help="successive halving: keep 1/eta, eta x steps per rung")

@@ -82,10 +82,37 @@ def test_successive_halving_keeps_the_best_third_and_picks_the_winner():
             return {"best_fd": fd(setting["i"], stop_step)}
 
     settings = [{"i": i} for i in (4, 7, 0, 1, 2, 3, 5, 6, 8)]
-    sw = bm.successive_halving(FakeStudy(), "m", settings, [100, 300], eta=3)
+    sw = bm.successive_halving(FakeStudy(), "m", settings, [100, 300], eta=3, clock="steps")
     survivors = [i for i, s in calls if s == 300]
     assert sorted(survivors) == [0, 4, 7] and sw["best_setting"] == {"i": 7}
     assert len(calls) == 9 + 3
+
+
+def test_sweep_on_the_seconds_clock_judges_a_costlier_setting_at_equal_time():
+    # aux_steps=2 costs 2 s per step against 1 s and learns more per step (FD 100 - 0.3 x step against
+    # 100 - 0.2 x step): at equal steps it wins, at equal seconds (the table's clock) the cheap one does
+    cost = {1: 1.0, 2: 2.0}
+    slope = {1: 0.2, 2: 0.3}
+
+    class FakeStudy:
+        def run(self, method, setting, seed, stop_step, stop_at_targets, budget):
+            a = setting["aux_steps"]
+            evals = [{"step": s, "seconds": s * cost[a], "fd": 100 - slope[a] * s} for s in range(50, stop_step + 1, 50)]
+            return {"evals": evals, "best_fd": evals[-1]["fd"], "train_s": evals[-1]["seconds"]}
+
+    settings = [{"lr_g": 1e-4, "lr_aux": 1e-4, "aux_steps": a} for a in (1, 2)]
+    by_steps = bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="steps")
+    assert by_steps["best_setting"]["aux_steps"] == 2 and by_steps["seconds"] == {}
+    by_time = bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3)
+    assert by_time["clock"] == "seconds" and by_time["seconds"] == {200: pytest.approx(220.0)}  # 200 s + 10%
+    # the cheap setting at step 200 (200 s): 60; the costly one within 220 s reached step 100: 70
+    assert by_time["fd"] == {"0": {200: pytest.approx(60.0)}, "1": {200: pytest.approx(70.0)}}
+    assert by_time["best_setting"]["aux_steps"] == 1
+    # an edge try is held to the same time limit: lr_g doubled, same cost, scored within 220 s
+    bm.extend_at_edges(FakeStudy(), "vsd", by_time, {"lr_g": [5e-5, 1e-4]}, limit=1)
+    assert by_time["edge"][0]["fd"] == {200: pytest.approx(60.0)} and not by_time["edge"][0]["adopted"]
+    with pytest.raises(ValueError, match="clock"):
+        bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="minutes")
 
 
 # ------------------------------------------------------------------ workers, in process
@@ -123,6 +150,7 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
     before = RESULTS.read_text()
     argv = ["quality", "--dry-run", "--teacher", str(tiny_teacher), "--methods", "diffratio-js,vsd", "--seeds", "0,1",
             "--sweep", "--sweep-lr-g", "1e-4,2e-4", "--sweep-lr-aux", "1e-4", "--sweep-key", "vsd:aux_steps=1",
+            "--settings", "vsd:sigma_dist=karras",   # held fixed under the sweep
             "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]
     bm.main(argv)
     first = capsys.readouterr().out
@@ -136,6 +164,11 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
             assert [e["step"] for e in r["evals"]] == sorted(e["step"] for e in r["evals"])
             assert r["eval_s"] > 0   # evaluation time, measured apart from the training seconds
     assert q["sweeps"]["diffratio-js"]["rungs"] == [1] and len(q["sweeps"]["diffratio-js"]["settings"]) == 2
+    assert all(st["sigma_dist"] == "karras" for st in q["sweeps"]["vsd"]["settings"])
+    assert all(r["setting"]["sigma_dist"] == "karras" for r in q["runs"]["vsd"])
+    assert "sigma_dist" not in q["runs"]["diffratio-js"][0]["setting"]
+    assert q["meta"]["sweep_clock"] == "seconds" and set(q["sweeps"]["vsd"]["seconds"]) == {"1"}  # JSON keys
+    assert "within the rung's training seconds" in first
     assert "## One-step methods: time to quality" in first
     assert "**(chosen)**" in first or "(beyond the edge; **chosen**)" in first   # a grid winner, or one past its edge
     results = sorted((tmp_path / "w" / "results").glob("*.json"))
@@ -144,6 +177,12 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
     assert capsys.readouterr().out.split("| method |")[1] == first.split("| method |")[1]
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert RESULTS.read_text() == before   # a dry run writes nothing it was not asked to
+
+
+def test_quality_sweep_refuses_settings_that_fix_what_it_sweeps():
+    for fixed in ("vsd:lr_g=1e-4", "vsd:aux_steps=2", "sid:sid_alpha=1"):
+        with pytest.raises(SystemExit, match="which --sweep chooses"):
+            bm.main(["quality", "--dry-run", "--sweep", "--settings", fixed])
 
 
 @pytest.mark.slow
@@ -235,7 +274,7 @@ def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
 
     grid = {"lr_g": [5e-5, 1e-4, 2e-4], "lr_aux": [5e-5, 1e-4, 2e-4]}
     settings = bm.sweep_settings("m", grid["lr_g"], grid["lr_aux"], {})
-    sw = bm.successive_halving(FakeStudy(), "m", settings, [50, 150], eta=3)
+    sw = bm.successive_halving(FakeStudy(), "m", settings, [50, 150], eta=3, clock="steps")
     assert sw["best_setting"] == {"lr_g": 2e-4, "lr_aux": 1e-4}          # the top edge of lr_g
     calls.clear()
     bm.extend_at_edges(FakeStudy(), "m", sw, grid, limit=3)
