@@ -97,7 +97,8 @@ def test_sweep_on_the_seconds_clock_judges_a_costlier_setting_at_equal_time():
     class FakeStudy:
         def run(self, method, setting, seed, stop_step, stop_at_targets, budget):
             a = setting["aux_steps"]
-            evals = [{"step": s, "seconds": s * cost[a], "fd": 100 - slope[a] * s} for s in range(50, stop_step + 1, 50)]
+            evals = [{"step": s, "seconds": s * cost[a], "fd": 100 - slope[a] * s}
+                     for s in range(50, stop_step + 1, 50)]
             return {"evals": evals, "best_fd": evals[-1]["fd"], "train_s": evals[-1]["seconds"]}
 
     settings = [{"lr_g": 1e-4, "lr_aux": 1e-4, "aux_steps": a} for a in (1, 2)]
