@@ -742,6 +742,8 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
     the training seconds the fastest alive setting needed for those steps (+ ``SECONDS_SLACK``): a key
     option that changes the cost of a step (VSD's ``aux_steps = 2`` doubles its auxiliary work) is then
     judged at equal time, the quantity the time-to-quality table ranks methods by, not at equal steps.
+    FD is known only at evaluations, so a slower setting is judged at its last one inside the limit:
+    up to one evaluation interval short of equal time, which rungs of several intervals keep small.
     """
     if clock not in ("steps", "seconds"):
         raise ValueError(f"clock must be 'steps' or 'seconds', got {clock!r}")
