@@ -749,6 +749,7 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
         raise ValueError(f"clock must be 'steps' or 'seconds', got {clock!r}")
     alive, table = list(range(len(settings))), {i: {} for i in range(len(settings))}
     limits: dict[int, float] = {}
+    judged_at: dict[int, dict[int, int]] = {i: {} for i in range(len(settings))}  # last step inside the limit
     for rung, steps in enumerate(rungs):
         results = {i: study.run(method, settings[i], 0, steps, stop_at_targets=False, budget=float("inf"))
                    for i in alive}
@@ -756,6 +757,7 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
             limits[steps] = min(r["train_s"] for r in results.values()) * (1 + SECONDS_SLACK)
             for i, r in results.items():
                 table[i][steps] = best_within(r, limits[steps])
+                judged_at[i][steps] = max(e["step"] for e in r["evals"] if e["seconds"] <= limits[steps])
         else:
             for i, r in results.items():
                 table[i][steps] = r["best_fd"]
@@ -763,7 +765,8 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
             alive = sorted(alive, key=lambda i: table[i][steps])[:max(1, math.ceil(len(alive) / eta))]
     best = min(alive, key=lambda i: table[i][rungs[len(rungs) - 1]] if rungs[-1] in table[i] else math.inf)
     return {"settings": settings, "rungs": rungs, "fd": {str(i): v for i, v in table.items()}, "best": best,
-            "best_setting": settings[best], "clock": clock, "seconds": limits}
+            "best_setting": settings[best], "clock": clock, "seconds": limits,
+            "judged_at": {str(i): v for i, v in judged_at.items()} if clock == "seconds" else {}}
 
 
 EDGE_KEYS = ("lr_g", "lr_aux")  # sweep parameters whose grid is extended when the winner sits on its edge
@@ -995,15 +998,17 @@ def render_quality(q: dict) -> str:
         lines += ["", f"Sweep (seed 0, successive halving: keep the best 1/{meta['eta']} by best FD, x{meta['eta']} "
                   "steps per rung; cells = best FD "
                   + ("within the rung's training seconds: those the fastest setting needed for the rung's steps, "
-                     f"+{SECONDS_SLACK:.0%}, so settings that cost more per step are judged at equal time"
+                     f"+{SECONDS_SLACK:.0%}, so settings that cost more per step are judged at equal time "
+                     "(in brackets: the last evaluation inside that time)"
                      if seconds_clock else "up to that many steps") + ", '-' = pruned):", ""]
         for m, sw in q["sweeps"].items():
             limits = {int(k): v for k, v in sw.get("seconds", {}).items()}
             heads = [f"{s} steps" + (f", {limits[s]:.0f} s" if s in limits else "") for s in sw["rungs"]]
             lines += [f"{m}:", "", "| setting | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(sw["rungs"])]
             for i, setting in enumerate(sw["settings"]):
-                fd = sw["fd"][str(i)]
-                cells = " | ".join(f"{fd.get(s, fd.get(str(s))):.2f}" if (s in fd or str(s) in fd) else "-"
+                fd = {int(k): v for k, v in sw["fd"][str(i)].items()}
+                at = {int(k): v for k, v in sw.get("judged_at", {}).get(str(i), {}).items()}
+                cells = " | ".join("-" if s not in fd else f"{fd[s]:.2f}" + (f" (step {at[s]})" if s in at else "")
                                    for s in sw["rungs"])
                 adopted = any(t["adopted"] for t in sw.get("edge", []))
                 mark = " **(chosen)**" if i == sw["best"] and not adopted else ""

@@ -108,7 +108,7 @@ def test_sweep_on_the_seconds_clock_judges_a_costlier_setting_at_equal_time():
     assert by_time["clock"] == "seconds" and by_time["seconds"] == {200: pytest.approx(220.0)}  # 200 s + 10%
     # the cheap setting at step 200 (200 s): 60; the costly one within 220 s reached step 100: 70
     assert by_time["fd"] == {"0": {200: pytest.approx(60.0)}, "1": {200: pytest.approx(70.0)}}
-    assert by_time["best_setting"]["aux_steps"] == 1
+    assert by_time["best_setting"]["aux_steps"] == 1 and by_time["judged_at"] == {"0": {200: 200}, "1": {200: 100}}
     # an edge try is held to the same time limit: lr_g doubled, same cost, scored within 220 s
     bm.extend_at_edges(FakeStudy(), "vsd", by_time, {"lr_g": [5e-5, 1e-4]}, limit=1)
     assert by_time["edge"][0]["fd"] == {200: pytest.approx(60.0)} and not by_time["edge"][0]["adopted"]
@@ -169,7 +169,7 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
     assert all(r["setting"]["sigma_dist"] == "karras" for r in q["runs"]["vsd"])
     assert "sigma_dist" not in q["runs"]["diffratio-js"][0]["setting"]
     assert q["meta"]["sweep_clock"] == "seconds" and set(q["sweeps"]["vsd"]["seconds"]) == {"1"}  # JSON keys
-    assert "within the rung's training seconds" in first
+    assert "within the rung's training seconds" in first and " (step " in first.split("vsd:")[1]
     assert "## One-step methods: time to quality" in first
     assert "**(chosen)**" in first or "(beyond the edge; **chosen**)" in first   # a grid winner, or one past its edge
     results = sorted((tmp_path / "w" / "results").glob("*.json"))
