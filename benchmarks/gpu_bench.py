@@ -18,7 +18,7 @@ is skipped and the table says so, so the script ends in time whatever the device
 2. **time to quality** on digits: a default digits teacher (``tiny`` preset, ``--teacher-steps``)
    is trained on the device, its Heun-18 FD measured (n=500), then every method trains until its
    one-step FD reaches 1.5x and 1.1x that figure or its share of the time left runs out
-   (``bench_methods.worker_quality``: training seconds, evaluation excluded and listed separately).
+   (``bench_quality.worker_quality``: training seconds, evaluation excluded and listed separately).
 3. **extraction**: ``probe.features.extract`` of the default layers at the 5 default sigmas.
 
 The speed options are applied by a subclass of the method (``fast_method``), not by the loop: this
@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_methods  # noqa: E402  (benchmarks/ helper: workers, quality runs)
+import bench_methods  # noqa: E402  (benchmarks/ helper: workers, machine)
+import bench_quality  # noqa: E402  (benchmarks/ helper: quality runs)
 
 NAME = "gpu_check"
 METHODS = bench_methods.METHODS
@@ -128,7 +129,7 @@ def worker_ttq(a: dict) -> dict:
                                 checkpoint_every=a["teacher_steps"], device=a["device"]), progress=False)
     teacher_train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fd = bench_methods.teacher_fd(str(teacher), a["eval_samples"], a["teacher_sample_steps"], a["device"])
+    fd = bench_quality.teacher_fd(str(teacher), a["eval_samples"], a["teacher_sample_steps"], a["device"])
     teacher_eval_s = time.perf_counter() - t0
     targets = {f"{f:g}x": f * fd for f in a["factors"]}
     results = {}
@@ -141,7 +142,7 @@ def worker_ttq(a: dict) -> dict:
         # training seconds get ~60% of the share: set-up, evaluation and checkpoints take the rest
         budget = 0.6 * share
         start = time.time()
-        res = bench_methods.worker_quality({
+        res = bench_quality.worker_quality({
             "out": str(Path(a["work"]) / f"q-{method}"), "teacher": str(teacher), "method": method,
             "batch": a["batch"], "threads": torch.get_num_threads(), "device": a["device"], "seed": 0,
             "eval_every": a["eval_every"], "evals_per_chunk": a["evals_per_chunk"],
@@ -215,7 +216,7 @@ def render(results: dict, meta: dict) -> str:
                   f"FD **{q['teacher_fd']:.2f}** (n={meta['eval_samples']}); thresholds "
                   + ", ".join(f"{k} = {v:.2f}" for k, v in q["targets"].items())
                   + f"; batch {meta['batch_ttq']}, FD every {meta['eval_every']} steps, seed 0, one run per method "
-                  "(a smoke figure, not the 3-seed study of `bench_methods.py quality`). Seconds = training clock; "
+                  "(a smoke figure, not the 3-seed study of `bench_quality.py`). Seconds = training clock; "
                   "evaluation seconds separate.", "",
                   "| method | budget s | " + " | ".join(f"steps to {n} | s to {n}" for n in names)
                   + " | best FD (step) | last FD (step) | eval s |",

@@ -10,6 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_methods as bm  # noqa: E402
+import bench_quality as bq  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 
@@ -53,18 +54,18 @@ def test_speed_summary_medians_ratios_flags_and_utilisation():
 def test_threshold_hits_take_the_first_evaluation_at_or_below_each_target():
     evals = [{"step": 0, "seconds": 0.0, "eval_fd": 50.0}, {"step": 100, "seconds": 9.0, "eval_fd": 14.0},
              {"step": 200, "seconds": 18.0, "eval_fd": 11.0}, {"step": 300, "seconds": 27.0, "eval_fd": 12.0}]
-    hits = bm.threshold_hits(evals, {"1.5x": 15.0, "1.1x": 11.0, "1.0x": 10.0})
+    hits = bq.threshold_hits(evals, {"1.5x": 15.0, "1.1x": 11.0, "1.0x": 10.0})
     assert hits == {"1.5x": {"step": 100, "seconds": 9.0}, "1.1x": {"step": 200, "seconds": 18.0}, "1.0x": None}
 
 
 def test_sweep_grid_and_rungs():
-    grid = bm.sweep_settings("sid", [1e-4, 2e-4], [1e-4, 2e-4, 4e-4], bm.KEY_OPTIONS)
-    assert len(grid) == 2 * 3 * len(bm.KEY_OPTIONS["sid"][1]) and {"sid_alpha"} < set(grid[0])
-    assert len(bm.sweep_settings("diffratio-js", [1e-4], [1e-4, 2e-4], bm.KEY_OPTIONS)) == 2
-    assert bm.rung_steps(200, 9, 3, chunk=100) == [200, 600]           # 9 -> 3 settings
-    assert bm.rung_steps(200, 18, 3, chunk=100) == [200, 600, 1800]    # 18 -> 6 -> 2
-    assert bm.rung_steps(150, 18, 3, chunk=100) == [200, 500, 1400]    # rounded up to checkpoint chunks
-    assert bm.rung_steps(200, 1, 3, chunk=100) == [200]
+    grid = bq.sweep_settings("sid", [1e-4, 2e-4], [1e-4, 2e-4, 4e-4], bq.KEY_OPTIONS)
+    assert len(grid) == 2 * 3 * len(bq.KEY_OPTIONS["sid"][1]) and {"sid_alpha"} < set(grid[0])
+    assert len(bq.sweep_settings("diffratio-js", [1e-4], [1e-4, 2e-4], bq.KEY_OPTIONS)) == 2
+    assert bq.rung_steps(200, 9, 3, chunk=100) == [200, 600]           # 9 -> 3 settings
+    assert bq.rung_steps(200, 18, 3, chunk=100) == [200, 600, 1800]    # 18 -> 6 -> 2
+    assert bq.rung_steps(150, 18, 3, chunk=100) == [200, 500, 1400]    # rounded up to checkpoint chunks
+    assert bq.rung_steps(200, 1, 3, chunk=100) == [200]
 
 
 def test_successive_halving_keeps_the_best_third_and_picks_the_winner():
@@ -82,7 +83,7 @@ def test_successive_halving_keeps_the_best_third_and_picks_the_winner():
             return {"best_fd": fd(setting["i"], stop_step)}
 
     settings = [{"i": i} for i in (4, 7, 0, 1, 2, 3, 5, 6, 8)]
-    sw = bm.successive_halving(FakeStudy(), "m", settings, [100, 300], eta=3, clock="steps")
+    sw = bq.successive_halving(FakeStudy(), "m", settings, [100, 300], eta=3, clock="steps")
     survivors = [i for i, s in calls if s == 300]
     assert sorted(survivors) == [0, 4, 7] and sw["best_setting"] == {"i": 7}
     assert len(calls) == 9 + 3
@@ -102,18 +103,18 @@ def test_sweep_on_the_seconds_clock_judges_a_costlier_setting_at_equal_time():
             return {"evals": evals, "best_fd": evals[-1]["fd"], "train_s": evals[-1]["seconds"]}
 
     settings = [{"lr_g": 1e-4, "lr_aux": 1e-4, "aux_steps": a} for a in (1, 2)]
-    by_steps = bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="steps")
+    by_steps = bq.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="steps")
     assert by_steps["best_setting"]["aux_steps"] == 2 and by_steps["seconds"] == {}
-    by_time = bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3)
+    by_time = bq.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3)
     assert by_time["clock"] == "seconds" and by_time["seconds"] == {200: pytest.approx(220.0)}  # 200 s + 10%
     # the cheap setting at step 200 (200 s): 60; the costly one within 220 s reached step 100: 70
     assert by_time["fd"] == {"0": {200: pytest.approx(60.0)}, "1": {200: pytest.approx(70.0)}}
     assert by_time["best_setting"]["aux_steps"] == 1 and by_time["judged_at"] == {"0": {200: 200}, "1": {200: 100}}
     # an edge try is held to the same time limit: lr_g doubled, same cost, scored within 220 s
-    bm.extend_at_edges(FakeStudy(), "vsd", by_time, {"lr_g": [5e-5, 1e-4]}, limit=1)
+    bq.extend_at_edges(FakeStudy(), "vsd", by_time, {"lr_g": [5e-5, 1e-4]}, limit=1)
     assert by_time["edge"][0]["fd"] == {200: pytest.approx(60.0)} and not by_time["edge"][0]["adopted"]
     with pytest.raises(ValueError, match="clock"):
-        bm.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="minutes")
+        bq.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="minutes")
 
 
 # ------------------------------------------------------------------ workers, in process
@@ -149,11 +150,11 @@ def test_run_worker_measures_the_child_and_honours_its_timeout():
 @pytest.mark.slow
 def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp_path, capsys):
     before = RESULTS.read_text()
-    argv = ["quality", "--dry-run", "--teacher", str(tiny_teacher), "--methods", "diffratio-js,vsd", "--seeds", "0,1",
+    argv = ["--dry-run", "--teacher", str(tiny_teacher), "--methods", "diffratio-js,vsd", "--seeds", "0,1",
             "--sweep", "--sweep-lr-g", "1e-4,2e-4", "--sweep-lr-aux", "1e-4", "--sweep-key", "vsd:aux_steps=1",
             "--settings", "vsd:sigma_dist=karras",   # held fixed under the sweep
             "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]
-    bm.main(argv)
+    bq.main(argv)
     first = capsys.readouterr().out
     q = json.loads((tmp_path / "q.json").read_text())
     assert set(q["runs"]) == {"diffratio-js", "vsd"} and [r["seed"] for r in q["runs"]["vsd"]] == [0, 1]
@@ -174,16 +175,30 @@ def test_quality_dry_run_sweeps_then_resumes_from_its_work_dir(tiny_teacher, tmp
     assert "**(chosen)**" in first or "(beyond the edge; **chosen**)" in first   # a grid winner, or one past its edge
     results = sorted((tmp_path / "w" / "results").glob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    bm.main(argv)   # everything cached: no run repeats, same table
+    bq.main(argv)   # everything cached: no run repeats, same table
     assert capsys.readouterr().out.split("| method |")[1] == first.split("| method |")[1]
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert RESULTS.read_text() == before   # a dry run writes nothing it was not asked to
 
 
+@pytest.mark.slow
+def test_quality_run_in_a_fresh_worker_process_is_cached(tiny_teacher, tmp_path):
+    # the long runs and the sweep train in a child `bench_quality.py --worker quality`, as a user's study does
+    base = dict(teacher=str(tiny_teacher), batch=4, threads=1, device="cpu", eval_every=1, evals_per_chunk=1,
+                eval_samples=16, max_steps=2, targets={"1.5x": 1e9})
+    study = bq.Study(tmp_path / "w", base, inprocess=False)
+    res = study.run("diffratio-js", {"lr_g": 1e-4}, 0, 2, stop_at_targets=False, budget=float("inf"))
+    assert [e["step"] for e in res["evals"]] == [0, 1, 2] and res["peak_rss_mib"] > 0   # measured in the child
+    assert res["hits"]["1.5x"] == {"step": 0, "seconds": 0.0}
+    cached = sorted((tmp_path / "w" / "results").glob("*.json"))
+    assert [p.name for p in cached] == ["diffratio-js_lr_g=0.0001_seed0-2.json"]
+    assert study.run("diffratio-js", {"lr_g": 1e-4}, 0, 2, stop_at_targets=False, budget=float("inf")) == res
+
+
 def test_quality_sweep_refuses_settings_that_fix_what_it_sweeps():
     for fixed in ("vsd:lr_g=1e-4", "vsd:aux_steps=2", "sid:sid_alpha=1"):
         with pytest.raises(SystemExit, match="which --sweep chooses"):
-            bm.main(["quality", "--dry-run", "--sweep", "--settings", fixed])
+            bq.main(["--dry-run", "--sweep", "--settings", fixed])
 
 
 @pytest.mark.slow
@@ -254,11 +269,11 @@ def test_ratio_to_vsd_is_a_bound_when_vsd_misses_the_threshold_in_some_seeds():
     def run(seconds, train_s):
         return {"hits": {"1.1x": {"step": 1, "seconds": seconds} if seconds is not None else None}, "train_s": train_s}
 
-    assert bm.vsd_ratio([50.0], [run(100.0, 300.0), run(100.0, 300.0)], "1.1x") == "0.50x"
+    assert bq.vsd_ratio([50.0], [run(100.0, 300.0), run(100.0, 300.0)], "1.1x") == "0.50x"
     # one VSD seed never reached it in 200 s: VSD's mean is at least (100 + 200) / 2, the ratio at most 50 / 150
-    assert bm.vsd_ratio([50.0], [run(100.0, 300.0), run(None, 200.0)], "1.1x") == "< 0.33x (vsd 1/2)"
-    assert bm.vsd_ratio([50.0], [run(None, 200.0)], "1.1x") == "< 0.25x (vsd 0/1)"
-    assert bm.vsd_ratio([50.0], None, "1.1x") == "-"
+    assert bq.vsd_ratio([50.0], [run(100.0, 300.0), run(None, 200.0)], "1.1x") == "< 0.33x (vsd 1/2)"
+    assert bq.vsd_ratio([50.0], [run(None, 200.0)], "1.1x") == "< 0.25x (vsd 0/1)"
+    assert bq.vsd_ratio([50.0], None, "1.1x") == "-"
 
 
 def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
@@ -274,17 +289,17 @@ def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
             return {"best_fd": fd(setting)}
 
     grid = {"lr_g": [5e-5, 1e-4, 2e-4], "lr_aux": [5e-5, 1e-4, 2e-4]}
-    settings = bm.sweep_settings("m", grid["lr_g"], grid["lr_aux"], {})
-    sw = bm.successive_halving(FakeStudy(), "m", settings, [50, 150], eta=3, clock="steps")
+    settings = bq.sweep_settings("m", grid["lr_g"], grid["lr_aux"], {})
+    sw = bq.successive_halving(FakeStudy(), "m", settings, [50, 150], eta=3, clock="steps")
     assert sw["best_setting"] == {"lr_g": 2e-4, "lr_aux": 1e-4}          # the top edge of lr_g
     calls.clear()
-    bm.extend_at_edges(FakeStudy(), "m", sw, grid, limit=3)
+    bq.extend_at_edges(FakeStudy(), "m", sw, grid, limit=3)
     tried = [t["setting"]["lr_g"] for t in sw["edge"]]
     assert tried == pytest.approx([4e-4, 8e-4, 1.6e-3])                   # doubled until it stops helping
     assert [t["adopted"] for t in sw["edge"]] == [True, True, False]
     assert sw["best_setting"] == pytest.approx({"lr_g": 8e-4, "lr_aux": 1e-4})
     assert all(seed == 0 for _, _, seed in calls) and {s for _, s, _ in calls} == {50, 150}  # every rung, seed 0
-    text = bm.render_quality({"meta": {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50,
+    text = bq.render_quality({"meta": {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50,
                                        "budget": 200.0, "max_steps": 1000, "seeds": [0], "cpu": "c", "cpus": 2,
                                        "threads": 1, "torch": "x", "load": 0.0, "sweep_s": 60.0, "long_s": 60.0,
                                        "batch": 64, "eta": 3},
@@ -293,35 +308,35 @@ def test_a_winner_on_the_grid_edge_is_tried_beyond_it():
     # a winner inside the grid is left alone
     inside = {"settings": [{"lr_g": 1e-4, "lr_aux": 1e-4}], "rungs": [50], "fd": {"0": {50: 1.0}}, "best": 0,
               "best_setting": {"lr_g": 1e-4, "lr_aux": 1e-4}}
-    bm.extend_at_edges(FakeStudy(), "m", inside, {"lr_g": [5e-5, 1e-4, 2e-4]})
+    bq.extend_at_edges(FakeStudy(), "m", inside, {"lr_g": [5e-5, 1e-4, 2e-4]})
     assert inside["edge"] == [] and inside["best_setting"] == {"lr_g": 1e-4, "lr_aux": 1e-4}
 
 
 def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep(tiny_teacher, tmp_path):
-    fixed = bm.parse_settings("diffratio-js:lr_g=2e-4,lr_aux=2e-4; vsd:lr_aux=1e-4,aux_steps=2")
+    fixed = bq.parse_settings("diffratio-js:lr_g=2e-4,lr_aux=2e-4; vsd:lr_aux=1e-4,aux_steps=2")
     assert fixed == {"diffratio-js": {"lr_g": 2e-4, "lr_aux": 2e-4}, "vsd": {"lr_aux": 1e-4, "aux_steps": 2}}
-    assert isinstance(fixed["vsd"]["aux_steps"], int) and bm.parse_settings("") == {}
-    assert bm.parse_settings("vsd:sigma_dist=karras,lr_g=1e-4") == {"vsd": {"sigma_dist": "karras", "lr_g": 1e-4}}
+    assert isinstance(fixed["vsd"]["aux_steps"], int) and bq.parse_settings("") == {}
+    assert bq.parse_settings("vsd:sigma_dist=karras,lr_g=1e-4") == {"vsd": {"sigma_dist": "karras", "lr_g": 1e-4}}
     for bad in ("vds:lr_g=1e-4", "vsd", "vsd:lr_g"):
         with pytest.raises(SystemExit, match="--settings"):
-            bm.parse_settings(bad)
+            bq.parse_settings(bad)
     # each data set has its own RESULTS.md section; digits keeps the name its table was written under
-    assert bm.teacher_data(tiny_teacher) == "digits" and bm.teacher_data(tiny_teacher / "unet") == "digits"  # no record
+    assert bq.teacher_data(tiny_teacher) == "digits" and bq.teacher_data(tiny_teacher / "unet") == "digits"  # no record
     from probe.core.models import load_model, save_model
 
     save_model(tmp_path / "t", load_model(tiny_teacher).denoiser, "teacher", "scenes")
-    assert bm.teacher_data(tmp_path / "t") == "scenes"
-    assert bm.quality_section("digits") == "bench_methods_quality"
-    assert bm.quality_section("scenes") == "bench_methods_quality_scenes"
+    assert bq.teacher_data(tmp_path / "t") == "scenes"
+    assert bq.quality_section("digits") == "bench_quality"
+    assert bq.quality_section("scenes") == "bench_quality_scenes"
     meta = {"teacher": "t", "teacher_steps": 18, "eval_samples": 500, "eval_every": 50, "budget": 200.0,
             "max_steps": 1000, "seeds": [0], "cpu": "c", "cpus": 2, "threads": 1, "torch": "x", "load": 0.0,
             "sweep_s": 0.0, "long_s": 60.0, "batch": 64, "eta": 3, "data": "scenes", "settings": "fixed (--settings)"}
     run = {"setting": {"lr_g": 2e-4, "sigma_dist": "karras"}, "hits": {"1.5x": None}, "last_step": 100,
            "train_s": 50.0, "best_fd": 30.0,
            "best_step": 100, "last_fd": 30.0, "eval_s": 1.0, "n_evals": 2}
-    text = bm.render_quality({"meta": meta, "targets": {"1.5x": 18.0}, "teacher_fd": 12.0,
+    text = bq.render_quality({"meta": meta, "targets": {"1.5x": 18.0}, "teacher_fd": 12.0,
                               "runs": {"diffratio-js": [run]}, "sweeps": {}})
-    assert text.startswith("<!-- bench_methods_quality_scenes:start -->") and "time to quality on scenes" in text
+    assert text.startswith("<!-- bench_quality_scenes:start -->") and "time to quality on scenes" in text
     assert "method settings fixed (--settings)" in text and "| diffratio-js | lr_g=0.0002, sigma_dist=karras |" in text
 
 
