@@ -8,7 +8,8 @@
     checkpoints excluded) and steps until the one-step FD of the EMA generator (``--eval-samples``
     images, evaluator seed 0) first reaches each threshold, ``--thresholds`` x the teacher's Heun FD on
     the same evaluator; stops when every threshold is reached, at ``--budget`` training seconds or at
-    ``--max-steps``. Evaluation seconds are measured and reported separately. Best and last FD are both
+    ``--max-steps`` (checked between checkpoint chunks of ``--evals-per-chunk`` evaluations, so a run
+    may pass the budget by up to one chunk; the table gives the seconds each run reached). Evaluation seconds are measured and reported separately. Best and last FD are both
     reported (a method that gets worse after its best point shows it).
   - ``--sweep``: per method a grid of generator x auxiliary learning rates (3 x 3 by default) and the
     method's key option (``KEY_OPTIONS``), pruned by successive halving (keep the best third by best
