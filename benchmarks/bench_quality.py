@@ -9,8 +9,9 @@
     images, evaluator seed 0) first reaches each threshold, ``--thresholds`` x the teacher's Heun FD on
     the same evaluator; stops when every threshold is reached, at ``--budget`` training seconds or at
     ``--max-steps`` (checked between checkpoint chunks of ``--evals-per-chunk`` evaluations, so a run
-    may pass the budget by up to one chunk; the table gives the seconds each run reached). Evaluation seconds are measured and reported separately. Best and last FD are both
-    reported (a method that gets worse after its best point shows it).
+    may pass the budget by up to one chunk; the table gives the seconds each run reached). Evaluation
+    seconds are measured and reported separately. Best and last FD are both reported (a method that
+    gets worse after its best point shows it).
   - ``--sweep``: per method a grid of generator x auxiliary learning rates (3 x 3 by default) and the
     method's key option (``KEY_OPTIONS``), pruned by successive halving (keep the best third by best
     FD, triple the steps; runs resume from their checkpoints), seed 0. Settings are compared at equal
