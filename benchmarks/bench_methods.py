@@ -5,6 +5,8 @@
     python benchmarks/bench_methods.py speed --compare-src /tmp/before        # before/after, one run
     python benchmarks/bench_methods.py memory --compare-src /tmp/before --write  # peak memory by size
 
+Time to a quality threshold per method is ``bench_quality.py``, which uses this file's workers.
+
 ``speed`` (no trained teacher needed: weights do not change speed or memory)
   - every (size, method) runs ``train_student`` in a **fresh subprocess** with the same data, batch
     and seed, evaluation off; the teacher of a size is an untrained UNet of that preset on the same
