@@ -222,9 +222,6 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
             "judged_at": {str(i): v for i, v in judged_at.items()} if clock == "seconds" else {}}
 
 
-EDGE_KEYS = ("lr_g", "lr_aux")  # sweep parameters whose grid is extended when the winner sits on its edge
-
-
 def extend_at_edges(study: Study, method: str, sweep: dict, grids: dict, limit: int = 2) -> dict:
     """Try beyond the grid when the winner's learning rate sits on its edge (the optimum may lie past it).
 
