@@ -16,7 +16,9 @@
     method's key option (``KEY_OPTIONS``), pruned by successive halving (keep the best third by best
     FD, triple the steps; runs resume from their checkpoints), seed 0. Settings are compared at equal
     training seconds by default (``--sweep-clock``), since the table ranks methods by seconds and a key
-    option such as VSD's ``aux_steps`` changes the cost of a step; ``--settings`` then names options
+    option such as VSD's ``aux_steps`` changes the cost of a step (``fd_within``: a setting that needed
+    a little more time than the limit is judged at the FD read off the line to its next evaluation, so
+    timing noise does not cost it a whole evaluation interval); ``--settings`` then names options
     every swept setting keeps (``vsd:sigma_dist=karras``). When the winner's learning rate
     lies on the edge of its grid, it is doubled (or halved) beyond it over the same rungs, up to
     ``--edge-limit`` times, and adopted when better (``extend_at_edges``: on digits every method's
@@ -181,9 +183,26 @@ class Study:
 SECONDS_SLACK = 0.1  # a rung's time limit is the fastest setting's seconds + 10%: timing noise, not cost
 
 
-def best_within(res: dict, seconds: float) -> float:
-    """Best FD among a run's evaluations made within ``seconds`` of training (inf when none was)."""
-    return min((e["fd"] for e in res["evals"] if e["seconds"] <= seconds), default=math.inf)
+def fd_within(res: dict, seconds: float) -> tuple[float, float]:
+    """Best FD a run reached within ``seconds`` of training, and the step it had reached by then.
+
+    FD is known only at evaluations. Counting only those inside the limit would judge a run that needed
+    1% more time than the limit a whole evaluation interval early; timing noise between two processes
+    on one machine is about that size, so settings of equal cost would be ranked by luck. The FD at the
+    limit itself is therefore read off the straight line between the evaluations around it, and counts
+    with those inside. A run that ended before the limit is judged at its last evaluation.
+    """
+    evals = sorted(res["evals"], key=lambda e: e["seconds"])
+    inside = [e for e in evals if e["seconds"] <= seconds]
+    after = [e for e in evals if e["seconds"] > seconds]
+    if not inside:
+        return math.inf, 0.0
+    best, last = min(e["fd"] for e in inside), inside[-1]
+    if not after:
+        return best, float(last["step"])
+    nxt = after[0]
+    w = (seconds - last["seconds"]) / (nxt["seconds"] - last["seconds"])
+    return min(best, last["fd"] + w * (nxt["fd"] - last["fd"])), last["step"] + w * (nxt["step"] - last["step"])
 
 
 def successive_halving(study: Study, method: str, settings: list[dict], rungs: list[int], eta: int,
@@ -195,22 +214,20 @@ def successive_halving(study: Study, method: str, settings: list[dict], rungs: l
     the training seconds the fastest alive setting needed for those steps (+ ``SECONDS_SLACK``): a key
     option that changes the cost of a step (VSD's ``aux_steps = 2`` doubles its auxiliary work) is then
     judged at equal time, the quantity the time-to-quality table ranks methods by, not at equal steps.
-    FD is known only at evaluations, so a slower setting is judged at its last one inside the limit:
-    up to one evaluation interval short of equal time, which rungs of several intervals keep small.
+    FD between evaluations is read off a straight line (``fd_within``).
     """
     if clock not in ("steps", "seconds"):
         raise ValueError(f"clock must be 'steps' or 'seconds', got {clock!r}")
     alive, table = list(range(len(settings))), {i: {} for i in range(len(settings))}
     limits: dict[int, float] = {}
-    judged_at: dict[int, dict[int, int]] = {i: {} for i in range(len(settings))}  # last step inside the limit
+    judged_at: dict[int, dict[int, float]] = {i: {} for i in range(len(settings))}  # step reached at the limit
     for rung, steps in enumerate(rungs):
         results = {i: study.run(method, settings[i], 0, steps, stop_at_targets=False, budget=float("inf"))
                    for i in alive}
         if clock == "seconds":
             limits[steps] = min(r["train_s"] for r in results.values()) * (1 + SECONDS_SLACK)
             for i, r in results.items():
-                table[i][steps] = best_within(r, limits[steps])
-                judged_at[i][steps] = max(e["step"] for e in r["evals"] if e["seconds"] <= limits[steps])
+                table[i][steps], judged_at[i][steps] = fd_within(r, limits[steps])
         else:
             for i, r in results.items():
                 table[i][steps] = r["best_fd"]
@@ -235,7 +252,7 @@ def extend_at_edges(study: Study, method: str, sweep: dict, grids: dict, limit: 
     limits = {int(k): v for k, v in sweep.get("seconds", {}).items()}
 
     def score(res: dict, steps: int) -> float:
-        return best_within(res, limits[steps]) if steps in limits else res["best_fd"]
+        return fd_within(res, limits[steps])[0] if steps in limits else res["best_fd"]
 
     fd_last = sweep["fd"][str(sweep["best"])]
     best, best_fd = dict(sweep["best_setting"]), fd_last.get(last, fd_last.get(str(last)))
@@ -449,7 +466,7 @@ def render_quality(q: dict) -> str:
                   "steps per rung; cells = best FD "
                   + ("within the rung's training seconds: those the fastest setting needed for the rung's steps, "
                      f"+{SECONDS_SLACK:.0%}, so settings that cost more per step are judged at equal time "
-                     "(in brackets: the last evaluation inside that time)"
+                     "(in brackets: the step reached at that time; FD between evaluations read off a straight line)"
                      if seconds_clock else "up to that many steps") + ", '-' = pruned):", ""]
         for m, sw in q["sweeps"].items():
             limits = {int(k): v for k, v in sw.get("seconds", {}).items()}
@@ -458,7 +475,7 @@ def render_quality(q: dict) -> str:
             for i, setting in enumerate(sw["settings"]):
                 fd = {int(k): v for k, v in sw["fd"][str(i)].items()}
                 at = {int(k): v for k, v in sw.get("judged_at", {}).get(str(i), {}).items()}
-                cells = " | ".join("-" if s not in fd else f"{fd[s]:.2f}" + (f" (step {at[s]})" if s in at else "")
+                cells = " | ".join("-" if s not in fd else f"{fd[s]:.2f}" + (f" (step {at[s]:.0f})" if s in at else "")
                                    for s in sw["rungs"])
                 adopted = any(t["adopted"] for t in sw.get("edge", []))
                 mark = " **(chosen)**" if i == sw["best"] and not adopted else ""

@@ -1,6 +1,7 @@
 """The benchmark drivers: measurement helpers, summaries, successive halving, and the --dry-run paths."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -107,14 +108,33 @@ def test_sweep_on_the_seconds_clock_judges_a_costlier_setting_at_equal_time():
     assert by_steps["best_setting"]["aux_steps"] == 2 and by_steps["seconds"] == {}
     by_time = bq.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3)
     assert by_time["clock"] == "seconds" and by_time["seconds"] == {200: pytest.approx(220.0)}  # 200 s + 10%
-    # the cheap setting at step 200 (200 s): 60; the costly one within 220 s reached step 100: 70
-    assert by_time["fd"] == {"0": {200: pytest.approx(60.0)}, "1": {200: pytest.approx(70.0)}}
-    assert by_time["best_setting"]["aux_steps"] == 1 and by_time["judged_at"] == {"0": {200: 200}, "1": {200: 100}}
+    # the cheap setting at step 200 (200 s): 60; the costly one reached step 110 in 220 s: FD 67, read off
+    # the line between its evaluations at step 100 (200 s, 70) and 150 (300 s, 55)
+    assert by_time["fd"] == {"0": {200: pytest.approx(60.0)}, "1": {200: pytest.approx(67.0)}}
+    assert by_time["best_setting"]["aux_steps"] == 1
+    assert by_time["judged_at"] == {"0": {200: 200}, "1": {200: pytest.approx(110)}}
     # an edge try is held to the same time limit: lr_g doubled, same cost, scored within 220 s
     bq.extend_at_edges(FakeStudy(), "vsd", by_time, {"lr_g": [5e-5, 1e-4]}, limit=1)
     assert by_time["edge"][0]["fd"] == {200: pytest.approx(60.0)} and not by_time["edge"][0]["adopted"]
     with pytest.raises(ValueError, match="clock"):
         bq.successive_halving(FakeStudy(), "vsd", settings, [200], eta=3, clock="minutes")
+
+
+def test_fd_within_reads_between_evaluations_so_timing_noise_does_not_cost_an_interval():
+    # two runs of equal cost; the second needed 2% more seconds (noise) than the limit for its last
+    # evaluation: it is judged almost at that evaluation, not a whole interval (100 steps) earlier
+    fast = {"evals": [{"step": 0, "seconds": 0.0, "fd": 400.0}, {"step": 100, "seconds": 50.0, "fd": 120.0},
+                      {"step": 200, "seconds": 100.0, "fd": 80.0}]}
+    slow = {"evals": [{"step": 0, "seconds": 0.0, "fd": 400.0}, {"step": 100, "seconds": 56.0, "fd": 120.0},
+                      {"step": 200, "seconds": 112.2, "fd": 70.0}]}
+    fd, step = bq.fd_within(slow, 110.0)
+    assert step == pytest.approx(100 + 100 * 54 / 56.2) and fd == pytest.approx(120 - 50 * 54 / 56.2)
+    assert fd < bq.fd_within(fast, 110.0)[0]  # slow's better curve still wins, as it would at equal steps
+    assert bq.fd_within(fast, 110.0) == (80.0, 200.0)  # ended inside the limit: its last evaluation
+    # the best evaluation inside the limit counts even when the line to the next one rises
+    worse_after = {"evals": [{"step": 100, "seconds": 50.0, "fd": 60.0}, {"step": 200, "seconds": 100.0, "fd": 90.0}]}
+    assert bq.fd_within(worse_after, 75.0) == (60.0, 150.0)
+    assert bq.fd_within(worse_after, 10.0) == (math.inf, 0.0)
 
 
 # ------------------------------------------------------------------ workers, in process
