@@ -188,7 +188,7 @@ def fd_within(res: dict, seconds: float) -> tuple[float, float]:
 
     FD is known only at evaluations. Counting only those inside the limit would judge a run that needed
     1% more time than the limit a whole evaluation interval early; timing noise between two processes
-    on one machine is about that size, so settings of equal cost would be ranked by luck. The FD at the
+    on one machine reaches the 10% slack, so settings of equal cost would be ranked by luck. The FD at the
     limit itself is therefore read off the straight line between the evaluations around it, and counts
     with those inside. A run that ended before the limit is judged at its last evaluation.
     """
