@@ -485,6 +485,10 @@ def eval_cmd(
                                             "many (default: measured per data set, see docs/metric.md)."),
     draws: int = typer.Option(_d(EV, "draws"), help="Batches of latents scored: the model's own spread."),
     steps: int = typer.Option(_d(EV, "steps"), help="Heun steps for multi-step models."),
+    churn: float = typer.Option(_d(EV, "churn"), help="EDM's S_churn: stochastic Heun for multi-step models "
+                                   "(0 = deterministic; docs/metric.md: it trades recall for precision)."),
+    churn_tmin: float = typer.Option(_d(EV, "churn_tmin"), help="Add churn noise only at sigma >= this."),
+    churn_tmax: float = typer.Option(_d(EV, "churn_tmax"), help="Add churn noise only at sigma <= this."),
     seed: int = typer.Option(_d(EV, "seed"), help="Seed of the latents and the reference choice."),
     device: str = typer.Option(_d(EV, "device"), help="auto | cpu | cuda"),
     inception_weights: Path | None = typer.Option(_d(EV, "inception_weights"),
@@ -512,8 +516,9 @@ def eval_cmd(
     from probe.core.images import save_grid
     from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
 
-    cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, draws=draws, steps=steps, seed=seed,
-                     device=device, inception_weights=str(inception_weights) if inception_weights else None)
+    cfg = EvalConfig(model=str(model), data=data, n_samples=n_samples, draws=draws, steps=steps, churn=churn,
+                     churn_tmin=churn_tmin, churn_tmax=churn_tmax, seed=seed, device=device,
+                     inception_weights=str(inception_weights) if inception_weights else None)
     _out_file(out)
     _out_file(grid, "--grid")
     result, samples = evaluate_model(cfg, progress=True)

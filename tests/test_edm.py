@@ -55,6 +55,31 @@ def test_heun_sampler_on_analytic_gaussian_denoiser():
     assert len(karras_sigmas(18)) == 19 and karras_sigmas(18)[-1] == 0
 
 
+def test_stochastic_heun_reaches_the_gaussian_data_and_keeps_churn_zero_deterministic():
+    s = 0.7  # data ~ N(0, s^2), exact denoiser as above
+
+    def denoiser(x, sigma):
+        return x * s ** 2 / (s ** 2 + float(sigma) ** 2)
+
+    latents = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    base = heun_sample(denoiser, latents, 18)
+    # churn 0 draws no noise and takes the deterministic path, whatever the generator
+    assert torch.equal(heun_sample(denoiser, latents, 18, churn=0.0, generator=torch.Generator().manual_seed(5)), base)
+    # with churn the sampler forgets part of the latent but still lands on the data's variance (EDM Alg. 2)
+    out = heun_sample(denoiser, latents, 60, churn=20.0, generator=torch.Generator().manual_seed(2))
+    assert abs(out.std().item() - s) / s < 0.03
+    corr = [torch.corrcoef(torch.stack([latents.flatten(), x.flatten()]))[0, 1].item() for x in (base, out)]
+    corr_det, corr_sto = corr
+    assert corr_det > 0.999 and corr_sto < 0.95
+    # the noise comes from the generator: same seed, same images; another seed, other images
+    again = heun_sample(denoiser, latents, 60, churn=20.0, generator=torch.Generator().manual_seed(2))
+    other = heun_sample(denoiser, latents, 60, churn=20.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # outside [churn_tmin, churn_tmax] nothing is added: a window above sigma_max is the deterministic sampler
+    assert torch.equal(heun_sample(denoiser, latents, 18, churn=20.0, churn_tmin=100.0, churn_tmax=200.0,
+                                   generator=torch.Generator().manual_seed(2)), base)
+
+
 def test_ddpm_denoiser_recovers_gaussian_posterior_mean():
     from diffusers import DDPMScheduler  # heavy (about 2 s): imported by the tests that build one
 

@@ -89,6 +89,17 @@ def test_eval_reports_model_spread_and_memorisation(tiny_teacher):
         evaluate_model(EvalConfig(model=str(tiny_teacher), n_samples=200, draws=0))
 
 
+def test_eval_with_churn_names_its_sampler_and_is_seeded(tiny_teacher):
+    cfg = dict(model=str(tiny_teacher), n_samples=200, draws=1, steps=3)
+    plain, x0 = evaluate_model(EvalConfig(**cfg))
+    # 3 Karras steps are at sigma 80, 2.5 and 0.002: the window [0.05, 3] churns the middle one
+    churned, x1 = evaluate_model(EvalConfig(**cfg, churn=5.0, churn_tmax=3.0))
+    again, x2 = evaluate_model(EvalConfig(**cfg, churn=5.0, churn_tmax=3.0))
+    assert plain["sampler"] == "heun-3" and churned["sampler"] == "heun-3-churn5[0.05,3]"
+    assert not torch.equal(x0, x1) and torch.equal(x1, x2)  # noise from the latents' seed: same images twice
+    assert churned["nfe"] == plain["nfe"] == 5
+
+
 def test_cli_health_prints_the_ladder(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "probe.cli", "eval", *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)

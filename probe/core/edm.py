@@ -158,18 +158,31 @@ def karras_sigmas(num_steps: int = 18, sigma_min: float = SIGMA_MIN, sigma_max: 
 
 @torch.no_grad()
 def heun_sample(denoiser: nn.Module, latents: torch.Tensor, num_steps: int = 18,
-                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
-    """Deterministic 2nd-order Heun sampler (EDM Algorithm 1, no churn): 2 * steps - 1 evaluations.
+                sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0,
+                churn: float = 0.0, churn_tmin: float = 0.05, churn_tmax: float = 50.0, churn_noise: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM's 2nd-order Heun sampler: 2 * steps - 1 evaluations.
 
-    ``latents`` are unit Gaussian; they are scaled by sigma_max here.
+    ``latents`` are unit Gaussian; they are scaled by sigma_max here. With ``churn`` = 0 (the default)
+    it is EDM's deterministic Algorithm 1. With ``churn`` > 0 it is Algorithm 2, the stochastic
+    sampler: before each step whose sigma lies in [``churn_tmin``, ``churn_tmax``] fresh noise
+    (scaled by ``churn_noise``) raises sigma by the factor 1 + gamma, gamma = min(churn / steps,
+    sqrt 2 - 1), and the step starts from there. The noise is drawn from ``generator`` on the CPU,
+    so a seeded generator gives the same images on every device.
     """
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
     x = latents.to(torch.float64) * sigmas[0]
+    gamma_max = min(churn / num_steps, math.sqrt(2) - 1)
     for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d_cur = (x - denoiser(x.float(), float(s_cur)).double()) / s_cur
-        x_next = x + (s_next - s_cur) * d_cur
+        gamma = gamma_max if churn_tmin <= float(s_cur) <= churn_tmax else 0.0
+        s_hat = s_cur * (1 + gamma)
+        if gamma > 0:  # "add noise": move x from s_cur up to s_hat
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            x = x + (s_hat ** 2 - s_cur ** 2).sqrt() * churn_noise * eps
+        d_cur = (x - denoiser(x.float(), float(s_hat)).double()) / s_hat
+        x_next = x + (s_next - s_hat) * d_cur
         if s_next > 0:  # Heun correction everywhere but the last step
             d_next = (x_next - denoiser(x_next.float(), float(s_next)).double()) / s_next
-            x_next = x + (s_next - s_cur) * (0.5 * d_cur + 0.5 * d_next)
+            x_next = x + (s_next - s_hat) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.float()

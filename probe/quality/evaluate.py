@@ -31,6 +31,9 @@ class EvalConfig:
     n_samples: int | None = None     # generated images per score (also the floor's); None = default_n_samples(data)
     draws: int = 3                   # batches of latents scored (seeds seed, seed+1, ...): the model's own spread
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
+    churn: float = 0.0               # EDM's S_churn for multi-step models; 0 = the deterministic sampler
+    churn_tmin: float = 0.05         # noise is added only at steps with sigma in [churn_tmin, churn_tmax]
+    churn_tmax: float = 50.0
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
     device: str = "auto"             # "auto" (CUDA when present) | "cpu" | "cuda"
@@ -45,6 +48,10 @@ class EvalConfig:
             c.integer(self.n_samples, "n_samples", minimum=4)  # precision/recall use 3 neighbours
         c.positive_int(self.draws, "draws")
         c.positive_int(self.steps, "steps")
+        c.nonneg_float(self.churn, "churn")
+        c.nonneg_float(self.churn_tmin, "churn_tmin")
+        if self.churn_tmax < self.churn_tmin:
+            raise UserError(f"churn_tmax ({self.churn_tmax}) is below churn_tmin ({self.churn_tmin})")
         c.positive_int(self.batch, "batch")
         c.seed(self.seed)
         c.device(self.device)
@@ -52,14 +59,23 @@ class EvalConfig:
 
 @torch.no_grad()
 def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int = 250,
-             device: str | torch.device = "cpu") -> torch.Tensor:
-    """n images from a generator (one step) or a denoiser (Heun, ``steps`` steps), fixed latents."""
+             device: str | torch.device = "cpu", churn: float = 0.0, churn_tmin: float = 0.05,
+             churn_tmax: float = 50.0) -> torch.Tensor:
+    """n images from a generator (one step) or a denoiser (Heun, ``steps`` steps), fixed latents.
+
+    With ``churn`` > 0 a denoiser is sampled stochastically (``heun_sample``); its noise continues
+    the latents' generator, so a seed fixes the images either way."""
     shape = (n, model.channels, model.resolution, model.resolution)
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    rng = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=rng)
     out = []
     for zb in z.split(batch):
         zb = zb.to(device)
-        x = model.generator(zb) if model.generator is not None else heun_sample(model.denoiser, zb, steps)
+        if model.generator is not None:
+            x = model.generator(zb)
+        else:
+            x = heun_sample(model.denoiser, zb, steps, churn=churn, churn_tmin=churn_tmin, churn_tmax=churn_tmax,
+                            generator=rng)
         out.append(x.cpu())
     return torch.cat(out)
 
@@ -79,11 +95,12 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> tuple[dict, torch
     n = cfg.n_samples if cfg.n_samples is not None else default_n_samples(data)
     evaluator = QualityEvaluator(data, n_samples=n, seed=cfg.seed, progress=progress)
     # Each draw has its own latent seed, so draw 0 is the batch a single-draw evaluation would score.
-    batches = [generate(model, n, cfg.seed + i, cfg.steps, cfg.batch, device) for i in range(cfg.draws)]
+    batches = [generate(model, n, cfg.seed + i, cfg.steps, cfg.batch, device, cfg.churn, cfg.churn_tmin,
+                        cfg.churn_tmax) for i in range(cfg.draws)]
     result = {**summarise_draws([evaluator.evaluate(b) for b in batches]),
               "memorisation": evaluator.memorisation(batches[0]),
               "floor": evaluator.floor(), "evaluator": evaluator.info,
-              "sampler": "one-step" if model.generator is not None else f"heun-{cfg.steps}",
+              "sampler": "one-step" if model.generator is not None else heun_name(cfg),
               "nfe": 1 if model.generator is not None else 2 * cfg.steps - 1, "model_kind": model.kind}
     samples = torch.cat(batches)
     if cfg.inception_weights:
@@ -91,6 +108,13 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> tuple[dict, torch
         real = load_dataset(data, "train").images
         result["inception_fid"] = inception_fid(batches[0], real[: max(n, 1000)], extractor=extractor)
     return result, samples
+
+
+def heun_name(cfg: EvalConfig) -> str:
+    """``heun-18``, or ``heun-18-churn2.5[0.05,1]`` for the stochastic sampler."""
+    if cfg.churn == 0:
+        return f"heun-{cfg.steps}"
+    return f"heun-{cfg.steps}-churn{cfg.churn:g}[{cfg.churn_tmin:g},{cfg.churn_tmax:g}]"
 
 
 def summarise_draws(scores: list[dict]) -> dict:
