@@ -486,7 +486,7 @@ def eval_cmd(
     draws: int = typer.Option(_d(EV, "draws"), help="Batches of latents scored: the model's own spread."),
     steps: int = typer.Option(_d(EV, "steps"), help="Heun steps for multi-step models."),
     churn: float = typer.Option(_d(EV, "churn"), help="EDM's S_churn: stochastic Heun for multi-step models "
-                                   "(0 = deterministic; docs/metric.md: it trades recall for precision)."),
+                                   "(0 = deterministic, the default; docs/metric.md has what it changes)."),
     churn_tmin: float = typer.Option(_d(EV, "churn_tmin"), help="Add churn noise only at sigma >= this."),
     churn_tmax: float = typer.Option(_d(EV, "churn_tmax"), help="Add churn noise only at sigma <= this."),
     seed: int = typer.Option(_d(EV, "seed"), help="Seed of the latents and the reference choice."),
