@@ -3,13 +3,15 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from probe.core.edm import heun_sample
 from probe.core.errors import UserError
-from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality
+from probe.quality.evaluate import EvalConfig, evaluate_model, format_quality, generate
 from probe.quality.health import (
     BLUR_STDS,
     COLOUR_SHIFTS,
@@ -87,6 +89,17 @@ def test_eval_reports_model_spread_and_memorisation(tiny_teacher):
     assert "(floor " in text and "memorisation" in text and "2 latent draws" in text
     with pytest.raises(UserError):
         evaluate_model(EvalConfig(model=str(tiny_teacher), n_samples=200, draws=0))
+
+
+def test_churn_noise_is_fresh_for_every_batch():
+    # D(x) = x / 2 makes the sampler linear, so a churned sample is the churned path without noise (churn_noise 0,
+    # same latents: generate's seeded draw) plus the noise's share; that share must differ between batches, as one
+    # generator runs through all of them (restarting it per batch would repeat it and make batches alike)
+    model = SimpleNamespace(channels=1, resolution=2, generator=None, denoiser=lambda x, sigma: 0.5 * x)
+    latents = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    drift = heun_sample(model.denoiser, latents, 6, churn=5.0, churn_noise=0.0)
+    noise = generate(model, 8, seed=3, steps=6, batch=4, churn=5.0) - drift
+    assert noise.abs().mean() > 0.1 and not torch.allclose(noise[:4], noise[4:], atol=1e-6)
 
 
 def test_eval_with_churn_names_its_sampler_and_is_seeded(tiny_teacher):
