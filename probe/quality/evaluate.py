@@ -32,8 +32,8 @@ class EvalConfig:
     draws: int = 3                   # batches of latents scored (seeds seed, seed+1, ...): the model's own spread
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
     churn: float = 0.0               # EDM's S_churn for multi-step models; 0 = the deterministic sampler
-    churn_tmin: float = 0.05         # noise is added only at steps with sigma in [churn_tmin, churn_tmax]
-    churn_tmax: float = 50.0
+    churn_tmin: float = 0.05         # lowest sigma of a step that gets churn noise (EDM's S_tmin)
+    churn_tmax: float = 50.0         # highest sigma of a step that gets churn noise (EDM's S_tmax)
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
     device: str = "auto"             # "auto" (CUDA when present) | "cpu" | "cuda"
@@ -50,6 +50,7 @@ class EvalConfig:
         c.positive_int(self.steps, "steps")
         c.nonneg_float(self.churn, "churn")
         c.nonneg_float(self.churn_tmin, "churn_tmin")
+        c.nonneg_float(self.churn_tmax, "churn_tmax")
         if self.churn_tmax < self.churn_tmin:
             raise UserError(f"churn_tmax ({self.churn_tmax}) is below churn_tmin ({self.churn_tmin})")
         c.positive_int(self.batch, "batch")
