@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # diffusers is imported where a UNet is built, not by every u
 SIGMA_DATA = 0.5     # EDM's data standard deviation
 SIGMA_MIN = 0.002    # smallest sigma the sampler visits; also the conditioning floor for sigma = 0
 SIGMA_MAX = 80.0     # largest sigma of the sampler and of pure-noise inputs
+CHURN_TMIN = 0.05    # lowest sigma the stochastic sampler adds noise at (EDM's S_tmin)
+CHURN_TMAX = 50.0    # highest sigma the stochastic sampler adds noise at (EDM's S_tmax)
 SIGMA_INIT = 2.5     # G(z) = D(sigma_init z; sigma_init) evaluates here: SiD's value (docs/method.md §2)
 
 
@@ -159,8 +161,8 @@ def karras_sigmas(num_steps: int = 18, sigma_min: float = SIGMA_MIN, sigma_max: 
 @torch.no_grad()
 def heun_sample(denoiser: nn.Module, latents: torch.Tensor, num_steps: int = 18,
                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0,
-                churn: float = 0.0, churn_tmin: float = 0.05, churn_tmax: float = 50.0, churn_noise: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                churn: float = 0.0, churn_tmin: float = CHURN_TMIN, churn_tmax: float = CHURN_TMAX,
+                churn_noise: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """EDM's 2nd-order Heun sampler: 2 * steps - 1 evaluations.
 
     ``latents`` are unit Gaussian; they are scaled by sigma_max here. With ``churn`` = 0 (the default)

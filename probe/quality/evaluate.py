@@ -17,7 +17,7 @@ import torch
 
 from probe.core import checks as c
 from probe.core.data import load_dataset
-from probe.core.edm import heun_sample
+from probe.core.edm import CHURN_TMAX, CHURN_TMIN, heun_sample
 from probe.core.errors import UserError
 from probe.core.models import LoadedModel, load_model
 from probe.core.runs import pick_device
@@ -32,8 +32,8 @@ class EvalConfig:
     draws: int = 3                   # batches of latents scored (seeds seed, seed+1, ...): the model's own spread
     steps: int = 18                  # Heun steps for multi-step models (2 * steps - 1 evaluations)
     churn: float = 0.0               # EDM's S_churn for multi-step models; 0 = the deterministic sampler
-    churn_tmin: float = 0.05         # lowest sigma of a step that gets churn noise (EDM's S_tmin)
-    churn_tmax: float = 50.0         # highest sigma of a step that gets churn noise (EDM's S_tmax)
+    churn_tmin: float = CHURN_TMIN   # lowest sigma of a step that gets churn noise (EDM's S_tmin)
+    churn_tmax: float = CHURN_TMAX   # highest sigma of a step that gets churn noise (EDM's S_tmax)
     seed: int = 0                    # seed of the latents and of the evaluator's reference choice
     batch: int = 250                 # images per forward pass
     device: str = "auto"             # "auto" (CUDA when present) | "cpu" | "cuda"
@@ -49,8 +49,8 @@ class EvalConfig:
         c.positive_int(self.draws, "draws")
         c.positive_int(self.steps, "steps")
         c.nonneg_float(self.churn, "churn")
-        c.nonneg_float(self.churn_tmin, "churn_tmin")
-        c.nonneg_float(self.churn_tmax, "churn_tmax")
+        c.sigma(self.churn_tmin, "churn_tmin")
+        c.sigma(self.churn_tmax, "churn_tmax")
         if self.churn_tmax < self.churn_tmin:
             raise UserError(f"churn_tmax ({self.churn_tmax}) is below churn_tmin ({self.churn_tmin})")
         c.positive_int(self.batch, "batch")
@@ -60,8 +60,8 @@ class EvalConfig:
 
 @torch.no_grad()
 def generate(model: LoadedModel, n: int, seed: int, steps: int = 18, batch: int = 250,
-             device: str | torch.device = "cpu", churn: float = 0.0, churn_tmin: float = 0.05,
-             churn_tmax: float = 50.0) -> torch.Tensor:
+             device: str | torch.device = "cpu", churn: float = 0.0, churn_tmin: float = CHURN_TMIN,
+             churn_tmax: float = CHURN_TMAX) -> torch.Tensor:
     """n images from a generator (one step) or a denoiser (Heun, ``steps`` steps), fixed latents.
 
     With ``churn`` > 0 a denoiser is sampled stochastically (``heun_sample``); its noise continues
