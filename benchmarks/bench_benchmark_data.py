@@ -43,7 +43,8 @@ NAME = "bench_benchmark_data"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ("lr_cooldown", "ema_rampup",
                                                                                         "p_mean")}
 OFF = {"lr_cooldown": 0.0, "ema_rampup": 0.0}  # what a run made before an option existed used
-TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
+TIME_FILE = "bench_train_time.json"
+DEFAULT_SAMPLER = "heun-18"           # probe eval's default for a teacher; other samplers are named in the row   # written beside a teacher this script trained: wall and CPU seconds
 
 
 def load_average() -> float:
@@ -75,7 +76,7 @@ def training_time(run: Path) -> dict:
     return {"wall_s": seconds[-1] if seconds else None, "cpu_s": None, "loop_only": True}
 
 
-def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
+def measure(dataset: str, run: Path | None, draws: int = 3, steps: int = 18, churn: float = 0.0) -> dict:
     from probe.core.data import load_dataset
     from probe.core.images import save_grid
     from probe.quality.evaluate import EvalConfig, evaluate_model
@@ -91,13 +92,14 @@ def measure(dataset: str, run: Path | None, draws: int = 3) -> dict:
         out.update(floor=ev.floor(), evaluator=ev.info, eval_s=time.perf_counter() - start)
         return out
     start, cpu = time.perf_counter(), time.process_time()
-    result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset, draws=draws))
+    result, samples = evaluate_model(EvalConfig(model=str(run), data=dataset, draws=draws, steps=steps,
+                                                churn=churn))
     config = json.loads((run / "config.json").read_text())["config"]
     out.update(result=result, eval_s=time.perf_counter() - start, eval_cpu_s=time.process_time() - cpu,
                train_time=training_time(run), floor=result["floor"], evaluator=result["evaluator"],
-               seed=config.get("seed"), draws=draws,
+               seed=config.get("seed"), draws=draws, sampler=result["sampler"],
                changed={k: config.get(k, OFF.get(k)) for k in DEFAULTS})
-    grid = run / "bench_samples.png"
+    grid = run / f"bench_samples_{result['sampler']}.png"
     save_grid(samples[:64], grid, scale=6)
     out["grid"] = str(grid)
     return out
@@ -124,18 +126,24 @@ def setting(r: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in r.get("changed", {}).items() if v != DEFAULTS.get(k))
 
 
+def sampler(r: dict) -> str:
+    """The teacher's sampler when it is not the default Heun-18 (results saved before it was recorded used it)."""
+    name = r.get("sampler", DEFAULT_SAMPLER)
+    return "" if name == DEFAULT_SAMPLER else f"sampler {name}"
+
+
 def row_label(r: dict) -> str:
-    """The data set, the teacher's seed, and every option that differs from the default."""
+    """The data set, the teacher's seed, every option that differs from the default, and the sampler."""
     return ", ".join(filter(None, [r["dataset"], f"seed {r['seed']}" if r.get("seed") is not None else "",
-                                   setting(r)]))
+                                   setting(r), sampler(r)]))
 
 
 def seed_summary(results: list[dict]) -> list[str]:
     """Per data set and teacher setting with several seeds: the spread of the teacher over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        if "result" in r:
-            groups.setdefault((r["dataset"], setting(r)), []).append(r)
+        if "result" in r:  # never pool unlike teachers or samplers: one group per setting and sampler
+            groups.setdefault((r["dataset"], ", ".join(filter(None, [setting(r), sampler(r)]))), []).append(r)
     lines = []
     for (dataset, options), rs in groups.items():
         if len(rs) < 2:
@@ -156,7 +164,8 @@ def markdown(results: list[dict], seconds: float | None) -> str:
              "(TEACHER_STEPS: 2400 on scenes, 1600 elsewhere) and the row's seed (any other option that differs "
              "from the default is named in the row), "
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
-             "DRAWS latent draws, Heun 18 steps; value +- std over draws (0 for one draw); floor = n held-out "
+             "DRAWS latent draws, Heun 18 steps unless the row names another sampler (`heun-S-churnC[tmin,tmax]`: "
+             "EDM's stochastic sampler, S steps, S_churn C between those sigmas); value +- std over draws (0 for one draw); floor = n held-out "
              "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
              "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the "
              "samples to train / to held-out (equal-size sets), pixels and classifier features (1 = no copying).",
@@ -212,7 +221,7 @@ def measure_all(args) -> list[dict]:
             teachers.append((dataset, ""))
     results, start = [], time.perf_counter()
     for dataset, run in teachers:
-        results.append(measure(dataset, Path(run) if run else None, args.draws))
+        results.append(measure(dataset, Path(run) if run else None, args.draws, args.steps, args.churn))
         print(f"{dataset} {run} done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return results
 
@@ -228,6 +237,9 @@ def main() -> None:
                         "comma-separated, e.g. teachers measured in parallel processes; measures nothing")
     parser.add_argument("--work-dir", default="runs/bench_benchmark_data", help="where --train writes teachers")
     parser.add_argument("--draws", type=int, default=3, help="latent draws per teacher (probe eval's default: 3)")
+    parser.add_argument("--steps", type=int, default=18, help="the teacher's Heun steps (probe eval --steps)")
+    parser.add_argument("--churn", type=float, default=0.0,
+                        help="EDM's S_churn (probe eval --churn); 0 = the deterministic sampler")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--write", action="store_true", help="replace the section in RESULTS.md")
     args = parser.parse_args()

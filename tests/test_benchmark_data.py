@@ -221,3 +221,13 @@ def test_bench_script_criteria_and_table():
     other = 0.5 if bb.DEFAULTS["lr_cooldown"] != 0.5 else 0.0
     rc = {**r, "seed": 0, "changed": {"lr_cooldown": other}}
     assert f"| scenes, seed 0, lr_cooldown {other:g} |" in bb.markdown([r0, rc], 1.0)
+    # another sampler names its row and is never pooled with the default sampler's rows
+    rs = {**r, "seed": 1, "changed": default, "sampler": "heun-100-churn100[0.05,50]",
+          "result": {**model, "precision": 0.8}}
+    rs0 = {**rs, "seed": 0, "result": {**model, "precision": 0.72}}
+    text = bb.markdown([r0, r1, rs0, rs], 1.0)
+    assert "| scenes, seed 1, sampler heun-100-churn100[0.05,50] |" in text
+    summaries = [line for line in text.splitlines() if line.startswith("- scenes")]
+    pooled = [line for line in summaries if "over seeds" in line]
+    assert len(pooled) == 2 and "2/2 (precision >= 0.7)" in pooled[1] and "1/2 (precision >= 0.7)" in pooled[0]
+    assert "(sampler heun-100-churn100[0.05,50]) over seeds 0, 1" in pooled[1]
