@@ -43,8 +43,8 @@ NAME = "bench_benchmark_data"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ("lr_cooldown", "ema_rampup",
                                                                                         "p_mean")}
 OFF = {"lr_cooldown": 0.0, "ema_rampup": 0.0}  # what a run made before an option existed used
-TIME_FILE = "bench_train_time.json"
-DEFAULT_SAMPLER = "heun-18"           # probe eval's default for a teacher; other samplers are named in the row   # written beside a teacher this script trained: wall and CPU seconds
+TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
+DEFAULT_SAMPLER = "heun-18"           # probe eval's default for a teacher; other samplers are named in the row
 
 
 def load_average() -> float:
@@ -165,7 +165,8 @@ def markdown(results: list[dict], seconds: float | None) -> str:
              "from the default is named in the row), "
              "scored by `probe eval`'s protocol: n images per score (the evaluator's default for the data set), "
              "DRAWS latent draws, Heun 18 steps unless the row names another sampler (`heun-S-churnC[tmin,tmax]`: "
-             "EDM's stochastic sampler, S steps, S_churn C between those sigmas); value +- std over draws (0 for one draw); floor = n held-out "
+             "EDM's stochastic sampler, S steps, S_churn C between those sigmas); value +- std over draws "
+             "(0 for one draw); floor = n held-out "
              "real images scored the same way, mean +- std over 5 resamples. Ratio = teacher FD / floor FD; "
              "gap = (teacher FD - floor FD) / floor std. Memorisation: nearest-neighbour distance of the "
              "samples to train / to held-out (equal-size sets), pixels and classifier features (1 = no copying).",
