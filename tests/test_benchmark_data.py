@@ -231,3 +231,19 @@ def test_bench_script_criteria_and_table():
     pooled = [line for line in summaries if "over seeds" in line]
     assert len(pooled) == 2 and "2/2 (precision >= 0.7)" in pooled[1] and "1/2 (precision >= 0.7)" in pooled[0]
     assert "(sampler heun-100-churn100[0.05,50]) over seeds 0, 1" in pooled[1]
+
+
+def test_scenes_render_in_chunks_gives_the_same_images_and_factors(monkeypatch):
+    """generate_scenes draws every factor first, then renders in chunks to bound its memory: the
+    chunk size must change no pixel and no factor (rich design: distractors, occlusion, rotation)."""
+    from probe.core import data as D
+
+    monkeypatch.setattr(D, "SCENE_RENDER_CHUNK", 1000)
+    whole, fw = D.generate_scenes(301, 7, design=D.SCENE_DESIGN_RICH)
+    monkeypatch.setattr(D, "SCENE_RENDER_CHUNK", 64)  # 5 chunks, the last one partial
+    parts, fp = D.generate_scenes(301, 7, design=D.SCENE_DESIGN_RICH)
+    assert parts.dtype == np.float32 and parts.shape == (301, 3, D.SCENE_SIZE, D.SCENE_SIZE)
+    np.testing.assert_array_equal(parts, whole)
+    assert fp.keys() == fw.keys() and "d1_visible" in fp
+    for k in fw:
+        np.testing.assert_array_equal(fp[k], fw[k])
