@@ -125,16 +125,18 @@ def worker_quality(a: dict) -> dict:
             "wall_s": time.perf_counter() - t0, **clock}
 
 
-def teacher_fd(teacher: str, n_samples: int, steps: int, device: str) -> float:
-    """The teacher's Heun FD on the students' evaluator (same sample count, evaluator seed 0)."""
+def teacher_fd(teacher: str, n_samples: int, steps: int, device: str, churn: float = 0.0) -> float:
+    """The teacher's FD on the students' evaluator (same sample count, evaluator seed 0), sampled with
+    Heun (``steps``) or, with ``churn`` > 0, EDM's stochastic sampler; its eval.json when it matches."""
+    from probe.quality.evaluate import EvalConfig, evaluate_model, heun_name
+
+    cfg = EvalConfig(model=teacher, n_samples=n_samples, steps=steps, churn=churn, seed=0, device=device)
     eval_file = Path(teacher) / "eval.json"
     if eval_file.exists():
         r = json.loads(eval_file.read_text())
-        if r.get("n") == n_samples and r.get("sampler") == f"heun-{steps}":
+        if r.get("n") == n_samples and r.get("sampler") == heun_name(cfg):
             return float(r["fd"])
-    from probe.quality.evaluate import EvalConfig, evaluate_model
-
-    result, _ = evaluate_model(EvalConfig(model=teacher, n_samples=n_samples, steps=steps, seed=0, device=device))
+    result, _ = evaluate_model(cfg)
     return float(result["fd"])
 
 
@@ -303,7 +305,7 @@ def run_quality(args) -> dict:
             train_teacher(TeacherConfig(out=teacher, preset="test", steps=4, batch=16, eval_samples=0,
                                         sample_steps=2, device=args.device), progress=False)
     t0 = time.perf_counter()
-    fd_teacher = teacher_fd(teacher, args.eval_samples, args.teacher_steps, args.device)
+    fd_teacher = teacher_fd(teacher, args.eval_samples, args.teacher_steps, args.device, args.teacher_churn)
     teacher_eval_s = time.perf_counter() - t0
     targets = {f"{f:g}x": f * fd_teacher for f in factors}
     base = dict(teacher=str(Path(teacher).resolve()), batch=args.batch, threads=args.threads, device=args.device,
@@ -333,7 +335,8 @@ def run_quality(args) -> dict:
         print(f"{m}: {[r['hits'] for r in runs[m]]}", file=sys.stderr)
     data = teacher_data(teacher)
     return {"runs": runs, "sweeps": sweeps, "targets": targets, "teacher_fd": fd_teacher,
-            "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps, "data": data,
+            "meta": {"teacher": args.teacher or "(dry-run teacher)", "teacher_steps": args.teacher_steps,
+                     "teacher_churn": args.teacher_churn, "data": data,
                      "settings": ("swept" + (" over fixed options (--settings)" if fixed else "") if args.sweep
                                   else "fixed (--settings)" if fixed else "defaults"),
                      "sweep_clock": args.sweep_clock,
@@ -424,7 +427,10 @@ def render_quality(q: dict) -> str:
     lines = [f"<!-- {quality_section(data)}:start -->",
              f"## One-step methods: time to quality{'' if data == 'digits' else f' on {data}'} "
              "(`benchmarks/bench_quality.py`)", "",
-             f"Teacher `{meta['teacher']}`, Heun-{meta['teacher_steps']} FD **{q['teacher_fd']:.2f}** "
+             f"Teacher `{meta['teacher']}`, Heun-{meta['teacher_steps']}"
+             + (f" with churn {meta['teacher_churn']:g} (EDM's stochastic sampler)"
+                if meta.get("teacher_churn") else "")
+             + f" FD **{q['teacher_fd']:.2f}** "
              f"(n={meta['eval_samples']}, evaluator seed 0); thresholds "
              + ", ".join(f"{k} = {v:.2f}" for k, v in targets.items())
              + f". Batch {meta['batch']}, FD of the EMA generator every {meta['eval_every']} steps, budget "
@@ -500,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--thresholds", default="1.5,1.1", help="multiples of the teacher's FD")
     ap.add_argument("--teacher-steps", type=int, default=18, help="Heun steps of the teacher's FD")
+    ap.add_argument("--teacher-churn", type=float, default=0.0,
+                    help="EDM's S_churn for the teacher's FD (e.g. 100 with --teacher-steps 100); 0 = deterministic")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--evals-per-chunk", type=int, default=2, help="evaluations per checkpoint chunk")

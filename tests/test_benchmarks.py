@@ -358,6 +358,24 @@ def test_quality_settings_are_parsed_named_and_kept_apart_from_a_sweep(tiny_teac
                               "runs": {"diffratio-js": [run]}, "sweeps": {}})
     assert text.startswith("<!-- bench_quality_scenes:start -->") and "time to quality on scenes" in text
     assert "method settings fixed (--settings)" in text and "| diffratio-js | lr_g=0.0002, sigma_dist=karras |" in text
+    assert "Heun-18 FD **12.00**" in text
+    churned = bq.render_quality({"meta": {**meta, "teacher_steps": 100, "teacher_churn": 100.0},
+                                 "targets": {"1.5x": 18.0}, "teacher_fd": 12.0, "runs": {}, "sweeps": {}})
+    assert "Heun-100 with churn 100 (EDM's stochastic sampler) FD **12.00**" in churned
+
+
+def test_teacher_fd_reuses_eval_json_only_for_the_same_sampler_and_count(tiny_teacher, tmp_path):
+    """The thresholds come from the teacher's own eval.json only when it used the asked-for sampler
+    and sample count; otherwise the teacher is scored again (here: a stochastic sampler)."""
+    import shutil
+
+    teacher = tmp_path / "t"
+    shutil.copytree(tiny_teacher, teacher)
+    (teacher / "eval.json").write_text(json.dumps({"n": 16, "sampler": "heun-2", "fd": 123.0}))
+    assert bq.teacher_fd(str(teacher), 16, 2, "cpu") == 123.0
+    churned = bq.teacher_fd(str(teacher), 16, 2, "cpu", churn=5.0)
+    assert churned != 123.0 and math.isfinite(churned)
+    assert bq.teacher_fd(str(teacher), 16, 2, "cpu", churn=5.0) == churned   # seeded: the same figure again
 
 
 def test_long_run_judge_tells_settled_drifting_and_oscillating_curves_apart(tmp_path):
