@@ -271,7 +271,7 @@ class Verdict:
                  f"margin {_fmt(self.margin)} = {self.margin_rule}"]
         if self.reference:
             lines.append(f"teacher's own figure: FD {_fmt(self.reference.get('fd'))} "
-                         f"({self.reference.get('steps')} Heun steps); floor "
+                         f"({_sampler_words(self.reference)}); floor "
                          f"{_fmt((self.floor or {}).get('mean'))} +- {_fmt((self.floor or {}).get('std'))}")
         lines.append("Contrasts (each judged on its own; effect > 0 = the arm is worse):")
         for c in self.contrasts:
@@ -543,7 +543,8 @@ def verdict(summary: pd.DataFrame,
     margin, rule = _margin(metric, ref_figure, floor_sd, np.nan, equiv_floor_sd, equiv_rel)
     floor_out = ({"mean": _num(floor.get(base)), "std": _num(floor.get(f"{base}_std"))}
                  if f"{base}_std" in floor else None)
-    ref_out = ({"fd": _num(reference.get("fd")), "steps": _steps(reference.get("sampler"))}
+    ref_out = ({"fd": _num(reference.get("fd")), "steps": _steps(reference.get("sampler")),
+                "sampler": reference.get("sampler")}
                if np.isfinite(float(reference.get("fd", np.nan))) else None)
     settings = dict(metric=metric, method=method, n_boot=n_boot, seed=seed, level=level, equiv_floor_sd=equiv_floor_sd,
                     equiv_rel=equiv_rel, min_runs=min_runs, declared=contrasts is not None)
@@ -551,11 +552,19 @@ def verdict(summary: pd.DataFrame,
 
 
 def _steps(sampler) -> int | None:
-    """Heun steps from a sampler name such as "heun-18"."""
+    """Heun steps from a sampler name such as "heun-18" or "heun-100-churn100[0.05,50]"."""
     try:
-        return int(str(sampler).rsplit("-", 1)[1])
+        return int(str(sampler).split("-")[1])
     except (IndexError, ValueError):
         return None
+
+
+def _sampler_words(reference: dict) -> str:
+    """"18 Heun steps", or the stochastic sampler's full name (its steps, churn and sigma window)."""
+    sampler = str(reference.get("sampler") or "")
+    if "churn" in sampler:
+        return f"EDM's stochastic sampler {sampler}"
+    return f"{reference.get('steps')} Heun steps"
 
 
 def verdict_from_dir(ablation_dir, **options) -> Verdict:

@@ -77,3 +77,43 @@ def test_scale_multiplies_every_step_count_defaults_included(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(UserError, match="scale must be an integer >= 1"):
             scale_steps(base, bad)
+
+
+def test_reference_churn_scores_the_teacher_with_the_stochastic_sampler(tmp_path, tiny_teacher):
+    """reference_churn > 0: the teacher's own figure uses EDM's stochastic sampler, is cached under a key
+    that names the churn (a deterministic figure is not reused for it), and the verdict names the sampler."""
+    import json
+
+    from analysis.verdict import _sampler_words, _steps
+    from train.ablation.run import compute_reference, reference_config, reference_done
+
+    base = GRID.replace('teacher = "@teacher"', f'teacher = "{tiny_teacher}"').split("[prereq.teacher]")[0]
+    # 4 steps: sigmas 80, 9.7, 0.47, 0.002; the middle two are inside the churn window [0.05, 50]
+    plain = load_grid(_write(tmp_path, base.replace("seeds = [0, 1, 2]\n", "seeds = [0]\nreference_steps = 4\n")))
+    assert plain.reference_churn == 0.0
+    churned = load_grid(_write(tmp_path, base.replace(
+        "seeds = [0, 1, 2]\n", "seeds = [0]\nreference_steps = 4\nreference_churn = 5\n")))
+    assert churned.reference_churn == 5.0
+    out = tmp_path / "out"
+    out.mkdir()
+    c0, c5 = (reference_config(g, out, {}) for g in (plain, churned))
+    c0["n_samples"] = c5["n_samples"] = 16
+    r0 = compute_reference(c0, progress=False)
+    assert r0["sampler"] == "heun-4" and "churn" not in r0["key"]   # keys cached before the option stay valid
+    assert reference_done(c0) and not reference_done(c5)             # the deterministic figure is not reused
+    r5 = compute_reference(c5, progress=False)
+    assert r5["sampler"].startswith("heun-4-churn5[") and r5["key"]["churn"] == 5.0 and r5["fd"] != r0["fd"]
+    assert json.loads((out / "reference.json").read_text())["sampler"] == r5["sampler"]
+    assert _steps(r5["sampler"]) == 4 and _steps("heun-18") == 18
+    assert _sampler_words({"sampler": r5["sampler"], "steps": 4}).startswith("EDM's stochastic sampler heun-4-churn5")
+    assert _sampler_words({"sampler": "heun-18", "steps": 18}) == "18 Heun steps"
+
+
+@pytest.mark.parametrize("bad, match", [("-1", "reference_churn must be >= 0"), ('"5"', "must be a number"),
+                                        ("true", "must be a number")])
+def test_bad_reference_churn_is_refused(tmp_path, bad, match):
+    from train.ablation.grid import check_grid
+
+    text = GRID.replace("seeds = [0, 1, 2]\n", f"seeds = [0, 1, 2]\nreference_churn = {bad}\n")
+    with pytest.raises(UserError, match=match):
+        check_grid(load_grid(_write(tmp_path, text)), tmp_path / "out")

@@ -10,6 +10,7 @@ calls. A grid is a TOML file (or the name of a shipped one: ``paper``, ``quick``
     seeds = [0, 1, 2]
     features = false                     # also extract features and compute CKA / probes
     reference_steps = 18                 # Heun steps of the teacher's own quality figure (0 = skip)
+    reference_churn = 0                  # EDM's S_churn for that figure (0 = the deterministic sampler)
 
     [student]                            # StudentConfig fields shared by every run (train/student/loop.py)
     steps = 400
@@ -85,8 +86,8 @@ from train.transplant import TransplantConfig
 
 SHIPPED = ("paper", "paper-short", "scenes-long", "paper-digits", "quick")
 GROUPS = ("teacher", "random", "features", "no-features", "partial", "other")
-TOP_KEYS = {"teacher", "data", "methods", "seeds", "features", "reference_steps", "student", "inits", "prereq",
-            "extract", "contrasts"}
+TOP_KEYS = {"teacher", "data", "methods", "seeds", "features", "reference_steps", "reference_churn", "student",
+            "inits", "prereq", "extract", "contrasts"}
 RESERVED_STUDENT = {"out", "teacher", "init", "method", "seed", "data"}   # set per run by the grid
 # what arms are compared on (budget, evaluations, device): [student] only, never one arm's student table
 ARM_FIXED = {"steps", "eval_every", "eval_samples", "eval_seed", "device"}
@@ -157,6 +158,7 @@ class Grid:
     features: bool = False
     extract: dict = field(default_factory=lambda: dict(EXTRACT_KEYS))
     reference_steps: int = 18
+    reference_churn: float = 0.0      # EDM's S_churn of the teacher's own figure; 0 = deterministic Heun
     external: dict = field(default_factory=dict)  # "@NAME" refs given as paths (a --teacher override)
     source: str = ""
     contrasts: list = field(default_factory=list)  # [ContrastSpec], declared in [contrasts]
@@ -190,11 +192,14 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
     for key in ("teacher", "inits", "methods", "seeds"):
         if key not in raw:
             raise UserError(f"{path}: missing {key!r}")
-    types = {"teacher": str, "data": str, "methods": list, "seeds": list, "features": bool, "reference_steps": int,
-             "student": dict, "inits": dict, "prereq": dict, "extract": dict, "contrasts": dict}
+    types: dict[str, type | tuple[type, ...]] = {
+        "teacher": str, "data": str, "methods": list, "seeds": list, "features": bool, "reference_steps": int,
+        "reference_churn": (int, float), "student": dict, "inits": dict, "prereq": dict, "extract": dict,
+        "contrasts": dict}
     for key, kind in types.items():
-        if key in raw and not isinstance(raw[key], kind):
-            raise UserError(f"{path}: {key!r} must be a {kind.__name__}, got {type(raw[key]).__name__}")
+        if key in raw and (not isinstance(raw[key], kind) or (kind is not bool and isinstance(raw[key], bool))):
+            name = kind.__name__ if isinstance(kind, type) else "number"
+            raise UserError(f"{path}: {key!r} must be a {name}, got {type(raw[key]).__name__}")
     if not all(isinstance(m, str) for m in raw["methods"]) or not all(isinstance(x, int) for x in raw["seeds"]):
         raise UserError(f"{path}: methods must be a list of names and seeds a list of integers")
     if not all(isinstance(v, dict) for v in raw.get("prereq", {}).values()):
@@ -211,7 +216,8 @@ def load_grid(config: str, overrides: AblationConfig | None = None) -> Grid:
                 inits=inits, student=dict(raw.get("student", {})),
                 prereqs={k: dict(v) for k, v in raw.get("prereq", {}).items()},
                 data=raw.get("data"), features=bool(raw.get("features", False)), extract=extract,
-                reference_steps=int(raw.get("reference_steps", 18)), source=str(path),
+                reference_steps=int(raw.get("reference_steps", 18)),
+                reference_churn=float(raw.get("reference_churn", 0.0)), source=str(path),
                 contrasts=[parse_contrast(name, value, str(path)) for name, value in raw.get("contrasts", {}).items()])
     if overrides is not None:
         if overrides.teacher:
@@ -497,6 +503,8 @@ def check_grid(grid: Grid, out: Path) -> dict:
     for m in grid.methods:
         get_method(m)
     check_contrasts(grid)
+    if grid.reference_churn < 0:
+        raise UserError(f"reference_churn must be >= 0 (EDM's S_churn; 0 = deterministic), got {grid.reference_churn}")
     if not grid.seeds or any(s < 0 for s in grid.seeds) or len(set(grid.seeds)) != len(grid.seeds):
         raise UserError("seeds must be distinct non-negative integers")
     student = _coerce(StudentConfig, grid.student, "[student]", reserved=RESERVED_STUDENT)

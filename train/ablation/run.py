@@ -66,15 +66,18 @@ def reference_config(grid: Grid, out: Path, refs: dict) -> dict | None:
     defaults = StudentConfig(out="", teacher="")
     return {"model": teacher_path(grid, refs), "data": grid.data,
             "n_samples": int(grid.student.get("eval_samples", defaults.eval_samples)),
-            "steps": grid.reference_steps, "seed": int(grid.student.get("eval_seed", defaults.eval_seed)),
+            "steps": grid.reference_steps, "churn": grid.reference_churn,
+            "seed": int(grid.student.get("eval_seed", defaults.eval_seed)),
             "device": grid.student.get("device", "auto"), "path": str(out / "reference.json")}
 
 
 def _reference_key(c: dict) -> dict:
     # The teacher is identified by its weights' hash, not by how its path is spelled: the status view and
     # the aggregate step read paths relative to the grid's base, the job itself relative to its cwd.
-    return {"sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
-            "steps": c["steps"], "seed": c["seed"], "data": c["data"]}
+    key = {"sha256": load_model(c["model"]).sha256(), "n_samples": c["n_samples"],
+           "steps": c["steps"], "seed": c["seed"], "data": c["data"]}
+    # churn joins the key only when used, so figures cached before the option existed stay valid
+    return {**key, "churn": c["churn"]} if c.get("churn") else key
 
 
 def reference_done(c: dict) -> bool:
@@ -94,8 +97,8 @@ def compute_reference(c: dict, progress: bool) -> dict:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached
-    cfg = EvalConfig(model=c["model"], data=c["data"], n_samples=c["n_samples"], steps=c["steps"], seed=c["seed"],
-                     device=str(pick_device(c["device"])))
+    cfg = EvalConfig(model=c["model"], data=c["data"], n_samples=c["n_samples"], steps=c["steps"],
+                     churn=c.get("churn", 0.0), seed=c["seed"], device=str(pick_device(c["device"])))
     result, _ = evaluate_model(cfg, progress=progress)
     result = {**result, "key": key}
     write_json(path, result)
