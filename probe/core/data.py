@@ -173,9 +173,9 @@ SHAPE_OUTLINES = ["circle", "square", "triangle", "cross", "wide bar", "tall bar
 # distractors added it drew blobs (benchmarks/RESULTS.md, "Benchmark headroom", every variant tried).
 SCENE_DESIGN = dict(classes=("circle", "square", "triangle", "cross"), size=(4.0, 6.0), rotation=0.0,
                     shade=0.0, distractors=(1.0, 0.0, 0.0), distractor_size=(1.8, 2.8))
+SCENE_RENDER_CHUNK = 256  # scenes drawn at once by generate_scenes: bounds its temporaries, not its output
 # The first design (shipped until the default teacher was measured on it): rotation, shading and up
 # to two small objects partly hidden behind the main one. For a harder benchmark and larger teachers.
-SCENE_RENDER_CHUNK = 256  # scenes drawn at once by generate_scenes: bounds its temporaries, not its output
 SCENE_DESIGN_RICH = {**SCENE_DESIGN, "rotation": 45.0, "shade": 0.5, "distractors": (0.3, 0.4, 0.3)}
 
 
@@ -246,8 +246,9 @@ def generate_scenes(n: int, seed: int, size: int = SCENE_SIZE,
     d_y = rng.uniform(2.5, size - 2.5, (SCENE_MAX_DISTRACTORS, n)).astype(np.float32)
 
     # Render in chunks: every temporary below is [chunk, size, size], so the process keeps little
-    # heap after generation (in one piece, 10,000 scenes left ~280 MB resident for 29 MB of images).
-    # Each image depends only on its own factors, so the chunking changes no value.
+    # heap after generation (in one piece, 10,000 scenes left ~280 MB resident for 29 MB of images;
+    # training reused that heap, a process that only loads and evaluates kept it). Each image depends
+    # only on its own factors, so the chunking changes no value.
     img = np.empty((n, 3, size, size), np.float32)
     visible = np.empty((SCENE_MAX_DISTRACTORS, n), np.float32)
     distractors = (d_shape, d_colour, d_size, d_x, d_y)
