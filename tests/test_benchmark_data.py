@@ -247,3 +247,23 @@ def test_scenes_render_in_chunks_gives_the_same_images_and_factors(monkeypatch):
     assert fp.keys() == fw.keys() and "d1_visible" in fp
     for k in fw:
         np.testing.assert_array_equal(fp[k], fw[k])
+
+
+def test_bench_script_measures_a_teacher_with_the_stochastic_sampler(tiny_teacher, tmp_path):
+    """measure(): the teacher scored with the asked-for sampler, which names its row; the sample grid is
+    written beside the teacher and named without the machine's path."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_benchmark_data as bb
+
+    tiny_teacher = shutil.copytree(tiny_teacher, tmp_path / "teacher")   # the grid is written beside it
+    r = bb.measure("digits", Path(tiny_teacher), draws=1, steps=4, churn=5.0)
+    assert r["sampler"].startswith("heun-4-churn5[") and r["result"]["sampler"] == r["sampler"]
+    assert bb.row_label(r).endswith(f"sampler {r['sampler']}")
+    assert (Path(tiny_teacher) / f"bench_samples_{r['sampler']}.png").exists()
+    assert not r["grid"].startswith("/") and str(tiny_teacher) not in r["grid"]
+    assert set(bb.criteria(r)) == {"fd >= 3x floor", "floor std <= 0.1 x (fd - floor)", "coverage 1.0",
+                                   "precision >= 0.7"}
