@@ -109,8 +109,9 @@ def test_reference_churn_scores_the_teacher_with_the_stochastic_sampler(tmp_path
     assert _sampler_words({"sampler": "heun-18", "steps": 18}) == "18 Heun steps"
 
 
-@pytest.mark.parametrize("bad, match", [("-1", "reference_churn must be >= 0"), ('"5"', "must be a number"),
-                                        ("true", "must be a number")])
+@pytest.mark.parametrize("bad, match", [("-1", "reference_churn must be a finite number >= 0, got -1"),
+                                        ("inf", "reference_churn must be a finite number >= 0, got inf"),
+                                        ('"5"', "must be a number"), ("true", "must be a number")])
 def test_bad_reference_churn_is_refused(tmp_path, bad, match):
     from train.ablation.grid import check_grid
 

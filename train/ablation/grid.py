@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from probe.core import checks
 from probe.core.data import load_dataset
 from probe.core.errors import UserError
 from probe.core.models import build_unet, load_model
@@ -503,8 +504,7 @@ def check_grid(grid: Grid, out: Path) -> dict:
     for m in grid.methods:
         get_method(m)
     check_contrasts(grid)
-    if grid.reference_churn < 0:
-        raise UserError(f"reference_churn must be >= 0 (EDM's S_churn; 0 = deterministic), got {grid.reference_churn}")
+    checks.nonneg_float(grid.reference_churn, "reference_churn")   # EDM's S_churn; 0 = deterministic
     if not grid.seeds or any(s < 0 for s in grid.seeds) or len(set(grid.seeds)) != len(grid.seeds):
         raise UserError("seeds must be distinct non-negative integers")
     student = _coerce(StudentConfig, grid.student, "[student]", reserved=RESERVED_STUDENT)
