@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from probe.quality.evaluate import EvalConfig, heun_name  # noqa: E402
 from train.teacher import TeacherConfig  # noqa: E402
 
 NAME = "bench_benchmark_data"
@@ -44,7 +45,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.na
                                                                                         "p_mean")}
 OFF = {"lr_cooldown": 0.0, "ema_rampup": 0.0}  # what a run made before an option existed used
 TIME_FILE = "bench_train_time.json"   # written beside a teacher this script trained: wall and CPU seconds
-DEFAULT_SAMPLER = "heun-18"           # probe eval's default for a teacher; other samplers are named in the row
+DEFAULT_SAMPLER = heun_name(EvalConfig(model=""))  # probe eval's default ("heun-18"); others are named in the row
 
 
 def load_average() -> float:
@@ -79,7 +80,7 @@ def training_time(run: Path) -> dict:
 def measure(dataset: str, run: Path | None, draws: int = 3, steps: int = 18, churn: float = 0.0) -> dict:
     from probe.core.data import load_dataset
     from probe.core.images import save_grid
-    from probe.quality.evaluate import EvalConfig, evaluate_model
+    from probe.quality.evaluate import evaluate_model
     from probe.quality.metrics import QualityEvaluator, default_n_samples
 
     start = time.perf_counter()
